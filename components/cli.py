@@ -1,0 +1,134 @@
+"""The `cta` command line. Commands only parse flags and call library or step functions.
+
+Pipeline step commands carry the step's name with hyphens (cta validate-data, train, ...); they
+are added by the issues that build those steps. Utilities live in groups (cta data, cta model).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from cta_model.errors import CtaError
+
+
+class _CtaGroup(click.Group):
+    """Turns the package's own errors into one clear line and exit code 2, not a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CtaError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_CtaGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cta")
+def main() -> None:
+    """Multitask visual-inspection models with Cross-Task Affinity Learning."""
+
+
+# ------------------------------------------------------------------------------------- data
+@main.group()
+def data() -> None:
+    """Datasets: generate the synthetic line dataset."""
+
+
+@data.command("generate")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--lines", "n_lines", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--samples-per-line", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--size", default=128, show_default=True, type=click.IntRange(min=16))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--lines-config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="fleet inventory (default: configs/lines.yaml)",
+)
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--overwrite", is_flag=True, help="replace an existing dataset in --out")
+def data_generate(out_dir, n_lines, samples_per_line, size, seed, lines_config, workers, overwrite):
+    """Write the synthetic line dataset (train/val/test/qa) for the first N lines."""
+    from cta_model.data.line_dataset import generate_dataset
+
+    root = generate_dataset(
+        out_dir,
+        lines_config,
+        n_lines=n_lines,
+        samples_per_line=samples_per_line,
+        height=size,
+        width=size,
+        seed=seed,
+        workers=workers,
+        overwrite=overwrite,
+    )
+    click.echo(f"wrote {n_lines * samples_per_line} samples to {root}")
+
+
+# ------------------------------------------------------------------------------------ model
+# Choices are spelled out so `cta --help` does not import torch; a test keeps them equal to
+# the registries.
+ARCH_CHOICES = ["stl", "hps", "hps-light", "ctal"]
+BACKBONE_CHOICES = ["resnet18", "resnet34", "resnet50", "hrnet-w18-small-v2"]
+
+
+@main.group()
+def model() -> None:
+    """Model utilities: size and cost of an architecture."""
+
+
+@model.command("summary")
+@click.option("--arch", required=True, type=click.Choice(ARCH_CHOICES))
+@click.option(
+    "--backbone",
+    default="hrnet-w18-small-v2",
+    show_default=True,
+    type=click.Choice(BACKBONE_CHOICES),
+)
+@click.option("--tasks", default="semseg,height,normals", show_default=True)
+@click.option("--height", default=288, show_default=True, type=click.IntRange(min=8))
+@click.option("--width", default=384, show_default=True, type=click.IntRange(min=8))
+@click.option("--num-classes", default=10, show_default=True, type=click.IntRange(min=2))
+@click.option("--output-stride", default=None, type=click.Choice(["8", "16", "32"]))
+@click.option("--json", "as_json", is_flag=True, help="print JSON with keys params and flops")
+def model_summary_command(
+    arch, backbone, tasks, height, width, num_classes, output_stride, as_json
+):
+    """Total and per-module parameters and forward FLOPs (batch 1)."""
+    from cta_model.nn.models import ModelSpec, build_model
+    from cta_model.nn.summary import model_summary
+
+    spec = ModelSpec(
+        arch=arch,
+        tasks=tasks,
+        input_size=(height, width),
+        backbone=backbone,
+        num_classes=num_classes,
+        output_stride=int(output_stride) if output_stride else None,
+    )
+    summary = {
+        "arch": arch,
+        "backbone": backbone,
+        "tasks": list(spec.tasks),
+        "input_size": [height, width],
+        **model_summary(build_model(spec), (height, width)),
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"{arch} / {backbone} / {','.join(spec.tasks)} at {height}x{width}")
+    click.echo(f"{'module':<20}{'params':>14}{'GFLOPs':>12}")
+    for name, params in summary["params"]["per_module"].items():
+        gflops = summary["flops"]["per_module"][name] / 1e9
+        click.echo(f"{name:<20}{params:>14,}{gflops:>12.2f}")
+    total_gflops = summary["flops"]["total"] / 1e9
+    click.echo(f"{'total':<20}{summary['params']['total']:>14,}{total_gflops:>12.2f}")
+
+
+if __name__ == "__main__":
+    main()

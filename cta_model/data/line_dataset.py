@@ -1,0 +1,687 @@
+"""The line-dataset format (DESIGN 4.2): writer for synthetic data and a checked reader.
+
+Layout of a dataset root (a folder, or later an ``s3://`` prefix read through an opener)::
+
+    manifest.parquet                    one row per sample (MANIFEST_SCHEMA)
+    features.parquet                    measurable features for dimension checks
+    images/<line>/<sample_id>.png       uint8 RGB
+    semseg/<line>/<sample_id>.png       uint8 class ids, 255 = invalid
+    height/<line>/<sample_id>.npy       float32 mm, NaN = invalid (sensor drop-out)
+    height_clean/<line>/<sample_id>.npy float32 mm before drop-out (synthetic data only)
+    normals/<line>/<sample_id>.npy      float32 H x W x 3 unit vectors, (0, 0, 0) = invalid
+
+Paths in the manifest are relative to the root and may never leave it. Every file carries a
+sha256 in the manifest. All bytes are deterministic: the same seed gives a byte-identical tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from cta_model.data.lines import (
+    DEFAULT_LINES_CONFIG,
+    LINE_ID_PATTERN,
+    LinesConfig,
+    LineSpec,
+    load_lines_config,
+)
+from cta_model.data.synthetic import CLASS_NAMES, line_key, render_sample
+from cta_model.errors import ConfigError, DataError
+
+FORMAT_NAME = "cta-line-dataset"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.parquet"
+FEATURES_NAME = "features.parquet"
+SPLITS: tuple[str, ...] = ("train", "val", "test", "qa")
+MODALITIES: tuple[str, ...] = ("image", "semseg", "height", "height_clean", "normals")
+MODALITY_DIRS: dict[str, str] = {
+    "image": "images",
+    "semseg": "semseg",
+    "height": "height",
+    "height_clean": "height_clean",
+    "normals": "normals",
+}
+MODALITY_SUFFIX: dict[str, str] = {
+    "image": ".png",
+    "semseg": ".png",
+    "height": ".npy",
+    "height_clean": ".npy",
+    "normals": ".npy",
+}
+SEMSEG_INVALID_UINT8 = 255
+SEMSEG_INVALID_UINT16 = 65535
+TASK_PRESENCE: tuple[str, ...] = ("semseg", "height", "normals")
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("line_id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        *[pa.field(f"{modality}_path", pa.string()) for modality in MODALITIES],
+        pa.field("has_semseg", pa.bool_(), nullable=False),
+        pa.field("has_height", pa.bool_(), nullable=False),
+        pa.field("has_normals", pa.bool_(), nullable=False),
+        *[pa.field(f"sha256_{modality}", pa.string()) for modality in MODALITIES],
+        pa.field("camera", pa.string(), nullable=False),
+        pa.field("pitch_mm_per_px", pa.float64(), nullable=False),
+        pa.field("image_height", pa.int32(), nullable=False),
+        pa.field("image_width", pa.int32(), nullable=False),
+        pa.field("has_defect", pa.bool_(), nullable=False),
+        pa.field("n_defects", pa.int32(), nullable=False),
+    ]
+)
+FEATURES_SCHEMA = pa.schema(
+    [
+        pa.field("feature_id", pa.string(), nullable=False),  # unique within a sample
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("line_id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("type", pa.string(), nullable=False),
+        pa.field("x0", pa.int32(), nullable=False),  # box in pixels, end-exclusive
+        pa.field("y0", pa.int32(), nullable=False),
+        pa.field("x1", pa.int32(), nullable=False),
+        pa.field("y1", pa.int32(), nullable=False),
+        pa.field("nominal_mm", pa.float64(), nullable=False),
+        pa.field("actual_mm", pa.float64(), nullable=False),
+        pa.field("tolerance_mm", pa.float64(), nullable=False),
+        pa.field("in_tolerance", pa.bool_(), nullable=False),
+    ]
+)
+_REQUIRED_COLUMNS = (
+    "sample_id",
+    "line_id",
+    "split",
+    "image_path",
+    "semseg_path",
+    "height_path",
+    "normals_path",
+    "has_semseg",
+    "has_height",
+    "has_normals",
+    "sha256_image",
+    "sha256_semseg",
+    "sha256_height",
+    "sha256_normals",
+    "pitch_mm_per_px",
+)
+_LINE_ID_RE = re.compile(LINE_ID_PATTERN)
+# Random streams of the writer, beside the per-sample scene streams of the generator.
+_PRESENCE_STREAM = 1
+_SPLIT_STREAM = 2
+
+Opener = Callable[[str], bytes]
+
+
+# --- encoding (deterministic bytes) ---
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """PNG bytes without timestamps or text chunks (identical for identical arrays)."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=6, optimize=False)
+    return buffer.getvalue()
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def encode_parquet(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd", write_statistics=True)
+    return buffer.getvalue()
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write via a temporary sibling and os.replace, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+# --- writer ---
+
+
+def sample_id_for(line_id: str, sample_index: int) -> str:
+    return f"{line_id}-{sample_index:06d}"
+
+
+@dataclass
+class _WrittenSample:
+    row: dict[str, Any]
+    features: list[dict[str, Any]]
+
+
+def presence_for(line: LineSpec, seed: int, sample_index: int) -> dict[str, bool]:
+    """Which modalities sample ``sample_index`` of ``line`` has (sensors, label fraction)."""
+    spec = line.synthetic
+    assert spec is not None
+    rng = np.random.default_rng([seed, line_key(line.id), sample_index, _PRESENCE_STREAM])
+    has_height = line.has_height_sensor
+    return {
+        "semseg": bool(rng.random() < spec.segmentation_label_fraction),
+        "height": has_height,
+        "height_clean": has_height,
+        "normals": has_height,  # normals come from the height sensor
+    }
+
+
+def _write_sample(
+    root: Path, line: LineSpec, sample_index: int, seed: int, height: int, width: int
+) -> _WrittenSample:
+    sample = render_sample(line, sample_index, seed, height, width)
+    sample_id = sample_id_for(line.id, sample_index)
+    present = presence_for(line, seed, sample_index)
+    arrays: dict[str, np.ndarray] = {"image": sample.image}
+    if present["semseg"]:
+        arrays["semseg"] = sample.semseg.astype(np.uint8)
+    if present["height"]:
+        arrays["height"] = sample.height
+        arrays["height_clean"] = sample.height_clean
+    if present["normals"]:
+        arrays["normals"] = sample.normals
+    row: dict[str, Any] = {"sample_id": sample_id, "line_id": line.id, "split": ""}
+    for modality in MODALITIES:
+        row[f"{modality}_path"] = None
+        row[f"sha256_{modality}"] = None
+    for modality, array in arrays.items():
+        relative = f"{MODALITY_DIRS[modality]}/{line.id}/{sample_id}{MODALITY_SUFFIX[modality]}"
+        data = encode_png(array) if MODALITY_SUFFIX[modality] == ".png" else encode_npy(array)
+        write_atomic(root / relative, data)
+        row[f"{modality}_path"] = relative
+        row[f"sha256_{modality}"] = sha256_hex(data)
+    row.update(
+        has_semseg=present["semseg"],
+        has_height=present["height"],
+        has_normals=present["normals"],
+        camera=line.camera,
+        pitch_mm_per_px=sample.pitch_mm_per_px,
+        image_height=height,
+        image_width=width,
+        has_defect=sample.has_defect,
+        n_defects=len(sample.defects),
+    )
+    features = [
+        {
+            "feature_id": feature.feature_id,
+            "sample_id": sample_id,
+            "line_id": line.id,
+            "split": "",
+            "type": feature.type,
+            "x0": feature.box[0],
+            "y0": feature.box[1],
+            "x1": feature.box[2],
+            "y1": feature.box[3],
+            "nominal_mm": feature.nominal_mm,
+            "actual_mm": feature.actual_mm,
+            "tolerance_mm": feature.tolerance_mm,
+            "in_tolerance": feature.in_tolerance,
+        }
+        for feature in sample.features
+    ]
+    return _WrittenSample(row, features)
+
+
+def split_counts(total: int, fractions: Sequence[float]) -> list[int]:
+    """Exact counts summing to ``total`` (largest remainder; ties go to the earlier split)."""
+    raw = [total * fraction for fraction in fractions]
+    counts = [int(value) for value in raw]
+    order = sorted(range(len(raw)), key=lambda i: (-(raw[i] - counts[i]), i))
+    for i in order[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def assign_splits(
+    has_defect: Sequence[bool], fractions: Sequence[float], rng: np.random.Generator
+) -> list[str]:
+    """Exact split sizes, each split getting a proportional share of the defective samples."""
+    total = len(has_defect)
+    counts = split_counts(total, fractions)
+    # Evenly interleaved label sequence (train, val, train, test, ...) with exact counts.
+    slots = sorted(
+        ((j + 0.5) / count, split_index)
+        for split_index, count in enumerate(counts)
+        for j in range(count)
+    )
+    labels = [SPLITS[split_index] for _, split_index in slots]
+    defective = [i for i in range(total) if has_defect[i]]
+    clean = [i for i in range(total) if not has_defect[i]]
+    order = [defective[i] for i in rng.permutation(len(defective))] + [
+        clean[i] for i in rng.permutation(len(clean))
+    ]
+    # Any prefix of the interleaved labels holds each split in proportion, so the defective
+    # samples (first in ``order``) are spread over the splits like the rest.
+    result = [""] * total
+    for sample, label in zip(order, labels, strict=True):
+        result[sample] = label
+    return result
+
+
+def generate_dataset(
+    out_dir: str | Path,
+    lines_config: LinesConfig | str | Path | None = None,
+    *,
+    n_lines: int,
+    samples_per_line: int,
+    height: int = 128,
+    width: int = 128,
+    seed: int = 0,
+    splits: Sequence[float] = (0.6, 0.15, 0.15, 0.1),
+    progress: bool = True,
+    overwrite: bool = False,
+    workers: int = 1,
+) -> Path:
+    """Generate the synthetic dataset of the first ``n_lines`` lines; returns the root.
+
+    Files are written atomically; ``manifest.parquet`` is written last, so a folder without one
+    is an interrupted generation. An existing dataset is replaced only with ``overwrite``.
+    ``workers`` > 1 renders in that many processes; the bytes do not depend on it, because each
+    sample depends only on (seed, line, index).
+    """
+    config = _as_lines_config(lines_config)
+    lines = config.first(n_lines)
+    for line in lines:
+        if line.synthetic is None:
+            raise ConfigError(f"{config.source}: line {line.id!r} has no 'synthetic' block")
+    if samples_per_line < 1:
+        raise ConfigError(f"samples_per_line must be >= 1, got {samples_per_line}")
+    if len(splits) != len(SPLITS) or min(splits) < 0 or abs(sum(splits) - 1) > 1e-6:
+        raise ConfigError(
+            f"splits must be {len(SPLITS)} fractions >= 0 for {'/'.join(SPLITS)} summing to 1, "
+            f"got {list(splits)}"
+        )
+    if seed < 0:
+        raise ConfigError(f"seed must be >= 0, got {seed}")
+    if min(height, width) < 8:
+        raise ConfigError(f"image size must be at least 8 x 8, got {height} x {width}")
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
+    root = Path(out_dir)
+    _prepare_root(root, overwrite)
+
+    rows: list[dict[str, Any]] = []
+    feature_rows: list[dict[str, Any]] = []
+    jobs = [
+        (root, line, sample_index, seed, height, width)
+        for line in lines
+        for sample_index in range(samples_per_line)
+    ]
+    with (
+        tqdm(total=len(jobs), desc="generate", unit="sample", disable=not progress) as bar,
+        _job_runner(workers) as run,
+    ):
+        results = []
+        for written_sample in run(jobs):
+            results.append(written_sample)
+            bar.update(1)
+        for line_number, line in enumerate(lines):
+            written = results[line_number * samples_per_line : (line_number + 1) * samples_per_line]
+            split_rng = np.random.default_rng([seed, line_key(line.id), _SPLIT_STREAM])
+            labels = assign_splits([w.row["has_defect"] for w in written], splits, split_rng)
+            for item, label in zip(written, labels, strict=True):
+                item.row["split"] = label
+                for feature in item.features:
+                    feature["split"] = label
+                rows.append(item.row)
+                feature_rows.extend(item.features)
+
+    metadata = {
+        "cta.format": FORMAT_NAME,
+        "cta.format_version": str(FORMAT_VERSION),
+        "cta.generator": json.dumps(
+            {
+                "seed": seed,
+                "n_lines": n_lines,
+                "samples_per_line": samples_per_line,
+                "height": height,
+                "width": width,
+                "splits": list(splits),
+                "class_names": list(CLASS_NAMES),
+                "lines": [line.model_dump(mode="json") for line in lines],
+            },
+            sort_keys=True,
+        ),
+    }
+    features = pa.Table.from_pylist(feature_rows, schema=FEATURES_SCHEMA)
+    write_atomic(root / FEATURES_NAME, encode_parquet(features.replace_schema_metadata(metadata)))
+    manifest = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    write_atomic(root / MANIFEST_NAME, encode_parquet(manifest.replace_schema_metadata(metadata)))
+    return root
+
+
+@contextlib.contextmanager
+def _job_runner(workers: int) -> Iterator[Callable[[list[tuple]], Iterator[_WrittenSample]]]:
+    """Yield a function mapping _write_sample over jobs, in order, in-process or in a pool."""
+    if workers == 1:
+        yield lambda jobs: (_write_sample(*job) for job in jobs)
+        return
+    # spawn, not fork: the parent may hold threads (torch, tqdm) that fork would copy mid-lock.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        yield lambda jobs: pool.map(_write_sample_job, jobs, chunksize=8)
+
+
+def _write_sample_job(job: tuple) -> _WrittenSample:
+    return _write_sample(*job)
+
+
+def _as_lines_config(lines_config: LinesConfig | str | Path | None) -> LinesConfig:
+    if isinstance(lines_config, LinesConfig):
+        return lines_config
+    return load_lines_config(DEFAULT_LINES_CONFIG if lines_config is None else lines_config)
+
+
+def _prepare_root(root: Path, overwrite: bool) -> None:
+    ours = [*MODALITY_DIRS.values(), MANIFEST_NAME, FEATURES_NAME]
+    existing = [name for name in ours if (root / name).exists()]
+    if existing and not overwrite:
+        raise DataError(
+            f"{root}: already holds a line dataset ({', '.join(existing)}); "
+            "pass overwrite=True (--overwrite) to replace it"
+        )
+    # Remove the manifest first: an interrupted overwrite then reads as incomplete.
+    for name in [MANIFEST_NAME, FEATURES_NAME, *MODALITY_DIRS.values()]:
+        target = root / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+
+
+# --- reader ---
+
+
+def check_relative_path(path: str) -> str:
+    """``path`` if it is a plain relative POSIX path inside the root, else ValueError."""
+    if not path:
+        raise ValueError("empty path")
+    if "\\" in path or ":" in path or "\x00" in path:
+        raise ValueError(f"path {path!r} must be a relative POSIX path (no '\\', ':' or NUL)")
+    pure = PurePosixPath(path)
+    if pure.is_absolute():
+        raise ValueError(f"path {path!r} is absolute; paths are relative to the dataset root")
+    if any(part == ".." for part in pure.parts):
+        raise ValueError(f"path {path!r} escapes the dataset root ('..')")
+    return path
+
+
+class LocalOpener:
+    """Read files below ``root``; refuses paths (and symlinks) that resolve outside it.
+
+    A class rather than a closure so that a LineDataset pickles into DataLoader workers.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+
+    def __call__(self, relative: str) -> bytes:
+        check_relative_path(relative)
+        target = (self.root / relative).resolve()
+        if not target.is_relative_to(self.root):
+            raise ValueError(f"path {relative!r} resolves outside the dataset root")
+        return target.read_bytes()
+
+
+class LineDataset:
+    """Samples of a line dataset as dicts of numpy arrays (tasks absent -> invalid values).
+
+    ``lines_config`` (a LinesConfig or a path; default ``configs/lines.yaml``) is the inventory
+    every ``line_id`` is checked against. ``opener`` reads a root-relative path and returns its
+    bytes; the default reads the local folder ``root``; remote stores pass their own.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        lines_config: LinesConfig | str | Path | None = None,
+        split: str | None = None,
+        verify_checksums: bool = True,
+        *,
+        opener: Opener | None = None,
+        include_height_clean: bool = False,
+    ) -> None:
+        self.location = str(root).rstrip("/")
+        self.opener = opener if opener is not None else LocalOpener(root)
+        self.lines_config = _as_lines_config(lines_config)
+        self.split = split
+        self.verify_checksums = verify_checksums
+        self.include_height_clean = include_height_clean
+        if split is not None and split not in SPLITS:
+            raise ConfigError(f"unknown split {split!r}; one of {', '.join(SPLITS)}")
+        table = self._read_parquet(MANIFEST_NAME)
+        self._check_columns(table)
+        self.metadata = {
+            key.decode(): value.decode() for key, value in (table.schema.metadata or {}).items()
+        }
+        all_rows = table.to_pylist()
+        if not all_rows:
+            raise DataError(f"{self._where(MANIFEST_NAME)}: the manifest has no rows")
+        self._check_rows(all_rows)
+        if split is None:
+            self.rows = all_rows
+        else:
+            self.rows = [row for row in all_rows if row["split"] == split]
+            if not self.rows:
+                raise DataError(
+                    f"{self._where(MANIFEST_NAME)}: split {split!r} is empty "
+                    "(no row has that split)"
+                )
+        self._row_numbers = {row["sample_id"]: number for number, row in enumerate(all_rows)}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return [row["sample_id"] for row in self.rows]
+
+    @property
+    def line_ids(self) -> list[str]:
+        return sorted({row["line_id"] for row in self.rows})
+
+    def read_features(self) -> pa.Table:
+        """``features.parquet`` restricted to this dataset's samples."""
+        table = self._read_parquet(FEATURES_NAME)
+        wanted = pa.array(self.sample_ids)
+        return table.filter(pc.is_in(table["sample_id"], value_set=wanted))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self.rows) <= index < len(self.rows):
+            raise IndexError(f"index {index} out of range for {len(self.rows)} samples")
+        row = self.rows[index]
+        image = self._read_png(row, "image", ("RGB",))
+        shape = image.shape[:2]
+        present = {task: bool(row[f"has_{task}"]) for task in TASK_PRESENCE}
+        if present["semseg"]:
+            labels = self._read_png(row, "semseg", ("L", "I;16"))
+            invalid = SEMSEG_INVALID_UINT8 if labels.dtype == np.uint8 else SEMSEG_INVALID_UINT16
+            semseg = labels.astype(np.int64)
+            semseg[labels == invalid] = -1
+            self._check_shape(row, "semseg", semseg, shape)
+        else:
+            semseg = np.full(shape, -1, dtype=np.int64)
+        if present["height"]:
+            height = self._read_npy(row, "height", shape)
+        else:
+            height = np.full(shape, np.nan, dtype=np.float32)
+        if present["normals"]:
+            normals = self._read_npy(row, "normals", (*shape, 3))
+        else:
+            normals = np.zeros((*shape, 3), dtype=np.float32)
+        item: dict[str, Any] = {
+            "sample_id": row["sample_id"],
+            "line_id": row["line_id"],
+            "image": image,
+            "semseg": semseg,
+            "height": height,
+            "normals": normals,
+            "present": present,
+            "pitch_mm_per_px": float(row["pitch_mm_per_px"]),
+        }
+        if self.include_height_clean:
+            if row.get("height_clean_path"):
+                item["height_clean"] = self._read_npy(row, "height_clean", shape)
+            else:
+                item["height_clean"] = np.full(shape, np.nan, dtype=np.float32)
+        return item
+
+    # --- checks ---
+
+    def _where(self, relative: str) -> str:
+        return f"{self.location}/{relative}"
+
+    def _read(self, relative: str, what: str) -> bytes:
+        try:
+            return self.opener(relative)
+        except DataError:
+            raise
+        except FileNotFoundError:
+            raise DataError(f"{self._where(relative)}: {what}: file missing") from None
+        except (ValueError, OSError) as exc:
+            raise DataError(f"{self._where(relative)}: {what}: cannot read: {exc}") from None
+
+    def _read_parquet(self, relative: str) -> pa.Table:
+        data = self._read(relative, "line-dataset table")
+        try:
+            return pq.read_table(io.BytesIO(data))
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(
+                f"{self._where(relative)}: not a readable parquet file: {exc}"
+            ) from None
+
+    def _check_columns(self, table: pa.Table) -> None:
+        missing = [name for name in _REQUIRED_COLUMNS if name not in table.column_names]
+        if missing:
+            raise DataError(f"{self._where(MANIFEST_NAME)}: missing column(s) {', '.join(missing)}")
+
+    def _check_rows(self, rows: list[dict[str, Any]]) -> None:
+        where = self._where(MANIFEST_NAME)
+        seen: dict[str, int] = {}
+        known = set(self.lines_config.ids)
+        for number, row in enumerate(rows):
+            sample_id, line_id = row["sample_id"], row["line_id"]
+            at = f"{where}: row {number} ({sample_id})"
+            if not isinstance(sample_id, str) or not sample_id:
+                raise DataError(f"{where}: row {number}: sample_id is empty")
+            if sample_id in seen:
+                raise DataError(f"{at}: sample_id duplicates row {seen[sample_id]}")
+            seen[sample_id] = number
+            if not isinstance(line_id, str) or not _LINE_ID_RE.fullmatch(line_id):
+                raise DataError(
+                    f"{at}: line_id: {line_id!r} is not a valid line id (must match "
+                    f"{LINE_ID_PATTERN})"
+                )
+            if line_id not in known:
+                raise DataError(
+                    f"{at}: line_id: unknown line {line_id!r}, not in "
+                    f"{self.lines_config.source} (known: {', '.join(sorted(known))})"
+                )
+            if row["split"] not in SPLITS:
+                raise DataError(f"{at}: split: {row['split']!r} is not one of {', '.join(SPLITS)}")
+            if not row["image_path"]:
+                raise DataError(f"{at}: image_path: missing (every sample has an image)")
+            for task in TASK_PRESENCE:
+                if row[f"has_{task}"] and not row[f"{task}_path"]:
+                    raise DataError(f"{at}: {task}_path: missing although has_{task} is true")
+            for modality in MODALITIES:
+                path = row.get(f"{modality}_path")
+                if path is None:
+                    continue
+                try:
+                    check_relative_path(path)
+                except ValueError as exc:
+                    raise DataError(f"{at}: {modality}_path: {exc}") from None
+                if self.verify_checksums and not row.get(f"sha256_{modality}"):
+                    raise DataError(f"{at}: sha256_{modality}: missing for {path}")
+
+    def _read_checked(self, row: dict[str, Any], modality: str) -> tuple[str, bytes]:
+        relative = row[f"{modality}_path"]
+        data = self._read(relative, modality)
+        if self.verify_checksums:
+            expected = row[f"sha256_{modality}"]
+            actual = sha256_hex(data)
+            if actual != expected:
+                raise DataError(
+                    f"{self._where(relative)}: {modality}: sha256 mismatch (manifest "
+                    f"sha256_{modality}={expected}, file {actual}); the file changed after "
+                    "the manifest was written"
+                )
+        return relative, data
+
+    def _read_png(self, row: dict[str, Any], modality: str, modes: tuple[str, ...]) -> np.ndarray:
+        relative, data = self._read_checked(row, modality)
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                if image.format != "PNG":
+                    raise DataError(
+                        f"{self._where(relative)}: {modality}: expected a PNG, got {image.format}"
+                    )
+                if image.mode not in modes:
+                    raise DataError(
+                        f"{self._where(relative)}: {modality}: PNG mode {image.mode}, expected "
+                        f"{' or '.join(modes)}"
+                    )
+                image.load()
+                array = np.asarray(image)
+        except DataError:
+            raise
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise DataError(f"{self._where(relative)}: {modality}: corrupt PNG: {exc}") from None
+        return array
+
+    def _read_npy(self, row: dict[str, Any], modality: str, shape: tuple[int, ...]) -> np.ndarray:
+        relative, data = self._read_checked(row, modality)
+        try:
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, EOFError, OSError) as exc:
+            raise DataError(
+                f"{self._where(relative)}: {modality}: truncated or corrupt .npy: {exc}"
+            ) from None
+        if array.dtype != np.float32:
+            raise DataError(
+                f"{self._where(relative)}: {modality}: dtype {array.dtype}, expected float32"
+            )
+        self._check_shape(row, modality, array, shape)
+        return array
+
+    def _check_shape(
+        self, row: dict[str, Any], modality: str, array: np.ndarray, shape: tuple[int, ...]
+    ) -> None:
+        if array.shape != tuple(shape):
+            raise DataError(
+                f"{self._where(row[f'{modality}_path'])}: {modality}: shape {array.shape}, "
+                f"expected {tuple(shape)} (from the image)"
+            )

@@ -1,0 +1,242 @@
+"""Multitask networks under one interface (DESIGN 3.1, 3.3).
+
+Every model maps an image batch (B, 3, H, W) to `MultiTaskOutput(final, initial)`: two dicts
+{task: (B, out_channels, H, W)} at the input resolution. `initial` holds the deep-supervision
+predictions (empty for models without them). Architectures are chosen by name from
+`ARCHITECTURES`; a `ModelSpec` is everything needed to rebuild a model (it goes to model.yaml).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cta_model import tasks as task_registry
+from cta_model.errors import ConfigError
+from cta_model.nn.backbones import BACKBONES, build_backbone
+from cta_model.nn.ctal import CrossTaskAffinity
+from cta_model.nn.heads import InitialTaskDecoders, LightTaskHead, TaskHead, Upsample2x
+
+
+class MultiTaskOutput(NamedTuple):
+    final: dict[str, torch.Tensor]
+    initial: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str
+    tasks: tuple[str, ...]
+    input_size: tuple[int, int]  # (H, W) the model is built for; CTAL's grid depends on it
+    backbone: str = "hrnet-w18-small-v2"
+    num_classes: int | None = None  # semseg classes
+    output_stride: int | None = None  # ResNet: 8, 16 or 32
+    backbone_weights: str | None = None  # a local checkpoint file; never downloaded
+    decoder_channels: int = 256
+    affinity_channels: int = 128  # C of DESIGN 3.1
+    gamma: float = 0.05
+    fusion_kernel_size: int = 3
+    shared_fusion: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tasks", task_registry.parse_tasks(self.tasks))
+        object.__setattr__(self, "input_size", tuple(int(s) for s in self.input_size))
+        if self.arch not in ARCHITECTURES:
+            raise ConfigError(
+                f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}"
+            )
+        if self.backbone not in BACKBONES:
+            raise ConfigError(
+                f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}"
+            )
+        if len(self.input_size) != 2 or min(self.input_size) < 8:
+            raise ConfigError(f"input_size must be (height, width) >= 8, got {self.input_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["tasks"] = list(self.tasks)
+        out["input_size"] = list(self.input_size)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown model keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**dict(data))
+
+    @property
+    def out_channels(self) -> dict[str, int]:
+        return task_registry.out_channels(self.tasks, self.num_classes)
+
+
+class MultiTaskNet(nn.Module):
+    """Base: keeps the spec, upsamples raw task maps to the input size and applies activations."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.tasks = spec.tasks
+
+    def _to_input_size(
+        self, raw: Mapping[str, torch.Tensor], size: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
+        return {
+            t: task_registry.get_task(t).activation(
+                F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            )
+            for t, x in raw.items()
+        }
+
+    def _check_task_keys(self, **module_dicts: Mapping[str, Any]) -> None:
+        # Vandenhende's rule: a config drift fails at construction, not at epoch 40.
+        for name, modules in module_dicts.items():
+            if tuple(modules.keys()) != self.tasks:
+                raise ConfigError(f"{name} tasks {list(modules)} != model tasks {list(self.tasks)}")
+
+
+def feature_grid(input_size: tuple[int, int], stride: int) -> tuple[int, int]:
+    # Every stride-2 step (3x3 conv, padding 1) yields ceil(size / 2), so the grid is a ceil.
+    return (math.ceil(input_size[0] / stride), math.ceil(input_size[1] / stride))
+
+
+class _DictIdentity(nn.Module):
+    def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return features
+
+
+class DecoderNet(MultiTaskNet):
+    """Backbone -> initial decoders (deep supervision) -> 1x1 to C -> refinement -> x2 -> heads.
+
+    HPS and CTAL differ only in `refinement`: identity for HPS, the affinity block for CTAL, so
+    a ratio of the two isolates the block's cost (DESIGN 3.3).
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        make_refinement: Callable[[tuple[int, int]], nn.Module] | None = None,
+    ) -> None:
+        super().__init__(spec)
+        self.backbone = build_backbone(
+            spec.backbone, output_stride=spec.output_stride, weights=spec.backbone_weights
+        )
+        out_channels = spec.out_channels
+        self.initial_decoders = InitialTaskDecoders(
+            self.backbone.out_channels, out_channels, spec.decoder_channels
+        )
+        c = spec.affinity_channels
+        self.projections = nn.ModuleDict(
+            {t: nn.Conv2d(spec.decoder_channels, c, 1) for t in self.tasks}
+        )
+        # The refinement (CTAL's block) is sized by the feature grid, known once the backbone is.
+        self.refinement = make_refinement(self.grid) if make_refinement else _DictIdentity()
+        self.upsample = nn.ModuleDict({t: Upsample2x(c) for t in self.tasks})
+        self.heads = nn.ModuleDict({t: TaskHead(c, out_channels[t]) for t in self.tasks})
+        self._check_task_keys(
+            initial_decoders=self.initial_decoders.decoders,
+            projections=self.projections,
+            upsample=self.upsample,
+            heads=self.heads,
+        )
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return feature_grid(self.spec.input_size, self.backbone.stride)
+
+    def refined_features(self, images: torch.Tensor):
+        """Backbone to refined per-task features; also returns the initial raw predictions."""
+        features, initial = self.initial_decoders(self.backbone(images))
+        projected = {t: self.projections[t](features[t]) for t in self.tasks}
+        return self.refinement(projected), initial, projected
+
+    def forward(self, images: torch.Tensor) -> MultiTaskOutput:
+        size = (images.shape[-2], images.shape[-1])
+        refined, initial, _ = self.refined_features(images)
+        final = {t: self.heads[t](self.upsample[t](refined[t])) for t in self.tasks}
+        return MultiTaskOutput(self._to_input_size(final, size), self._to_input_size(initial, size))
+
+
+class HPSNet(DecoderNet):
+    """Hard parameter sharing with CTAL's decoders and heads; the affinity block is identity."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+
+
+class CTALNet(DecoderNet):
+    """HPS plus the Cross-Task Affinity block on the per-task C-channel features."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        if len(spec.tasks) < 2:
+            raise ConfigError(f"arch 'ctal' needs at least 2 tasks, got {list(spec.tasks)}")
+        super().__init__(
+            spec,
+            make_refinement=lambda grid: CrossTaskAffinity(
+                spec.tasks,
+                channels=spec.affinity_channels,
+                grid=grid,
+                gamma=spec.gamma,
+                kernel_size=spec.fusion_kernel_size,
+                shared_fusion=spec.shared_fusion,
+            ),
+        )
+
+
+class HPSLightNet(MultiTaskNet):
+    """Backbone + one light head per task (the paper's lighter HPS); no deep supervision."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        self.backbone = build_backbone(
+            spec.backbone, output_stride=spec.output_stride, weights=spec.backbone_weights
+        )
+        self.heads = nn.ModuleDict(
+            {t: LightTaskHead(self.backbone.out_channels, c) for t, c in spec.out_channels.items()}
+        )
+        self._check_task_keys(heads=self.heads)
+
+    def forward(self, images: torch.Tensor) -> MultiTaskOutput:
+        size = (images.shape[-2], images.shape[-1])
+        features = self.backbone(images)
+        raw = {t: head(features) for t, head in self.heads.items()}
+        return MultiTaskOutput(self._to_input_size(raw, size), {})
+
+
+class STLNet(MultiTaskNet):
+    """One independent single-task network (HPS layout) per task, behind the same interface."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        self.networks = nn.ModuleDict(
+            {t: HPSNet(replace(spec, arch="hps", tasks=(t,))) for t in self.tasks}
+        )
+
+    def forward(self, images: torch.Tensor) -> MultiTaskOutput:
+        final: dict[str, torch.Tensor] = {}
+        initial: dict[str, torch.Tensor] = {}
+        for network in self.networks.values():
+            out = network(images)
+            final.update(out.final)
+            initial.update(out.initial)
+        return MultiTaskOutput(final, initial)
+
+
+ARCHITECTURES: dict[str, type[MultiTaskNet]] = {
+    "stl": STLNet,
+    "hps": HPSNet,
+    "hps-light": HPSLightNet,
+    "ctal": CTALNet,
+}
+
+
+def build_model(spec: ModelSpec) -> MultiTaskNet:
+    return ARCHITECTURES[spec.arch](spec)
