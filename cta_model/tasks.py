@@ -98,6 +98,15 @@ class TaskSpec:
             out = torch.where(norm > 0, out / norm.clamp_min(1e-12), out)
         return out
 
+    def decode_prediction(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw head output (B, C, H, W) -> the label's layout: class ids (B, H, W), one value
+        (B, H, W), or channels-last vectors (B, H, W, C) after the task's activation."""
+        if self.label_channels == 0:
+            return raw.argmax(dim=1)
+        if self.label_channels == 1:
+            return raw[:, 0]
+        return self.activation(raw).permute(0, 2, 3, 1)
+
     # ---- file encoding (DESIGN 4.1: semseg invalid is 255 in uint8 and 65535 in uint16) ----
     def decode_file_array(self, array: np.ndarray) -> np.ndarray:
         return _DECODERS.get(self.name, _identity_float32)(array)

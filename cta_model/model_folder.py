@@ -1,0 +1,230 @@
+"""The model folder (DESIGN 6.1): weights.safetensors, model.yaml, SHA256SUMS, plus what the
+trainer adds (lineage.json, reference_stats.parquet).
+
+`model.yaml` is everything needed to rebuild and feed the network: the `ModelSpec`, the class
+names, and the input contract (size, normalisation, resize policy) that `Predictor` applies.
+The folder is written next to its destination and renamed into place, so a reader sees either
+the whole folder or none of it; SHA256SUMS is checked before any weight is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+from safetensors.torch import load_file, save_file
+
+from cta_model.errors import ConfigError, DataError
+from cta_model.nn.models import ModelSpec, MultiTaskNet, build_model
+
+MODEL_YAML = "model.yaml"
+WEIGHTS = "weights.safetensors"
+CHECKSUMS = "SHA256SUMS"
+SCHEMA_VERSION = 1
+RESIZE_POLICIES = ("resize", "exact")
+
+# ImageNet statistics: the backbones' pretrained checkpoints expect them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class InputContract:
+    """How raw uint8 RGB images become the network's input."""
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    # resize: any image is resized to the model's input size and outputs back to the image's;
+    # exact: images must already have the model's input size.
+    resize_policy: str = "resize"
+
+    def __post_init__(self) -> None:
+        if self.resize_policy not in RESIZE_POLICIES:
+            raise ConfigError(
+                f"resize_policy {self.resize_policy!r} is not one of {', '.join(RESIZE_POLICIES)}"
+            )
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError(f"input mean/std need 3 values, std > 0: {self.mean}, {self.std}")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """The parsed model.yaml."""
+
+    spec: ModelSpec
+    class_names: tuple[str, ...] = ()
+    input: InputContract = field(default_factory=InputContract)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": self.spec.to_dict(),
+            "class_names": list(self.class_names),
+            "input": {
+                "size": list(self.spec.input_size),
+                "mean": list(self.input.mean),
+                "std": list(self.input.std),
+                "resize_policy": self.input.resize_policy,
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = MODEL_YAML) -> ModelCard:
+        try:
+            if data.get("schema_version") != SCHEMA_VERSION:
+                raise ConfigError(
+                    f"schema_version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}"
+                )
+            unknown = set(data) - {"schema_version", "model", "class_names", "input"}
+            if unknown:
+                raise ConfigError(f"unknown keys {sorted(unknown)}")
+            spec = ModelSpec.from_dict(data["model"])
+            contract = dict(data.get("input", {}))
+            size = contract.pop("size", None)
+            if size is not None and tuple(size) != spec.input_size:
+                raise ConfigError(f"input.size {size} != model.input_size {spec.input_size}")
+            contract = InputContract(
+                mean=tuple(contract.pop("mean", IMAGENET_MEAN)),
+                std=tuple(contract.pop("std", IMAGENET_STD)),
+                **contract,
+            )
+            return cls(spec, tuple(data.get("class_names", ())), contract)
+        except (ConfigError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def write_checksums(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    lines = [f"{_sha256(p)}  {p.relative_to(folder).as_posix()}\n" for p in files]
+    (folder / CHECKSUMS).write_text("".join(lines))
+
+
+def verify_checksums(folder: str | os.PathLike) -> None:
+    """Raise DataError naming every file whose sha256 differs from SHA256SUMS (or is missing)."""
+    folder = Path(folder)
+    sums = folder / CHECKSUMS
+    if not sums.is_file():
+        raise DataError(f"{sums}: missing; refusing to load an unverified model folder")
+    problems = []
+    for line in sums.read_text().splitlines():
+        expected, _, name = line.partition("  ")
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+        elif _sha256(path) != expected:
+            problems.append(f"{name}: sha256 differs from {CHECKSUMS}")
+    if problems:
+        raise DataError(f"{folder}: " + "; ".join(problems))
+
+
+def folder_sha256(folder: str | os.PathLike) -> str:
+    """One digest for the whole folder: the sha256 of its SHA256SUMS file."""
+    return _sha256(Path(folder) / CHECKSUMS)
+
+
+def save_model_folder(
+    model: MultiTaskNet,
+    folder: str | os.PathLike,
+    *,
+    class_names: Sequence[str] = (),
+    input_contract: InputContract | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the folder atomically: build it in a sibling temp dir, then rename into place."""
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"{folder} exists; pass overwrite=True to replace it")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    card = ModelCard(model.spec, tuple(class_names), input_contract or InputContract())
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, staging / WEIGHTS, metadata={"format": "pt"})
+        (staging / MODEL_YAML).write_text(yaml.safe_dump(card.to_dict(), sort_keys=False))
+        for name, data in (extra_files or {}).items():
+            target = staging / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        write_checksums(staging)
+        _fsync_tree(staging)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+            staging.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def read_model_card(folder: str | os.PathLike) -> ModelCard:
+    path = Path(folder) / MODEL_YAML
+    if not path.is_file():
+        raise DataError(f"{path}: missing; not a model folder")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return ModelCard.from_dict(data, source=str(path))
+
+
+def load_model_folder(
+    folder: str | os.PathLike, verify: bool = True
+) -> tuple[MultiTaskNet, ModelCard]:
+    """Rebuild the network from model.yaml and load its weights (safetensors: no pickle)."""
+    folder = Path(folder)
+    if verify:
+        verify_checksums(folder)
+    card = read_model_card(folder)
+    # The weights replace any initial values, so a backbone checkpoint is not needed here.
+    model = build_model(replace(card.spec, backbone_weights=None))
+    state = load_file(folder / WEIGHTS)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise DataError(f"{folder / WEIGHTS}: does not fit {MODEL_YAML}: {exc}") from exc
+    model.eval()
+    return model, card
+
+
+__all__ = [
+    "CHECKSUMS",
+    "MODEL_YAML",
+    "WEIGHTS",
+    "InputContract",
+    "ModelCard",
+    "folder_sha256",
+    "load_model_folder",
+    "read_model_card",
+    "save_model_folder",
+    "verify_checksums",
+]
