@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -23,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from cta_model.config import format_validation_error, read_yaml
 from cta_model.data.synthetic import DEFECT_CLASSES
 from cta_model.errors import ConfigError
 
@@ -237,47 +237,14 @@ class LinesConfig(_Strict):
         try:
             config = cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(_format_validation_error(source, exc)) from None
+            raise ConfigError(format_validation_error(source, exc)) from None
         config._source = source
         return config
 
 
 def load_lines_config(path: str | Path = DEFAULT_LINES_CONFIG) -> LinesConfig:
     """Read and validate a lines file; every problem is a ConfigError naming file and key."""
-    path = Path(path)
-    source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{source}: lines config not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot read lines config: {exc}") from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
-    return LinesConfig.from_dict(data, source=source)
-
-
-def _format_validation_error(source: str, exc: ValidationError) -> str:
-    problems = []
-    for error in exc.errors():
-        key_path = _key_path(error["loc"])
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling; allowed keys are documented in the file)"
-        problems.append(f"{source}: {key_path}: {message}" if key_path else f"{source}: {message}")
-    return "\n".join(problems)
-
-
-def _key_path(loc: Sequence[int | str]) -> str:
-    text = ""
-    for part in loc:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        else:
-            text += f".{part}" if text else str(part)
-    return text
+    return LinesConfig.from_dict(read_yaml(path), source=str(path))
 
 
 def _condition_number(rows: Sequence[Sequence[float]]) -> float:
@@ -285,24 +252,3 @@ def _condition_number(rows: Sequence[Sequence[float]]) -> float:
 
     singular_values = np.linalg.svd(np.asarray(rows, dtype=float), compute_uv=False)
     return float(singular_values[0] / max(singular_values[-1], 1e-12))
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects a key given twice in one mapping (PyYAML keeps the last)."""
-
-
-def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen: set[Any] = set()
-    for key_node, _value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} given twice", key_node.start_mark
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=True)
-
-
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
-)
