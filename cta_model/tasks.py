@@ -88,7 +88,8 @@ class TaskSpec:
         x = label.unsqueeze(-3) if no_channel_axis else label
         batched = x.dim() == 4
         x = x if batched else x.unsqueeze(0)
-        out = F.interpolate(x.float(), size=size, mode="nearest").to(label.dtype)
+        # nearest-exact samples at pixel centres, as the image's bilinear resize does.
+        out = F.interpolate(x.float(), size=size, mode="nearest-exact").to(label.dtype)
         out = out if batched else out.squeeze(0)
         out = out.squeeze(-3) if no_channel_axis else out
         if self.divide_by_scale:
