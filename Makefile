@@ -59,6 +59,7 @@ DEMO_DIR := $(CURDIR)/.cta/demo
 demo: setup
 	$(VENV)/bin/cta data generate --out $(DEMO_DIR)/data --lines 3 --samples-per-line 60 \
 		--size 128 --seed 0 --overwrite
+	$(VENV)/bin/cta validate-data $(DEMO_DIR)/data --out $(DEMO_DIR)/reports/validation
 	$(VENV)/bin/cta model summary --arch ctal --height 128 --width 128
 	$(VENV)/bin/cta model summary --arch hps --height 128 --width 128
 
