@@ -316,3 +316,13 @@ def test_cli_exit_codes(dataset_root, copy_root, sample_ids, tmp_path):
     assert failed.exit_code == 1
     assert sample_id in failed.stderr and "files readable, checksums match" in failed.stderr
     assert "report:" in failed.stderr
+
+
+def test_nan_normals_where_the_label_is_present_fail(copy_root, sample_ids, tmp_path):
+    # Height may be NaN (sensor drop-out); normals are complete labels, so NaN there is corrupt.
+    sample_id = _first_with(copy_root, sample_ids, "has_normals")
+    normals = _load_npy(copy_root, sample_id, "normals")
+    normals[3, 3] = np.nan
+    _replace(copy_root, sample_id, "normals", _npy(normals))
+    failure = _failure(copy_root, tmp_path)
+    assert sample_id in str(failure)
