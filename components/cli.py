@@ -7,6 +7,7 @@ are added by the issues that build those steps. Utilities live in groups (cta da
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -116,6 +117,98 @@ def validate_data_command(data, out_dir, lines_config, quarantine, workers):
     note = f" ({quarantined} sample(s) quarantined)" if quarantined else ""
     click.echo(f"data validation passed{note}: {dataset_ref['uri']}")
     click.echo(f"report: {out_dir / REPORT_NAME}")
+
+
+def _parse_set(items: tuple[str, ...]) -> dict:
+    import yaml
+
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE (e.g. optim.lr=1e-4)")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+@main.command("train")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--arch", type=click.Choice(["stl", "hps", "hps-light", "ctal"]))
+@click.option("--tasks", help="comma-separated, e.g. semseg,height,normals")
+@click.option(
+    "--backbone", type=click.Choice(["resnet18", "resnet34", "resnet50", "hrnet-w18-small-v2"])
+)
+@click.option("--data", help="dataset folder, s3:// prefix, or a dataset_ref.json")
+@click.option("--out", "output", help="output folder (model folder, checkpoints)")
+@click.option("--epochs", type=click.IntRange(min=1))
+@click.option("--max-steps", type=click.IntRange(min=1))
+@click.option("--batch-size", type=click.IntRange(min=1))
+@click.option("--lr", type=float)
+@click.option("--seed", type=int)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]))
+@click.option("--set", "set_items", multiple=True, metavar="KEY=VALUE", help="dotted override")
+@click.option("--resume", default="auto", show_default=True, help="auto | always | never | PATH")
+@click.option("--nproc-per-node", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI)")
+@click.option("--experiment", default="cta", show_default=True)
+@click.option("--no-env", is_flag=True, help="ignore CTA_* environment overrides")
+@click.option("--summary-out", type=click.Path(dir_okay=False), help="write the result as JSON")
+def train_command(
+    config_path,
+    arch,
+    tasks,
+    backbone,
+    data,
+    output,
+    epochs,
+    max_steps,
+    batch_size,
+    lr,
+    seed,
+    precision,
+    set_items,
+    resume,
+    nproc_per_node,
+    tracking_uri,
+    experiment,
+    no_env,
+    summary_out,
+):
+    """Train a model from a config; flags override env (CTA_*) which overrides the file."""
+    from components.train.step import run
+
+    data_key = "data.dataset_ref" if data and data.endswith(".json") else "data.path"
+    flags = {
+        "model.arch": arch,
+        "model.tasks": tasks,
+        "model.backbone": backbone,
+        data_key: data,
+        "output": output,
+        "epochs": epochs,
+        "max_steps": max_steps,
+        "batch_size": batch_size,
+        "optim.lr": lr,
+        "seed": seed,
+        "precision": precision,
+        **_parse_set(set_items),
+    }
+    result = run(
+        config_path,
+        flags=flags,
+        resume=resume,
+        nproc_per_node=nproc_per_node,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        environ={} if no_env else None,
+    )
+    if os.environ.get("RANK", "0") != "0":
+        return
+    text = json.dumps(result, indent=2, allow_nan=True)
+    if summary_out:
+        from components.artifacts import write_json_atomic
+
+        write_json_atomic(summary_out, result)
+    click.echo(text)
 
 
 # ------------------------------------------------------------------------------------ model

@@ -135,8 +135,9 @@ class UncertaintyWeighting(LossWeighting):
         for t in self.tasks:
             s = self.log_vars[t]
             term = 0.5 * torch.exp(-s) * task_losses[t] + 0.5 * s
-            # An absent task must not pull s_t down; 0 * s keeps it in the graph for DDP.
-            total = total + (term if present[t] else 0.0 * s)
+            # An absent task must not pull s_t down; 0 * term keeps s_t and the task's head in
+            # the graph (with zero gradient) so DDP's all-reduce still sees every parameter.
+            total = total + (term if present[t] else 0.0 * term)
         return total
 
     def weights(self):

@@ -62,7 +62,7 @@ def to_tensors(sample: Mapping[str, Any], tasks: str | Iterable[str]) -> Sample:
     out: Sample = {
         "sample_id": sample_id,
         "line_id": sample.get("line_id", ""),
-        "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0,
+        "image": torch.from_numpy(_writable(image)).permute(2, 0, 1).float() / 255.0,
     }
     flags: Mapping[str, bool] = sample.get("present", {})
     present: dict[str, torch.Tensor] = {}
@@ -82,6 +82,12 @@ def to_tensors(sample: Mapping[str, Any], tasks: str | Iterable[str]) -> Sample:
     return out
 
 
+def _writable(array: np.ndarray) -> np.ndarray:
+    # PIL and memory-mapped reads give read-only arrays, which torch.from_numpy warns about;
+    # copy only those (and non-contiguous ones).
+    return np.require(array, requirements=["C_CONTIGUOUS", "WRITEABLE"])
+
+
 def _label_tensor(
     sample_id: str, task: str, label: np.ndarray, shape: tuple[int, int]
 ) -> torch.Tensor:
@@ -96,7 +102,7 @@ def _label_tensor(
         raise DataError(
             f"sample {sample_id}: {task}: shape {array.shape}, expected {expected} (from the image)"
         )
-    tensor = torch.from_numpy(np.ascontiguousarray(array)).to(spec.label_dtype)
+    tensor = torch.from_numpy(_writable(array)).to(spec.label_dtype)
     if spec.label_channels == 1:
         return tensor.unsqueeze(0)
     if spec.label_channels > 1:

@@ -109,13 +109,15 @@ def test_uncertainty_weighting_uses_only_present_tasks_but_keeps_all_in_graph():
     weighting = UncertaintyWeighting(("a", "b"))
     with torch.no_grad():
         weighting.log_vars["a"].fill_(math.log(4.0))
-    losses = {"a": torch.tensor(8.0), "b": torch.tensor(5.0)}
+    losses = {"a": torch.tensor(8.0), "b": torch.tensor(5.0, requires_grad=True)}
     total = weighting.combine(losses, {"a": True, "b": False})
     # 0.5 * exp(-s) * L + 0.5 * s for a: 0.5 * 8 / 4 + 0.5 * log 4; b absent -> 0
     assert total.item() == pytest.approx(1.0 + 0.5 * math.log(4.0))
     total.backward()
     assert weighting.log_vars["b"].grad is not None
     assert weighting.log_vars["b"].grad.item() == 0.0
+    # The absent task's loss (hence its head) stays in the graph with a zero gradient (DDP).
+    assert losses["b"].grad is not None and losses["b"].grad.item() == 0.0
 
 
 def test_dwa_follows_loss_ratios_and_renormalises_over_present_tasks():

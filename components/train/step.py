@@ -1,0 +1,113 @@
+"""The train step: resolve the config (flag > env > file), train with MLflow tracking, return
+where the model folder and the logged model are. Does not register (register-model does)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cta_model.errors import CtaError
+from cta_model.train_config import TrainConfig, load_train_config, resolve_overrides
+
+
+def resolve_config(
+    config_path: str | None, flags: Mapping[str, Any], environ: Mapping[str, str]
+) -> TrainConfig:
+    return load_train_config(config_path, resolve_overrides(flags, environ))
+
+
+def run(
+    config_path: str | None,
+    *,
+    flags: Mapping[str, Any] | None = None,
+    resume: str = "auto",
+    nproc_per_node: int = 1,
+    tracking_uri: str | None = None,
+    experiment: str = "cta",
+    run_name: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Train one model; returns {model_dir, model_id, run_id, best_metrics, best_epoch}.
+
+    environ: where CTA_* overrides come from (default os.environ; {} ignores them).
+    """
+    config = resolve_config(config_path, flags or {}, os.environ if environ is None else environ)
+    # Under torchrun (RANK set) every process trains; otherwise N > 1 means launch torchrun.
+    if nproc_per_node > 1 and "RANK" not in os.environ:
+        return _run_under_torchrun(config, nproc_per_node, resume, tracking_uri, experiment)
+
+    # Imported here: mlflow and torch are slow to import and `cta --help` must stay fast.
+    from components.storage import opener_for
+    from components.train.tracking import MlflowTracker
+    from cta_model.train import train
+
+    tracker = MlflowTracker(
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        run_name=run_name or f"{config.model.arch}-{Path(config.output).name}",
+        config=config.model_dump(mode="json"),
+        lineage={},
+    )
+    with tracker:
+        result = train(config, callbacks=[tracker], resume=resume, opener_for=opener_for)
+    return {
+        "model_dir": str(result.model_dir),
+        "model_id": getattr(tracker.model_info, "model_id", None),
+        "run_id": tracker.run_id,
+        "best_metrics": result.best_metrics,
+        "best_epoch": result.best_epoch,
+    }
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _run_under_torchrun(
+    config: TrainConfig,
+    nproc_per_node: int,
+    resume: str,
+    tracking_uri: str | None,
+    experiment: str,
+) -> dict[str, Any]:
+    """Re-launch `cta train` under torchrun with the resolved config (no env re-applied)."""
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    resolved = output / "resolved-config.yaml"
+    resolved.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    summary = output / "train-step.json"
+    torchrun = Path(sys.prefix) / "bin" / "torchrun"
+    command = [
+        str(torchrun),
+        f"--nproc_per_node={nproc_per_node}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_loopback_port()}",
+        "-m",
+        "components.cli",
+        "train",
+        "--config",
+        str(resolved),
+        "--no-env",
+        "--resume",
+        resume,
+        "--experiment",
+        experiment,
+        "--summary-out",
+        str(summary),
+    ]
+    if tracking_uri:
+        command += ["--tracking-uri", tracking_uri]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    completed = subprocess.run(command, env=env, check=False)
+    if completed.returncode != 0:
+        raise CtaError(f"torchrun with {nproc_per_node} processes failed ({completed.returncode})")
+    return yaml.safe_load(summary.read_text())

@@ -1,0 +1,411 @@
+"""The training config (`cta train --config FILE`): one strict pydantic model, no unknown keys.
+
+Sections (every key is optional unless marked; defaults follow the paper's recipe, DESIGN 3.1)::
+
+    model:          arch (stl | hps | hps-light | ctal), backbone, tasks ("a,b" or a list),
+                    input_size [h, w], output_stride (ResNet: 8 | 16 | 32), backbone_weights
+                    (a local file), init_from (a model folder whose weights start the run),
+                    decoder_channels, affinity_channels, gamma, fusion_kernel_size,
+                    shared_fusion, num_classes (default: from the dataset)
+    loss:           weighting (fixed | uncertainty | dwa), weights {task: float} (fixed only),
+                    deep_supervision, dwa_temperature
+    data:           exactly one of path (line dataset folder, s3:// URI, or a research-format
+                    root with `format`), dataset_ref (dataset_ref.json: its `uri` is read and
+                    its `quarantine` skipped) or synthetic {lines, samples_per_line, size, seed}
+                    (generated once into <cache_dir>/synthetic/<hash>); format (line | nyuv2 |
+                    cityscapes | mvtec-ad | mvtec-3d-ad), format_options, lines_config,
+                    train_split, val_split, augment {hflip, scales}, num_workers, cache_dir
+    optim:          name (adam | adamw | sgd), lr, weight_decay, momentum (sgd), grad_clip
+    schedule:       name (cosine | constant), warmup_steps
+    epochs / max_steps (at least one; training stops at whichever comes first)
+    batch_size      GLOBAL samples per optimizer step, over all processes and accumulation
+                    micro-steps (so a recipe means the same on 1 or N processes); it must divide
+                    by world_size * grad_accum_steps
+    grad_accum_steps, seed, deterministic, precision (fp32 | bf16 | auto: bf16 autocast on
+    CUDA only), channels_last, compile, progress
+    checkpoint:     every_steps (0 = only at epoch ends), keep_last
+    early_stopping: metric ("val_loss" or "<task>.<metric>", direction from the task
+                    registry; also the model-selection metric), patience (null = never stop),
+                    min_delta
+    eval:           miou_rule, reduction (pooled | batch_mean), batch_size (per process)
+    distill:        enabled, ema_decay, seg_confidence (EMA-teacher labels for absent tasks)
+    output          (required) run folder: checkpoints/, model/, train_result.json
+    debug:          test hooks: mask_tasks_by_rank {rank: [tasks]}, dump_param_hashes
+
+Precedence flag > env > file: the CLI builds `resolve_overrides(flags, os.environ)` and calls
+`load_train_config(path, overrides)`. Environment variables (`ENV_OVERRIDES`):
+
+    CTA_ARCH -> model.arch        CTA_TASKS -> model.tasks      CTA_BACKBONE -> model.backbone
+    CTA_DATA -> data.path (data.dataset_ref when it ends in .json)            CTA_OUT -> output
+
+Setting any data source (path, dataset_ref, synthetic) through an override replaces the file's
+source, so `CTA_DATA=/data/x` works with a config that names a synthetic dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from cta_model.config import StrictModel, read_yaml, set_dotted, validate_config
+from cta_model.errors import ConfigError
+from cta_model.tasks import metric_directions, parse_tasks
+
+Arch = Literal["stl", "hps", "hps-light", "ctal"]
+Backbone = Literal["resnet18", "resnet34", "resnet50", "hrnet-w18-small-v2"]
+DataFormat = Literal["line", "nyuv2", "cityscapes", "mvtec-ad", "mvtec-3d-ad"]
+VAL_LOSS = "val_loss"
+
+#: Environment variable -> dotted config key (the middle layer of flag > env > file).
+ENV_OVERRIDES: dict[str, str] = {
+    "CTA_ARCH": "model.arch",
+    "CTA_TASKS": "model.tasks",
+    "CTA_BACKBONE": "model.backbone",
+    "CTA_DATA": "data.path",
+    "CTA_OUT": "output",
+}
+_DATA_SOURCES = ("path", "dataset_ref", "synthetic")
+
+
+class ModelConfig(StrictModel):
+    arch: Arch = "ctal"
+    backbone: Backbone = "hrnet-w18-small-v2"
+    tasks: tuple[str, ...] = ("semseg", "height", "normals")
+    input_size: tuple[int, int] = (128, 128)
+    output_stride: Literal[8, 16, 32] | None = None
+    backbone_weights: str | None = None
+    init_from: str | None = None
+    num_classes: int | None = Field(default=None, ge=2)
+    decoder_channels: int = Field(default=256, ge=8)
+    affinity_channels: int = Field(default=128, ge=1)
+    gamma: float = Field(default=0.05, ge=0, le=1)
+    fusion_kernel_size: int = Field(default=3, ge=1)
+    shared_fusion: bool = True
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _parse_tasks(cls, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str | list | tuple):
+            return parse_tasks(value)  # ConfigError is a ValueError: pydantic names the key
+        return value
+
+    @field_validator("input_size")
+    @classmethod
+    def _check_size(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 8:
+            raise ValueError(f"must be [height, width] >= 8, got {list(value)}")
+        return value
+
+    @field_validator("backbone_weights")
+    @classmethod
+    def _local_weights(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value:
+            raise ValueError("must be a local file (weights are never downloaded)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_arch(self) -> ModelConfig:
+        if self.arch == "ctal" and len(self.tasks) < 2:
+            raise ValueError(f"arch 'ctal' needs at least 2 tasks, got {list(self.tasks)}")
+        if self.output_stride is not None and not self.backbone.startswith("resnet"):
+            raise ValueError(f"output_stride applies to ResNet backbones only, not {self.backbone}")
+        return self
+
+
+class LossConfig(StrictModel):
+    weighting: Literal["fixed", "uncertainty", "dwa"] = "fixed"
+    weights: dict[str, float] = Field(default_factory=dict)
+    deep_supervision: bool = True
+    dwa_temperature: float = Field(default=2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _weights_for_fixed(self) -> LossConfig:
+        if self.weights and self.weighting != "fixed":
+            raise ValueError(
+                f"weights apply to weighting 'fixed' only; weighting {self.weighting!r} "
+                "learns or computes its own"
+            )
+        return self
+
+
+class SyntheticData(StrictModel):
+    lines: int = Field(default=3, ge=1)
+    samples_per_line: int = Field(default=200, ge=2)
+    size: int = Field(default=128, ge=16)
+    seed: int = 0
+
+
+class AugmentConfig(StrictModel):
+    hflip: bool = True
+    scales: tuple[float, ...] = (1.0,)
+
+    @field_validator("scales")
+    @classmethod
+    def _positive(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or min(value) <= 0:
+            raise ValueError(f"must be a non-empty list of zoom factors > 0, got {list(value)}")
+        return value
+
+
+class DataConfig(StrictModel):
+    path: str | None = None
+    dataset_ref: str | None = None
+    synthetic: SyntheticData | None = None
+    format: DataFormat = "line"
+    format_options: dict[str, Any] = Field(default_factory=dict)
+    lines_config: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    num_workers: int = Field(default=0, ge=0)
+    cache_dir: str = ".cta/cache"
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> DataConfig:
+        given = [name for name in _DATA_SOURCES if getattr(self, name) is not None]
+        if len(given) != 1:
+            what = "none" if not given else ", ".join(given)
+            raise ValueError(
+                f"give exactly one of data.path, data.dataset_ref, data.synthetic (got {what})"
+            )
+        if self.format != "line" and self.path is None:
+            raise ValueError(f"format {self.format!r} reads data.path; set data.path to its root")
+        if self.format == "line" and self.format_options:
+            raise ValueError("format_options apply to research formats (data.format), not 'line'")
+        if self.train_split == self.val_split:
+            raise ValueError(f"train_split and val_split are both {self.train_split!r}")
+        return self
+
+
+class OptimConfig(StrictModel):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    grad_clip: float | None = Field(default=None, gt=0)
+
+
+class ScheduleConfig(StrictModel):
+    name: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+
+
+class CheckpointConfig(StrictModel):
+    every_steps: int = Field(default=0, ge=0)
+    keep_last: int = Field(default=3, ge=1)
+
+
+class EarlyStoppingConfig(StrictModel):
+    metric: str = VAL_LOSS
+    patience: int | None = Field(default=None, ge=1)
+    min_delta: float = Field(default=0.0, ge=0)
+
+
+class EvalConfig(StrictModel):
+    miou_rule: Literal["nanmean_union", "strict", "zero_union_as_0"] = "nanmean_union"
+    reduction: Literal["pooled", "batch_mean"] = "pooled"
+    batch_size: int | None = Field(default=None, ge=1)
+
+
+class DistillConfig(StrictModel):
+    enabled: bool = False
+    ema_decay: float = Field(default=0.999, ge=0, lt=1)
+    seg_confidence: float = Field(default=0.9, ge=0, le=1)
+
+
+class DebugConfig(StrictModel):
+    """Test hooks; never needed in a real run."""
+
+    # Pretend rank r has no labels for these tasks (partial labels by rank, for the DDP test).
+    mask_tasks_by_rank: dict[int, tuple[str, ...]] = Field(default_factory=dict)
+    # Each rank writes <output>/debug/params-rank<r>.sha256 at the end.
+    dump_param_hashes: bool = False
+
+
+class TrainConfig(StrictModel):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    data: DataConfig
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    epochs: int | None = Field(default=None, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    grad_accum_steps: int = Field(default=1, ge=1)
+    seed: int = 0
+    deterministic: bool = True
+    precision: Literal["fp32", "bf16", "auto"] = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    progress: bool = True
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    output: str
+    debug: DebugConfig = Field(default_factory=DebugConfig)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> TrainConfig:
+        tasks = self.model.tasks
+        unknown = sorted(set(self.loss.weights) - set(tasks))
+        if unknown:
+            raise ValueError(
+                f"loss.weights names tasks {unknown} that are not in model.tasks {list(tasks)}"
+            )
+        metric = self.early_stopping.metric
+        known = [VAL_LOSS, *metric_directions(tasks)]
+        if metric not in known:
+            raise ValueError(
+                f"early_stopping.metric {metric!r} is not a metric of this run; "
+                f"choose one of {', '.join(known)}"
+            )
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("give epochs or max_steps (or both: the first reached stops)")
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(
+                f"batch_size {self.batch_size} must divide by grad_accum_steps "
+                f"{self.grad_accum_steps}"
+            )
+        for rank, masked in self.debug.mask_tasks_by_rank.items():
+            if set(masked) - set(tasks):
+                raise ValueError(f"debug.mask_tasks_by_rank[{rank}] names tasks not in model.tasks")
+        return self
+
+    # ---- derived values -----------------------------------------------------------------
+    def metric_direction(self, metric: str) -> Literal["higher", "lower"]:
+        return "lower" if metric == VAL_LOSS else metric_directions(self.model.tasks)[metric]
+
+    def use_bf16(self, device_type: str) -> bool:
+        return device_type == "cuda" and self.precision in ("bf16", "auto")
+
+    def micro_batch_size(self, world_size: int) -> int:
+        per_step = world_size * self.grad_accum_steps
+        if self.batch_size % per_step:
+            raise ConfigError(
+                f"batch_size {self.batch_size} (global, per optimizer step) must divide by "
+                f"world_size x grad_accum_steps = {world_size} x {self.grad_accum_steps}"
+            )
+        return self.batch_size // per_step
+
+    def trajectory_dict(self) -> dict[str, Any]:
+        """The keys that decide the training trajectory (what a resume must agree on).
+
+        Where output goes, progress bars, worker count, checkpoint cadence and debug hooks do
+        not change the weights, so a resumed run may change them.
+        """
+        data = self.model_dump(mode="json")
+        for key in ("output", "progress", "checkpoint", "debug"):
+            data.pop(key)
+        data["data"].pop("num_workers")
+        data["data"].pop("cache_dir")
+        return data
+
+    def trajectory_hash(self) -> str:
+        text = json.dumps(self.trajectory_dict(), sort_keys=True, allow_nan=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def config_differences(
+    old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = ""
+) -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts, with both values."""
+    out: list[str] = []
+    for key in sorted(set(old) | set(new), key=str):
+        where = f"{prefix}{key}"
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out.extend(config_differences(a, b, where + "."))
+        elif not _same(a, b):
+            out.append(f"{where}: {a!r} -> {b!r}")
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+# ---- loading with overrides ------------------------------------------------------------------
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Dotted overrides from the CTA_* environment variables in ENV_OVERRIDES (unset or empty
+    variables are skipped). CTA_DATA ending in .json is taken as a dataset_ref file."""
+    out: dict[str, Any] = {}
+    for variable, key in ENV_OVERRIDES.items():
+        value = environ.get(variable)
+        if not value:
+            continue
+        if variable == "CTA_DATA" and value.endswith(".json"):
+            key = "data.dataset_ref"
+        out[key] = value
+    return out
+
+
+def resolve_overrides(
+    flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """flag > env: environment overrides first, then flags (a None flag means 'not given')."""
+    merged = env_overrides(environ or {})
+    for key, value in (flags or {}).items():
+        if value is not None:
+            merged[key] = value
+    return merged
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Set each dotted key; a data source override replaces the source given below it."""
+    out = dict(data)
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if head == "data" and rest.split(".")[0] in _DATA_SOURCES:
+            source = rest.split(".")[0]
+            section = dict(out.get("data") or {})
+            for other in _DATA_SOURCES:
+                if other != source:
+                    section.pop(other, None)
+            out["data"] = section
+        out = set_dotted(out, key, value)
+    return out
+
+
+def validate_train_config(data: Any, source: str = "<config>") -> TrainConfig:
+    return validate_config(TrainConfig, data, source)
+
+
+def load_train_config(
+    path: str | Path | None, overrides: Mapping[str, Any] | None = None
+) -> TrainConfig:
+    """Read the YAML file (or start empty with path None), apply dotted overrides, validate.
+
+    Errors name the file and the key path, e.g. `configs/demo.yaml: optim.lr: ...`.
+    """
+    data: Any = {} if path is None else read_yaml(path)
+    if data is None:
+        data = {}
+    source = "<overrides>" if path is None else str(path)
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source = f"{source} (with overrides {', '.join(overrides)})"
+    return validate_train_config(data, source)
+
+
+__all__ = [
+    "ENV_OVERRIDES",
+    "VAL_LOSS",
+    "TrainConfig",
+    "apply_overrides",
+    "config_differences",
+    "env_overrides",
+    "load_train_config",
+    "resolve_overrides",
+    "validate_train_config",
+]
