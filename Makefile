@@ -60,6 +60,9 @@ demo: setup
 	$(VENV)/bin/cta data generate --out $(DEMO_DIR)/data --lines 3 --samples-per-line 60 \
 		--size 128 --seed 0 --overwrite
 	$(VENV)/bin/cta validate-data $(DEMO_DIR)/data --out $(DEMO_DIR)/reports/validation
+	$(VENV)/bin/cta train --config configs/demo.yaml \
+		--data $(DEMO_DIR)/reports/validation/dataset_ref.json --out $(DEMO_DIR)/runs/train \
+		--tracking-uri sqlite:///$(DEMO_DIR)/mlflow/mlflow.db --resume never
 	$(VENV)/bin/cta model summary --arch ctal --height 128 --width 128
 	$(VENV)/bin/cta model summary --arch hps --height 128 --width 128
 

@@ -631,9 +631,27 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _file_sha256(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def remove_checkpoint(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    checksum_path(path).unlink(missing_ok=True)
+
+
 def save_checkpoint_atomic(path: Path, state: Mapping[str, Any]) -> None:
     """torch.save into a temp file of the same folder, flush + fsync, os.replace, fsync folder:
-    a crash leaves the old file or the new one, never half of one under the final name."""
+    a crash leaves the old file or the new one, never half of one under the final name.
+    The sha256 sidecar is written first, so a checkpoint without a matching one is invalid."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -641,6 +659,7 @@ def save_checkpoint_atomic(path: Path, state: Mapping[str, Any]) -> None:
             torch.save(dict(state), stream)
             stream.flush()
             os.fsync(stream.fileno())
+        _write_atomic(checksum_path(path), (_file_sha256(temporary) + "\n").encode())
         os.replace(temporary, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -654,6 +673,11 @@ _REQUIRED_CHECKPOINT_KEYS = ("format", "config_hash", "model", "optimizer", "glo
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load with weights_only=True; DataError when the file is truncated, corrupt or foreign."""
+    sidecar = checksum_path(path)
+    if not sidecar.is_file():
+        raise DataError(f"{path}: no {sidecar.name}; the checkpoint was never completed")
+    if _file_sha256(path) != sidecar.read_text().strip():
+        raise DataError(f"{path}: sha256 differs from {sidecar.name} (corrupt checkpoint)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncation surfaces as zipfile / pickle / runtime errors
@@ -1383,7 +1407,7 @@ class Trainer:
             for _, old in list_checkpoints(self.checkpoint_dir)[
                 : -self.config.checkpoint.keep_last
             ]:
-                old.unlink(missing_ok=True)
+                remove_checkpoint(old)
         _barrier()
         return path
 
@@ -1415,7 +1439,7 @@ class Trainer:
             if stale:
                 log.warning("resume=False: removing %d checkpoints of an earlier run", len(stale))
                 for _, path in stale:
-                    path.unlink(missing_ok=True)
+                    remove_checkpoint(path)
             return None
         if isinstance(resume, str) and resume not in ("auto", "always"):
             path = Path(resume)

@@ -317,16 +317,21 @@ def test_resume_refuses_a_different_config_naming_the_key(short_run):
 
 
 # ---------------------------------------------------------------- (c) truncated checkpoint
-def test_truncated_latest_checkpoint_falls_back_to_the_previous(short_run, tmp_path):
+@pytest.mark.parametrize("damage", ["truncate", "flip_one_byte"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(short_run, tmp_path, damage):
     config, _, _ = short_run
     output = Path(config["output"])
     weights = (output / "model" / "weights.safetensors").read_bytes()
     checkpoints = list_checkpoints(output / "checkpoints")
     latest_step, latest = checkpoints[-1]
     assert latest_step == 10
-    data = latest.read_bytes()
-    latest.write_bytes(data[: len(data) // 2])
-    with pytest.warns(RuntimeWarning, match=r"step-00000010\.pt: unreadable checkpoint"):
+    data = bytearray(latest.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:  # same length, one bit of a tensor changed: only the sha256 sidecar notices
+        data[len(data) // 2] ^= 0x01
+    latest.write_bytes(bytes(data))
+    with pytest.warns(RuntimeWarning, match=r"step-00000010\.pt: sha256 differs"):
         result = train(validate_train_config(config), resume="auto")
     assert result.steps == 10
     # The previous checkpoint (step 8) was resumed and the last steps re-run exactly.
