@@ -16,6 +16,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
+from cta_model.atomic import write_bytes_atomic
 from cta_model.errors import ConfigError, DataError
 
 SCHEMAS_DIR = Path(__file__).resolve().parents[1] / "schemas"
@@ -99,17 +100,7 @@ def write_json_atomic(
         text = json.dumps(data, indent=2, allow_nan=False) + "\n"
     except (TypeError, ValueError) as exc:
         raise DataError(f"{target}: cannot be written as JSON: {exc}") from None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    write_bytes_atomic(target, text.encode("utf-8"))
     return target
 
 

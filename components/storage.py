@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from cta_model import atomic
 from cta_model.data.line_dataset import MANIFEST_NAME, LocalOpener, check_relative_path
 from cta_model.errors import ConfigError, DataError
 
@@ -348,7 +349,7 @@ def download_tree(
     def download(relative: str) -> None:
         key, target = location.key_for(relative), root / PurePosixPath(relative)
         if sizes[relative] <= _SINGLE_REQUEST_MAX_BYTES:
-            _write_local_atomic(target, _get_object(client, location.bucket, key))
+            atomic.write_bytes_atomic(target, _get_object(client, location.bucket, key))
         else:
             # Ranged parts, streamed to a temporary file that s3transfer renames at the end.
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -414,24 +415,4 @@ def write_bytes_atomic(
         client = client if client is not None else make_s3_client(endpoint_url)
         _put_object(client, location.bucket, location.prefix, data)
         return
-    _write_local_atomic(local_path(uri), data)
-
-
-def _write_local_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-    # fsync the folder too, so the rename itself survives a crash.
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    atomic.write_bytes_atomic(local_path(uri), data)

@@ -74,6 +74,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from cta_model import tasks as task_registry
+from cta_model.atomic import fsync_dir, write_bytes_atomic
 from cta_model.data import transforms as T
 from cta_model.data.line_dataset import (
     FORMAT_VERSION,
@@ -623,14 +624,6 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def checksum_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
@@ -659,9 +652,9 @@ def save_checkpoint_atomic(path: Path, state: Mapping[str, Any]) -> None:
             torch.save(dict(state), stream)
             stream.flush()
             os.fsync(stream.fileno())
-        _write_atomic(checksum_path(path), (_file_sha256(temporary) + "\n").encode())
+        write_bytes_atomic(checksum_path(path), (_file_sha256(temporary) + "\n").encode())
         os.replace(temporary, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
@@ -1431,7 +1424,7 @@ class Trainer:
             )
         if self.env.is_main:  # only once the checkpoint (if any) proved it is the same run
             config_text = yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False)
-            _write_atomic(self.output / "config.yaml", config_text.encode())
+            write_bytes_atomic(self.output / "config.yaml", config_text.encode())
 
     def _choose_checkpoint(self, resume: bool | str) -> str | None:
         if resume is False or resume == "never":
@@ -1523,7 +1516,7 @@ class Trainer:
             if self.best_state is not None:
                 self.model.load_state_dict(self.best_state)
             self._write_model_folder()
-            _write_atomic(
+            write_bytes_atomic(
                 self.output / RESULT_FILE,
                 json.dumps(result.to_dict(), indent=2, allow_nan=True).encode(),
             )
@@ -1595,22 +1588,6 @@ class Trainer:
 
 def _local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.chmod(temporary, 0o644)  # mkstemp makes 0600; these are ordinary readable outputs
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
 
 
 def _git_commit() -> str | None:
@@ -1768,7 +1745,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             text = json.dumps(metrics, indent=2, sort_keys=True, allow_nan=True)
             if rank == 0:
                 if args.metrics_out:
-                    _write_atomic(Path(args.metrics_out), text.encode())
+                    write_bytes_atomic(Path(args.metrics_out), text.encode())
                 print(text)
             return 0
         resume: bool | str = args.resume

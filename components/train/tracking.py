@@ -6,8 +6,8 @@ the trainer): ``on_train_start(trainer)``, ``on_step_end(step, logs)``,
 ``.best_metrics``, ``.best_epoch``) and ``on_exception(exc)``. Use it as a context manager so a
 crash ends the run FAILED::
 
-    with MlflowTracker(None, "cta", "ctal-r18", config, lineage) as tracker:
-        trainer.fit(callbacks=[tracker])
+    with MlflowTracker(None, "cta", "ctal-r18", config.model_dump(mode="json"), {}) as tracker:
+        cta_model.train.train(config, callbacks=[tracker])
 
 What a run holds:
 - params: the config flattened to dotted keys (``optim.lr``), values cut to MLflow's limits;

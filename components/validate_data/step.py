@@ -39,7 +39,8 @@ from components.validate_data.expectations import (
     validate,
 )
 from components.validate_data.report import ReportInputs, render_report
-from cta_model.data.line_dataset import MANIFEST_NAME, LineDataset, Opener, write_atomic
+from cta_model.atomic import write_bytes_atomic
+from cta_model.data.line_dataset import MANIFEST_NAME, LineDataset, Opener
 from cta_model.data.statistics import compute_statistics
 from cta_model.errors import ConfigError, DataError
 
@@ -121,7 +122,7 @@ def run(
     }
 
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / STATISTICS_NAME, _parquet_bytes(statistics))
+    write_bytes_atomic(out / STATISTICS_NAME, _parquet_bytes(statistics))
     write_json_atomic(
         out / RESULT_NAME,
         {
@@ -152,7 +153,7 @@ def run(
             thresholds=thresholds,
         )
     )
-    write_atomic(report_path, report.encode("utf-8"))
+    write_bytes_atomic(report_path, report.encode("utf-8"))
     # Last: a dataset_ref.json next to the other outputs means the step finished.
     write_json_atomic(out / DATASET_REF_NAME, dataset_ref, DATASET_REF_SCHEMA)
 

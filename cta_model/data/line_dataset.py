@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import multiprocessing
-import os
 import re
 import shutil
 from collections.abc import Callable, Iterator, Sequence
@@ -37,6 +36,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
+from cta_model.atomic import write_bytes_atomic
 from cta_model.data.lines import (
     DEFAULT_LINES_CONFIG,
     LINE_ID_PATTERN,
@@ -158,19 +158,8 @@ def sha256_hex(data: bytes) -> str:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary sibling and os.replace, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
-# --- writer ---
+    """Atomic, not fsynced: generated files are many and can be regenerated."""
+    write_bytes_atomic(path, data, durable=False)
 
 
 def sample_id_for(line_id: str, sample_index: int) -> str:
@@ -375,9 +364,12 @@ def generate_dataset(
         ),
     }
     features = pa.Table.from_pylist(feature_rows, schema=FEATURES_SCHEMA)
-    write_atomic(root / FEATURES_NAME, encode_parquet(features.replace_schema_metadata(metadata)))
+    features_bytes = encode_parquet(features.replace_schema_metadata(metadata))
+    write_bytes_atomic(root / FEATURES_NAME, features_bytes)
     manifest = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-    write_atomic(root / MANIFEST_NAME, encode_parquet(manifest.replace_schema_metadata(metadata)))
+    # The manifest last and durable: a folder without one is an interrupted run.
+    manifest_bytes = encode_parquet(manifest.replace_schema_metadata(metadata))
+    write_bytes_atomic(root / MANIFEST_NAME, manifest_bytes)
     return root
 
 
