@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from cta_model.errors import CtaError
+from cta_model.errors import ConfigError, CtaError
 from cta_model.train_config import TrainConfig, load_train_config, resolve_overrides
 
 
@@ -33,15 +33,24 @@ def run(
     experiment: str = "cta",
     run_name: str | None = None,
     environ: Mapping[str, str] | None = None,
+    upload_to: str | None = None,
 ) -> dict[str, Any]:
     """Train one model; returns {model_dir, model_id, run_id, best_metrics, best_epoch}.
 
     environ: where CTA_* overrides come from (default os.environ; {} ignores them).
+    upload_to: an s3:// prefix; rank 0 uploads the model folder there after training (SHA256SUMS
+    last, so a reader that finds it finds the whole folder) and adds ``uploaded_to``.
     """
+    from components.storage import is_remote
+
+    if upload_to is not None and not is_remote(upload_to):
+        raise ConfigError(f"upload_to {upload_to!r} must be an s3:// prefix")
     config = resolve_config(config_path, flags or {}, os.environ if environ is None else environ)
     # Under torchrun (RANK set) every process trains; otherwise N > 1 means launch torchrun.
     if nproc_per_node > 1 and "RANK" not in os.environ:
-        return _run_under_torchrun(config, nproc_per_node, resume, tracking_uri, experiment)
+        return _run_under_torchrun(
+            config, nproc_per_node, resume, tracking_uri, experiment, upload_to
+        )
 
     # Imported here: mlflow and torch are slow to import and `cta --help` must stay fast.
     from components.storage import opener_for
@@ -57,13 +66,25 @@ def run(
     )
     with tracker:
         result = train(config, callbacks=[tracker], resume=resume, opener_for=opener_for)
-    return {
+    summary = {
         "model_dir": str(result.model_dir),
         "model_id": getattr(tracker.model_info, "model_id", None),
         "run_id": tracker.run_id,
         "best_metrics": result.best_metrics,
         "best_epoch": result.best_epoch,
     }
+    if upload_to is not None and os.environ.get("RANK", "0") == "0":
+        summary["uploaded_to"] = upload_model_folder(result.model_dir, upload_to)
+    return summary
+
+
+def upload_model_folder(model_dir: str | Path, uri: str) -> str:
+    """Upload a model folder to ``uri`` with its SHA256SUMS last; returns ``uri``."""
+    from components.storage import upload_tree
+    from cta_model.model_folder import CHECKSUMS
+
+    upload_tree(model_dir, uri, last=(CHECKSUMS,))
+    return uri.rstrip("/")
 
 
 def _free_loopback_port() -> int:
@@ -78,6 +99,7 @@ def _run_under_torchrun(
     resume: str,
     tracking_uri: str | None,
     experiment: str,
+    upload_to: str | None = None,
 ) -> dict[str, Any]:
     """Re-launch `cta train` under torchrun with the resolved config (no env re-applied)."""
     output = Path(config.output)
@@ -106,6 +128,8 @@ def _run_under_torchrun(
     ]
     if tracking_uri:
         command += ["--tracking-uri", tracking_uri]
+    if upload_to:
+        command += ["--upload-to", upload_to]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     completed = subprocess.run(command, env=env, check=False)
     if completed.returncode != 0:

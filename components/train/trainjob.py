@@ -927,14 +927,22 @@ class PodLogLine:
 
 
 def default_api_client() -> ApiClient:
-    """In a pod: the service account; elsewhere: the current kubeconfig context."""
+    """A client from the pod's service account, else from the kubeconfig (KUBECONFIG or
+    ~/.kube/config); ConfigError naming both when neither is there."""
     from kubernetes import client, config
 
     configuration = client.Configuration()
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+    try:
         config.load_incluster_config(client_configuration=configuration)
-    else:
-        config.load_kube_config(client_configuration=configuration, persist_config=False)
+    except config.ConfigException as incluster:
+        try:
+            config.load_kube_config(client_configuration=configuration, persist_config=False)
+        except (config.ConfigException, OSError) as kubeconfig:
+            raise ConfigError(
+                "no Kubernetes credentials: not in a pod with a service account "
+                f"({incluster}), and no usable kubeconfig ({kubeconfig}); set KUBECONFIG or "
+                "create ~/.kube/config"
+            ) from None
     return client.ApiClient(configuration)
 
 
