@@ -3,6 +3,7 @@ where the model folder and the logged model are. Does not register (register-mod
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -70,7 +71,10 @@ def run(
         "model_dir": str(result.model_dir),
         "model_id": getattr(tracker.model_info, "model_id", None),
         "run_id": tracker.run_id,
-        "best_metrics": result.best_metrics,
+        # JSON has no NaN: a metric without valid pixels (e.g. no label on val) is null.
+        "best_metrics": {
+            k: (v if math.isfinite(v) else None) for k, v in result.best_metrics.items()
+        },
         "best_epoch": result.best_epoch,
     }
     if upload_to is not None and os.environ.get("RANK", "0") == "0":
