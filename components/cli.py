@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from cta_model.errors import CtaError
+from pipelines.cli import pipeline
 
 
 class _CtaGroup(click.Group):
@@ -418,6 +419,8 @@ def model_summary_command(
     total_gflops = summary["flops"]["total"] / 1e9
     click.echo(f"{'total':<20}{summary['params']['total']:>14,}{total_gflops:>12.2f}")
 
+
+main.add_command(pipeline)
 
 if __name__ == "__main__":
     main()

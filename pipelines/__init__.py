@@ -1,0 +1,1 @@
+"""Pipeline definitions: they only wire the components (DESIGN 2)."""

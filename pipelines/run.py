@@ -1,0 +1,87 @@
+"""Compile the training pipeline, or run it on this machine through kfp.local.
+
+``run_local`` uses ``kfp.local.SubprocessRunner(use_venv=False)``: every component runs in a
+subprocess of this interpreter (the project image's environment, DESIGN 6), with its outputs
+under ``<work_dir>/kfp``. kfp.local returns no per-task status, so the result is read back
+from the run's folder: a task that ran has a folder with its outputs there; a task whose gate
+was False has none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from kfp import compiler
+
+from pipelines.training import PIPELINE_NAME, TRAIN_TASK, VALIDATE_TASK, training_pipeline
+
+#: The tasks of the training pipeline, in order.
+TASKS = (VALIDATE_TASK, TRAIN_TASK)
+#: Where kfp.local keeps its outputs, under the work dir.
+KFP_ROOT = "kfp"
+_EXECUTOR_OUTPUT = "executor_output.json"
+
+
+def compile_pipeline(out_path: str | os.PathLike[str]) -> Path:
+    """Write the training pipeline's IR YAML to ``out_path``; returns the path."""
+    target = Path(out_path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(training_pipeline, str(target))
+    return target
+
+
+def run_local(
+    data_uri: str,
+    work_dir: str | os.PathLike[str],
+    config_path: str | os.PathLike[str],
+    tracking_uri: str,
+    experiment: str = "cta",
+) -> dict[str, Any]:
+    """Run the training pipeline through kfp.local; returns what happened.
+
+    Returns ``{"run_dir", "tasks": {task: {"state": "ran" | "skipped", "outputs": {...}}}}``.
+    A failing task raises RuntimeError (kfp.local names the task; its log is on stdout).
+    """
+    from kfp import local
+
+    work = Path(work_dir).resolve()
+    kfp_root = work / KFP_ROOT
+    kfp_root.mkdir(parents=True, exist_ok=True)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(kfp_root),
+        raise_on_error=True,
+    )
+    before = set(kfp_root.iterdir())
+    with warnings.catch_warnings():
+        # The project image's name has no "python" in it, which kfp.local warns about.
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        training_pipeline(
+            data_uri=str(data_uri),
+            work_dir=str(work),
+            config_path=str(Path(config_path).resolve()),
+            tracking_uri=tracking_uri,
+            experiment=experiment,
+        )
+    created = sorted(
+        path
+        for path in set(kfp_root.iterdir()) - before
+        if path.is_dir() and path.name.startswith(f"{PIPELINE_NAME}-")
+    )
+    if not created:
+        raise RuntimeError(f"kfp.local left no run folder under {kfp_root}")
+    run_dir = created[-1]
+    return {"run_dir": str(run_dir), "tasks": {task: task_result(run_dir, task) for task in TASKS}}
+
+
+def task_result(run_dir: str | os.PathLike[str], task: str) -> dict[str, Any]:
+    """``{"state": "ran", "outputs": {name: value}}`` or ``{"state": "skipped", "outputs": {}}``."""
+    output_file = Path(run_dir) / task / _EXECUTOR_OUTPUT
+    if not output_file.is_file():
+        return {"state": "skipped", "outputs": {}}
+    executor_output = json.loads(output_file.read_text(encoding="utf-8"))
+    return {"state": "ran", "outputs": dict(executor_output.get("parameterValues", {}))}
