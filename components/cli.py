@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from components.steps_cli import evaluate, register_model
 from cta_model.errors import CtaError
 from pipelines.cli import pipeline
 
@@ -421,6 +422,8 @@ def model_summary_command(
 
 
 main.add_command(pipeline)
+main.add_command(evaluate)
+main.add_command(register_model)
 
 if __name__ == "__main__":
     main()

@@ -17,10 +17,17 @@ from typing import Any
 
 from kfp import compiler
 
-from pipelines.training import PIPELINE_NAME, TRAIN_TASK, VALIDATE_TASK, training_pipeline
+from pipelines.training import (
+    EVALUATE_TASK,
+    PIPELINE_NAME,
+    REGISTER_TASK,
+    TRAIN_TASK,
+    VALIDATE_TASK,
+    training_pipeline,
+)
 
 #: The tasks of the training pipeline, in order.
-TASKS = (VALIDATE_TASK, TRAIN_TASK)
+TASKS = (VALIDATE_TASK, TRAIN_TASK, EVALUATE_TASK, REGISTER_TASK)
 #: Where kfp.local keeps its outputs, under the work dir.
 KFP_ROOT = "kfp"
 _EXECUTOR_OUTPUT = "executor_output.json"

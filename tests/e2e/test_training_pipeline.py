@@ -10,7 +10,7 @@ import yaml
 
 from cta_model.data.line_dataset import MANIFEST_NAME, generate_dataset
 from pipelines.run import run_local
-from pipelines.training import TRAIN_TASK, VALIDATE_TASK
+from pipelines.training import EVALUATE_TASK, REGISTER_TASK, TRAIN_TASK, VALIDATE_TASK
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +43,7 @@ def _corrupt_one_png(root: Path) -> str:
     return row["sample_id"]
 
 
-def test_clean_data_is_validated_then_trained(data_root, config_path, tmp_path):
+def test_clean_data_is_validated_trained_evaluated_and_registered(data_root, config_path, tmp_path):
     import mlflow
 
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -66,7 +66,18 @@ def test_clean_data_is_validated_then_trained(data_root, config_path, tmp_path):
     # Trained on the validated data, tracked in the store the pipeline was given.
     resolved = yaml.safe_load((work / "train" / "config.yaml").read_text())
     assert resolved["data"]["dataset_ref"] == str(work / "validate_data" / "dataset_ref.json")
-    assert mlflow.MlflowClient(tracking_uri).get_logged_model(model_id).model_id == model_id
+    client = mlflow.MlflowClient(tracking_uri)
+    assert client.get_logged_model(model_id).model_id == model_id
+    # Evaluated on test and registered as the challenger, registration completed last.
+    assert tasks[EVALUATE_TASK]["state"] == "ran"
+    evaluation = json.loads((work / "evaluate" / "evaluation.json").read_text())
+    assert evaluation["model"]["model_id"] == model_id
+    assert evaluation["data"]["split"] == "test"
+    version = tasks[REGISTER_TASK]["outputs"]["Output"]
+    registered = client.get_model_version_by_alias("cta-inspection", "challenger")
+    assert str(registered.version) == version
+    assert registered.tags["cta.registration"] == "complete"
+    assert registered.tags["cta.model_id"] == model_id
 
 
 def test_failed_validation_skips_training(data_root, config_path, tmp_path):
@@ -79,7 +90,8 @@ def test_failed_validation_skips_training(data_root, config_path, tmp_path):
 
     tasks = result["tasks"]
     assert tasks[VALIDATE_TASK] == {"state": "ran", "outputs": {"Output": False}}
-    assert tasks[TRAIN_TASK] == {"state": "skipped", "outputs": {}}
+    for skipped in (TRAIN_TASK, EVALUATE_TASK, REGISTER_TASK):
+        assert tasks[skipped] == {"state": "skipped", "outputs": {}}
     work = tmp_path / "work"
     assert not (work / "train").exists()
     dataset_ref = json.loads((work / "validate_data" / "dataset_ref.json").read_text())

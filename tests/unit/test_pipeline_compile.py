@@ -25,13 +25,19 @@ def test_compiled_pipeline_loads(compiled):
         "config_path",
         "tracking_uri",
         "experiment",
+        "model_name",
     }
 
 
 def test_components_run_in_the_project_image_and_install_nothing(compiled):
     spec = yaml.safe_load(compiled.read_text())
     executors = spec["deploymentSpec"]["executors"]
-    assert set(executors) == {"exec-validate-data", "exec-train"}
+    assert set(executors) == {
+        "exec-validate-data",
+        "exec-train",
+        "exec-evaluate",
+        "exec-register-model",
+    }
     for executor in executors.values():
         container = executor["container"]
         assert container["image"] == PROJECT_IMAGE

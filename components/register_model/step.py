@@ -1,0 +1,308 @@
+"""The register_model step: LoggedModel -> registered model version, alias ``challenger``.
+
+``run()`` is the one home of the step: ``cta register-model`` and the KFP component call it.
+In order (DESIGN 6.1, 6.2 - aliases only, no stages):
+
+1. find the version of ``model_name`` already made from ``model_id`` (re-runs complete it), else
+   register ``models:/<model_id>`` (with the LoggedModel's source run as the version's run) and
+   wait until it is READY;
+2. attach evaluation.json and dataset_ref.json: they are logged as artifacts of the
+   LoggedModel's source run under ``registration/v<version>/`` (the evaluation copy with
+   ``model.name`` / ``model.version`` filled in) and the version tags ``cta.artifacts.*`` hold
+   their ``runs:/`` URIs;
+3. set the version tags ``cta.model_id``, ``cta.model_sha256``, ``cta.data_manifest_sha256``,
+   ``cta.data_uri``, ``cta.evaluation.split``, ``cta.evaluation.n_images`` and
+   ``cta.evaluation.<task>.<primary metric>`` (overall; ``nan`` when not scorable);
+4. set the alias ``challenger`` to the version;
+5. only then tag ``cta.registration=complete``. Consumers (gate, promotion, serve) use
+   ``complete_versions()`` and ignore every version without that tag: a registration that died
+   half-way is invisible until a re-run completes it.
+
+Consistency checks before anything is registered: the evaluation's model_id and sha256 must
+be those of the LoggedModel, and the evaluation and dataset_ref must name the same manifest.
+Retries of transient MLflow errors are MLflow's own (its REST client retries with backoff).
+Two registrations of the same model_id racing each other can still create two versions; the
+lowest version is then the one re-runs complete.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cta_model.errors import ConfigError, DataError
+
+CHALLENGER_ALIAS = "challenger"
+TAG_COMPLETE = "cta.registration"
+COMPLETE = "complete"
+TAG_MODEL_ID = "cta.model_id"
+TAG_MODEL_SHA256 = "cta.model_sha256"
+TAG_MANIFEST = "cta.data_manifest_sha256"
+TAG_DATA_URI = "cta.data_uri"
+TAG_EVALUATION_PREFIX = "cta.evaluation."
+TAG_ARTIFACT_PREFIX = "cta.artifacts."
+ARTIFACT_DIR = "registration"
+EVALUATION_FILE = "evaluation.json"
+DATASET_REF_FILE = "dataset_ref.json"
+READY_TIMEOUT_S = 300.0
+
+
+def _client(tracking_uri: str | None) -> Any:
+    from mlflow import MlflowClient
+
+    from components.train.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _name_filter(name: str) -> str:
+    if "'" in name or "\\" in name:
+        raise ConfigError(f"model name {name!r} must not contain quotes or backslashes")
+    return f"name = '{name}'"
+
+
+def _all_versions(client: Any, name: str) -> list[Any]:
+    versions: list[Any] = []
+    page_token = None
+    while True:
+        page = client.search_model_versions(_name_filter(name), page_token=page_token)
+        versions.extend(page)
+        page_token = page.token
+        if not page_token:
+            return sorted(versions, key=lambda v: int(v.version))
+
+
+def complete_versions(client: Any, name: str) -> list[Any]:
+    """Versions of ``name`` tagged ``cta.registration=complete``, oldest first.
+
+    The only versions consumers may use: one without the tag is a registration in progress or
+    one that failed half-way.
+    """
+    return [v for v in _all_versions(client, name) if v.tags.get(TAG_COMPLETE) == COMPLETE]
+
+
+def find_version(client: Any, name: str, model_id: str) -> Any | None:
+    """The lowest version of ``name`` registered from ``model_id``, None when there is none."""
+    for version in _all_versions(client, name):
+        if getattr(version, "model_id", None) == model_id or (
+            version.tags.get(TAG_MODEL_ID) == model_id
+        ):
+            return version
+    return None
+
+
+def _wait_ready(client: Any, name: str, version: str, timeout_s: float = READY_TIMEOUT_S) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        current = client.get_model_version(name, version)
+        status = str(current.status)
+        if status == "READY":
+            return current
+        if status == "FAILED_REGISTRATION":
+            raise DataError(
+                f"model {name!r} version {version}: registration failed: "
+                f"{current.status_message or 'no message'}"
+            )
+        if time.monotonic() > deadline:
+            raise DataError(
+                f"model {name!r} version {version}: still {status} after {timeout_s:.0f} s"
+            )
+        time.sleep(1.0)
+
+
+def _ensure_registered_model(client: Any, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+
+
+def _format_metric(value: Any) -> str:
+    return "nan" if value is None else repr(float(value))
+
+
+def _check_consistency(
+    model_id: str,
+    logged_model: Any,
+    evaluation: Mapping[str, Any] | None,
+    dataset_ref: Mapping[str, Any] | None,
+) -> None:
+    if evaluation is None:
+        return
+    evaluated = evaluation["model"]
+    if evaluated.get("model_id") not in (None, model_id):
+        raise DataError(
+            f"evaluation.json scored model_id {evaluated['model_id']!r}, not {model_id!r}"
+        )
+    logged_sha = (logged_model.tags or {}).get(TAG_MODEL_SHA256)
+    if logged_sha and evaluated["sha256"] != logged_sha:
+        raise DataError(
+            f"evaluation.json scored a model folder with sha256 {evaluated['sha256']}, but "
+            f"LoggedModel {model_id} holds {logged_sha}"
+        )
+    if dataset_ref is not None and (
+        dataset_ref["manifest_sha256"] != evaluation["data"]["manifest_sha256"]
+    ):
+        raise DataError(
+            f"evaluation.json was computed on manifest {evaluation['data']['manifest_sha256']}, "
+            f"dataset_ref.json names {dataset_ref['manifest_sha256']}"
+        )
+
+
+def _attach(
+    client: Any,
+    run_id: str,
+    version: str,
+    name: str,
+    evaluation: Mapping[str, Any] | None,
+    dataset_ref: Mapping[str, Any] | None,
+) -> dict[str, str]:
+    """Log the artefacts to ``registration/v<version>/`` of ``run_id``; name -> runs:/ URI."""
+    from components.artifacts import write_json_atomic
+
+    artifact_path = f"{ARTIFACT_DIR}/v{version}"
+    uris: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="cta-register-") as staging:
+        if evaluation is not None:
+            registered = {
+                **evaluation,
+                "model": {**evaluation["model"], "name": name, "version": str(version)},
+            }
+            path = write_json_atomic(
+                Path(staging) / EVALUATION_FILE, registered, schema_name="evaluation"
+            )
+            client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+            uris["evaluation"] = f"runs:/{run_id}/{artifact_path}/{EVALUATION_FILE}"
+        if dataset_ref is not None:
+            path = write_json_atomic(
+                Path(staging) / DATASET_REF_FILE, dict(dataset_ref), schema_name="dataset_ref"
+            )
+            client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+            uris["dataset_ref"] = f"runs:/{run_id}/{artifact_path}/{DATASET_REF_FILE}"
+    return uris
+
+
+def _version_tags(
+    model_id: str,
+    logged_model: Any,
+    evaluation: Mapping[str, Any] | None,
+    dataset_ref: Mapping[str, Any] | None,
+    artifact_uris: Mapping[str, str],
+) -> dict[str, str]:
+    from cta_model.tasks import get_task, metric_key
+
+    tags = {TAG_MODEL_ID: model_id}
+    model_sha = (logged_model.tags or {}).get(TAG_MODEL_SHA256)
+    if evaluation is not None:
+        model_sha = model_sha or evaluation["model"]["sha256"]
+        data = evaluation["data"]
+        tags[TAG_MANIFEST] = data["manifest_sha256"]
+        tags[TAG_DATA_URI] = data["uri"]
+        overall = evaluation["overall"]
+        tags[f"{TAG_EVALUATION_PREFIX}split"] = data["split"]
+        tags[f"{TAG_EVALUATION_PREFIX}n_images"] = str(overall["n_images"])
+        tasks = evaluation["model"].get("tasks") or sorted(
+            {key.split(".", 1)[0] for key in overall["metrics"]}
+        )
+        for task in tasks:
+            key = metric_key(task, get_task(task).primary_metric.name)
+            if key in overall["metrics"]:
+                tags[f"{TAG_EVALUATION_PREFIX}{key}"] = _format_metric(overall["metrics"][key])
+    if dataset_ref is not None:
+        tags[TAG_MANIFEST] = dataset_ref["manifest_sha256"]
+        tags[TAG_DATA_URI] = dataset_ref["uri"]
+    if model_sha:
+        tags[TAG_MODEL_SHA256] = model_sha
+    for artefact, uri in artifact_uris.items():
+        tags[f"{TAG_ARTIFACT_PREFIX}{artefact}"] = uri
+    return tags
+
+
+def _source_run(client: Any, logged_model: Any, name: str) -> str:
+    """The LoggedModel's source run; a run made for the registration when it has none."""
+    if logged_model.source_run_id:
+        return logged_model.source_run_id
+    run = client.create_run(
+        logged_model.experiment_id,
+        run_name=f"register-{name}",
+        tags={TAG_MODEL_ID: logged_model.model_id},
+    )
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def run(
+    model_id: str,
+    model_name: str,
+    *,
+    evaluation: str | os.PathLike[str] | None = None,
+    dataset_ref: str | os.PathLike[str] | None = None,
+    tracking_uri: str | None = None,
+) -> dict[str, Any]:
+    """Register (or complete the registration of) LoggedModel ``model_id`` as ``model_name``.
+
+    Returns {name, version, model_id, run_id, created, alias, tags, artifacts}.
+    """
+    from components.artifacts import read_json
+
+    if not model_id:
+        raise ConfigError("model_id is empty")
+    evaluation_data = read_json(evaluation, "evaluation") if evaluation else None
+    ref_data = read_json(dataset_ref, "dataset_ref") if dataset_ref else None
+    client = _client(tracking_uri)
+    logged_model = client.get_logged_model(model_id)
+    _check_consistency(model_id, logged_model, evaluation_data, ref_data)
+
+    existing = find_version(client, model_name, model_id)
+    created = existing is None
+    if existing is None:
+        _ensure_registered_model(client, model_name)
+        existing = client.create_model_version(
+            name=model_name,
+            # The artifact location, not models:/<id>: MLflow resolves a models:/ source
+            # through the process-wide tracking URI, not this client's.
+            source=logged_model.artifact_location,
+            run_id=logged_model.source_run_id,
+            tags={TAG_MODEL_ID: model_id},
+            model_id=model_id,
+            await_creation_for=int(READY_TIMEOUT_S),
+        )
+    version = _wait_ready(client, model_name, existing.version)
+
+    run_id = _source_run(client, logged_model, model_name)
+    artifacts = _attach(client, run_id, version.version, model_name, evaluation_data, ref_data)
+    tags = _version_tags(model_id, logged_model, evaluation_data, ref_data, artifacts)
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version.version, key, value)
+    client.set_registered_model_alias(model_name, CHALLENGER_ALIAS, version.version)
+    # Last: from here on consumers see the version.
+    client.set_model_version_tag(model_name, version.version, TAG_COMPLETE, COMPLETE)
+    return {
+        "name": model_name,
+        "version": str(version.version),
+        "model_id": model_id,
+        "run_id": run_id,
+        "created": created,
+        "alias": CHALLENGER_ALIAS,
+        "tags": {**tags, TAG_COMPLETE: COMPLETE},
+        "artifacts": artifacts,
+    }
+
+
+__all__ = [
+    "CHALLENGER_ALIAS",
+    "COMPLETE",
+    "TAG_COMPLETE",
+    "complete_versions",
+    "find_version",
+    "run",
+]

@@ -1,0 +1,222 @@
+"""The register_model step against a sqlite store and (once) the session's `mlflow server`."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from components.evaluate.step import run as evaluate
+from components.register_model.step import (
+    CHALLENGER_ALIAS,
+    COMPLETE,
+    TAG_COMPLETE,
+    complete_versions,
+    run,
+)
+from components.steps_cli import register_model as register_command
+from components.train.logged_model import log_model_folder
+from cta_model.data.line_dataset import MANIFEST_NAME, generate_dataset, sha256_hex
+from cta_model.errors import DataError
+from cta_model.model_folder import save_model_folder
+from cta_model.nn.models import ModelSpec, build_model
+
+pytestmark = pytest.mark.integration
+
+TASKS = ("semseg", "height", "normals")
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_globals() -> Iterator[None]:
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    spec = ModelSpec(
+        arch="ctal",
+        tasks=TASKS,
+        input_size=(32, 32),
+        backbone="resnet18",
+        output_stride=8,
+        num_classes=10,
+    )
+    return save_model_folder(build_model(spec), tmp_path_factory.mktemp("model") / "model")
+
+
+@pytest.fixture(scope="module")
+def dataset_ref(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    root = generate_dataset(
+        folder / "lines",
+        n_lines=2,
+        samples_per_line=8,
+        height=32,
+        width=32,
+        seed=0,
+        progress=False,
+    )
+    ref = {
+        "uri": str(root),
+        "manifest_sha256": sha256_hex((root / MANIFEST_NAME).read_bytes()),
+        "dvc_rev": None,
+        "passed": True,
+        "quarantine": [],
+    }
+    path = folder / "dataset_ref.json"
+    path.write_text(json.dumps(ref))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sqlite_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'mlflow.db'}"
+
+
+def _log(model_dir: Path, uri: str) -> tuple[str, str]:
+    """(model_id, run_id) of the folder logged as a LoggedModel in a new run."""
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(f"cta-register-{uuid.uuid4().hex[:8]}")
+    with mlflow.start_run() as active:
+        info = log_model_folder(model_dir)
+    return info.model_id, active.info.run_id
+
+
+def _evaluation(model_dir: Path, ref: Path, out: Path, model_id: str) -> Path:
+    evaluate(str(model_dir), str(ref), str(out), model_id=model_id)
+    return out / "evaluation.json"
+
+
+def _client(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_register_sets_alias_tags_artifacts_and_is_idempotent(
+    model_dir: Path, dataset_ref: Path, sqlite_uri: str, tmp_path: Path
+) -> None:
+    model_id, run_id = _log(model_dir, sqlite_uri)
+    evaluation = _evaluation(model_dir, dataset_ref, tmp_path / "eval", model_id)
+    name = f"cta-{uuid.uuid4().hex[:8]}"
+    first = run(
+        model_id,
+        name,
+        evaluation=str(evaluation),
+        dataset_ref=str(dataset_ref),
+        tracking_uri=sqlite_uri,
+    )
+    assert first["created"] and first["version"] == "1" and first["run_id"] == run_id
+
+    client = _client(sqlite_uri)
+    version = client.get_model_version_by_alias(name, CHALLENGER_ALIAS)
+    assert str(version.version) == first["version"]
+    tags = version.tags
+    ref = json.loads(dataset_ref.read_text())
+    assert tags[TAG_COMPLETE] == COMPLETE
+    assert tags["cta.model_id"] == model_id
+    assert tags["cta.data_manifest_sha256"] == ref["manifest_sha256"]
+    evaluated = json.loads(evaluation.read_text())
+    for key in ("semseg.miou", "height.abs_err_mm", "normals.mean"):
+        value = evaluated["overall"]["metrics"][key]
+        assert tags[f"cta.evaluation.{key}"] == ("nan" if value is None else repr(value))
+    assert tags["cta.model_sha256"] == evaluated["model"]["sha256"]
+
+    folder = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=tags["cta.artifacts.evaluation"].rsplit("/", 1)[0],
+            dst_path=str(tmp_path / "dl"),
+            tracking_uri=sqlite_uri,
+        )
+    )
+    attached = json.loads((folder / "evaluation.json").read_text())
+    assert attached["model"]["name"] == name and attached["model"]["version"] == "1"
+    assert attached["overall"] == evaluated["overall"]
+    assert json.loads((folder / "dataset_ref.json").read_text()) == ref
+    assert tags["cta.artifacts.dataset_ref"].endswith("registration/v1/dataset_ref.json")
+
+    second = run(
+        model_id,
+        name,
+        evaluation=str(evaluation),
+        dataset_ref=str(dataset_ref),
+        tracking_uri=sqlite_uri,
+    )
+    assert not second["created"] and second["version"] == first["version"]
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+    assert [str(v.version) for v in complete_versions(client, name)] == ["1"]
+
+
+def test_incomplete_version_is_ignored_until_a_rerun_completes_it(
+    model_dir: Path, sqlite_uri: str
+) -> None:
+    name = f"cta-{uuid.uuid4().hex[:8]}"
+    done_id, _ = _log(model_dir, sqlite_uri)
+    run(done_id, name, evaluation=None, dataset_ref=None, tracking_uri=sqlite_uri)
+    # A registration that died after creating the version: no complete tag, no alias move.
+    half_id, half_run = _log(model_dir, sqlite_uri)
+    client = _client(sqlite_uri)
+    half = client.create_model_version(
+        name,
+        f"models:/{half_id}",
+        run_id=half_run,
+        tags={"cta.model_id": half_id},
+        model_id=half_id,
+    )
+    assert [str(v.version) for v in complete_versions(client, name)] == ["1"]
+    assert str(client.get_model_version_by_alias(name, CHALLENGER_ALIAS).version) == "1"
+
+    result = run(half_id, name, evaluation=None, dataset_ref=None, tracking_uri=sqlite_uri)
+    assert not result["created"] and result["version"] == str(half.version)
+    assert [str(v.version) for v in complete_versions(client, name)] == ["1", "2"]
+    assert str(client.get_model_version_by_alias(name, CHALLENGER_ALIAS).version) == "2"
+
+
+def test_evaluation_of_another_model_is_refused(
+    model_dir: Path, dataset_ref: Path, sqlite_uri: str, tmp_path: Path
+) -> None:
+    model_id, _ = _log(model_dir, sqlite_uri)
+    evaluation = _evaluation(model_dir, dataset_ref, tmp_path, "m-someone-else")
+    name = f"cta-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(DataError, match="m-someone-else"):
+        run(model_id, name, evaluation=str(evaluation), dataset_ref=None, tracking_uri=sqlite_uri)
+    assert _client(sqlite_uri).search_model_versions(f"name = '{name}'") == []
+
+
+def _summary_and_json(output: str) -> tuple[str, dict]:
+    """The CLI's summary line and JSON (CliRunner mixes MLflow's log lines into the output)."""
+    lines = output.splitlines()
+    start = lines.index("{")
+    return lines[start - 1], json.loads("\n".join(lines[start:]))
+
+
+def test_register_over_http_with_the_cli(
+    model_dir: Path, dataset_ref: Path, mlflow_server: str
+) -> None:
+    model_id, _ = _log(model_dir, mlflow_server)
+    name = f"cta-http-{uuid.uuid4().hex[:8]}"
+    args = ["--model-id", model_id, "--name", name, "--dataset-ref", str(dataset_ref)]
+    result = CliRunner().invoke(register_command, [*args, "--tracking-uri", mlflow_server])
+    assert result.exit_code == 0, result.output
+    summary, payload = _summary_and_json(result.output)
+    assert summary.startswith(f"registered {name} version 1")
+    assert payload["tags"][TAG_COMPLETE] == COMPLETE
+
+    client = _client(mlflow_server)
+    version = client.get_model_version_by_alias(name, CHALLENGER_ALIAS)
+    assert version.tags[TAG_COMPLETE] == COMPLETE
+    assert version.tags["cta.model_id"] == model_id
+    assert [str(v.version) for v in complete_versions(client, name)] == [str(version.version)]
+    again = CliRunner().invoke(register_command, [*args, "--tracking-uri", mlflow_server])
+    assert again.exit_code == 0, again.output
+    assert _summary_and_json(again.output)[0].startswith("completed existing")
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
