@@ -13,7 +13,6 @@ from kfp import dsl
 from components.image import PROJECT_IMAGE
 
 
-
 @dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
 def train(
     dataset_ref: str,
