@@ -253,11 +253,7 @@ def train_command(
             deadline,
             fetch_to,
         )
-        if summary_out:
-            from components.artifacts import write_json_atomic
-
-            write_json_atomic(summary_out, result)
-        click.echo(json.dumps(result, indent=2))
+        _emit_train_result(result, summary_out)
         return
     if config_path and not Path(config_path).is_file():
         raise click.BadParameter(f"{config_path}: no such file", param_hint="--config")
@@ -288,14 +284,16 @@ def train_command(
         environ={} if no_env else None,
         upload_to=upload_to,
     )
-    if os.environ.get("RANK", "0") != "0":
-        return
-    text = json.dumps(result, indent=2, allow_nan=True)
+    if os.environ.get("RANK", "0") == "0":
+        _emit_train_result(result, summary_out)
+
+
+def _emit_train_result(result: dict, summary_out: str | None) -> None:
     if summary_out:
         from components.artifacts import write_json_atomic
 
         write_json_atomic(summary_out, result)
-    click.echo(text)
+    click.echo(json.dumps(result, indent=2))
 
 
 def _train_on_kubeflow(
