@@ -97,30 +97,32 @@ _CREDENTIAL_WORDS = frozenset({"SECRET", "PASSWORD", "PASSWD", "TOKEN", "CREDENT
 _CREDENTIAL_PAIRS = frozenset({("ACCESS", "KEY"), ("API", "KEY"), ("PRIVATE", "KEY")})
 
 
-def _check_rfc1035_label(value: str, what: str) -> str:
-    if len(value) > 63 or not _RFC1035_LABEL.fullmatch(value):
-        raise ValueError(
-            f"{what} {value!r} must be an RFC 1035 label: lower-case letters, digits and '-', "
-            "starting with a letter, ending with a letter or digit, at most 63 characters"
-        )
-    return value
+# Kubernetes name rules: (pattern, maximum length, what the rule says in words).
+_NAME_RULES = {
+    "RFC 1035 label": (
+        _RFC1035_LABEL,
+        63,
+        "lower-case letters, digits and '-', starting with a letter, ending with a letter or "
+        "digit, at most 63 characters",
+    ),
+    "DNS-1123 label": (
+        _DNS1123_LABEL,
+        63,
+        "lower-case letters, digits and '-', starting and ending with a letter or digit, at "
+        "most 63 characters",
+    ),
+    "DNS-1123 subdomain": (
+        _DNS1123_SUBDOMAIN,
+        253,
+        "lower-case letters, digits, '-' and '.', at most 253 characters",
+    ),
+}
 
 
-def _check_dns1123_label(value: str, what: str) -> str:
-    if len(value) > 63 or not _DNS1123_LABEL.fullmatch(value):
-        raise ValueError(
-            f"{what} {value!r} must be a DNS-1123 label: lower-case letters, digits and '-', "
-            "starting and ending with a letter or digit, at most 63 characters"
-        )
-    return value
-
-
-def _check_dns1123_subdomain(value: str, what: str) -> str:
-    if len(value) > 253 or not _DNS1123_SUBDOMAIN.fullmatch(value):
-        raise ValueError(
-            f"{what} {value!r} must be a DNS-1123 subdomain: lower-case letters, digits, '-' "
-            "and '.', at most 253 characters"
-        )
+def _check_name(value: str, what: str, rule: str) -> str:
+    pattern, max_length, words = _NAME_RULES[rule]
+    if len(value) > max_length or not pattern.fullmatch(value):
+        raise ValueError(f"{what} {value!r} must be a {rule}: {words}")
     return value
 
 
@@ -187,7 +189,7 @@ class SecretKeyRef(StrictModel):
     @field_validator("secret")
     @classmethod
     def _secret_name(cls, value: str) -> str:
-        return _check_dns1123_subdomain(value, "secret name")
+        return _check_name(value, "secret name", "DNS-1123 subdomain")
 
     @field_validator("key")
     @classmethod
@@ -208,12 +210,12 @@ class PvcVolume(StrictModel):
     @field_validator("claim_name")
     @classmethod
     def _claim(cls, value: str) -> str:
-        return _check_dns1123_subdomain(value, "claim_name")
+        return _check_name(value, "claim_name", "DNS-1123 subdomain")
 
     @field_validator("name")
     @classmethod
     def _volume_name(cls, value: str) -> str:
-        return _check_dns1123_label(value, "volume name")
+        return _check_name(value, "volume name", "DNS-1123 label")
 
     @field_validator("mount_path")
     @classmethod
@@ -266,17 +268,17 @@ class TrainJobSpec(StrictModel):
     @classmethod
     def _name(cls, value: str) -> str:
         # The CRD's own CEL rule, stricter than a DNS-1123 name (must start with a letter).
-        return _check_rfc1035_label(value, "TrainJob name")
+        return _check_name(value, "TrainJob name", "RFC 1035 label")
 
     @field_validator("namespace")
     @classmethod
     def _namespace(cls, value: str) -> str:
-        return _check_dns1123_label(value, "namespace")
+        return _check_name(value, "namespace", "DNS-1123 label")
 
     @field_validator("runtime_ref")
     @classmethod
     def _runtime(cls, value: str) -> str:
-        return _check_dns1123_subdomain(value, "runtime_ref")
+        return _check_name(value, "runtime_ref", "DNS-1123 subdomain")
 
     @field_validator("run_id")
     @classmethod
@@ -648,13 +650,13 @@ def _metadata_problems(metadata: Any) -> list[tuple[str, str]]:
         problems.append(("metadata.name", "required field is missing"))
     else:
         try:
-            _check_rfc1035_label(name, "metadata.name")
+            _check_name(name, "metadata.name", "RFC 1035 label")
         except ValueError as exc:
             problems.append(("metadata.name", str(exc)))
     namespace = metadata.get("namespace")
     if namespace is not None:
         try:
-            _check_dns1123_label(str(namespace), "metadata.namespace")
+            _check_name(str(namespace), "metadata.namespace", "DNS-1123 label")
         except ValueError as exc:
             problems.append(("metadata.namespace", str(exc)))
     labels = metadata.get("labels", {})
@@ -963,7 +965,7 @@ class TrainJobLauncher:
         from kubernetes import client
 
         try:
-            self.namespace = _check_dns1123_label(namespace, "namespace")
+            self.namespace = _check_name(namespace, "namespace", "DNS-1123 label")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self._api_client = api_client if api_client is not None else default_api_client()

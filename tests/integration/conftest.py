@@ -121,3 +121,35 @@ def s3_bucket(moto_s3: MotoS3) -> str:
     name = f"cta-test-{uuid.uuid4().hex[:12]}"
     moto_s3.client().create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained CTAL model folder (semseg with the synthetic scenes' 10 classes, height,
+    normals; 32x32, ResNet-18 at stride 8): enough to log, evaluate and register quickly.
+    Tests read it only; one that needs to change it copies it first."""
+    from cta_model.model_folder import save_model_folder
+    from cta_model.nn.models import ModelSpec, build_model
+
+    spec = ModelSpec(
+        arch="ctal",
+        tasks=("semseg", "height", "normals"),
+        input_size=(32, 32),
+        backbone="resnet18",
+        output_stride=8,
+        num_classes=10,
+    )
+    return save_model_folder(build_model(spec), tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def restore_mlflow_globals() -> Iterator[None]:
+    """The tracker sets the process-wide tracking URI (MLflow also exports it to the
+    environment) and may leave a run active: put both back after the test."""
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(previous)

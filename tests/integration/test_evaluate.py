@@ -19,8 +19,7 @@ from components.evaluate.step import DELTA_M_NO_BASELINES, EVALUATION_NAME, mete
 from components.steps_cli import evaluate as evaluate_command
 from cta_model.data.line_dataset import MANIFEST_NAME, generate_dataset, sha256_hex
 from cta_model.errors import DataError
-from cta_model.model_folder import WEIGHTS, folder_sha256, save_model_folder
-from cta_model.nn.models import ModelSpec, build_model
+from cta_model.model_folder import WEIGHTS, folder_sha256
 from cta_model.tasks import metric_directions
 
 pytestmark = pytest.mark.integration
@@ -42,17 +41,9 @@ def dataset_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    spec = ModelSpec(
-        arch="ctal",
-        tasks=TASKS,
-        input_size=(32, 32),
-        backbone="resnet18",
-        output_stride=8,
-        num_classes=NUM_CLASSES,
-    )
-    return save_model_folder(build_model(spec), tmp_path_factory.mktemp("model") / "model")
+@pytest.fixture
+def model_dir(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir  # shared, read-only (tests/integration/conftest.py)
 
 
 def _manifest_rows(root: Path) -> list[dict]:

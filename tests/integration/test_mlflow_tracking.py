@@ -7,7 +7,6 @@ is an untrained tiny CTAL network (no training needed to test tracking).
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import threading
 import time
@@ -37,10 +36,9 @@ from components.train.tracking import (
     resolve_tracking_uri,
     sanitize_key,
 )
-from cta_model.model_folder import folder_sha256, save_model_folder
-from cta_model.nn.models import ModelSpec, build_model
+from cta_model.model_folder import folder_sha256
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("restore_mlflow_globals")]
 
 TASKS = ("semseg", "height", "normals")
 CONFIG = {
@@ -75,27 +73,9 @@ class FakeResult:
     )
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    spec = ModelSpec(
-        arch="ctal",
-        tasks=TASKS,
-        input_size=(32, 32),
-        backbone="resnet18",
-        output_stride=8,
-        num_classes=4,
-    )
-    return save_model_folder(build_model(spec), tmp_path_factory.mktemp("folder") / "model")
-
-
-@pytest.fixture(autouse=True)
-def _restore_mlflow_globals() -> Iterator[None]:
-    # The tracker sets the process-wide tracking URI (and MLflow exports it to the environment).
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    yield
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    mlflow.set_tracking_uri(previous)
+@pytest.fixture
+def model_dir(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir  # shared, read-only (tests/integration/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -25,34 +23,15 @@ from components.steps_cli import register_model as register_command
 from components.train.logged_model import log_model_folder
 from cta_model.data.line_dataset import MANIFEST_NAME, generate_dataset, sha256_hex
 from cta_model.errors import DataError
-from cta_model.model_folder import save_model_folder
-from cta_model.nn.models import ModelSpec, build_model
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("restore_mlflow_globals")]
 
 TASKS = ("semseg", "height", "normals")
 
 
-@pytest.fixture(autouse=True)
-def _restore_mlflow_globals() -> Iterator[None]:
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    yield
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    mlflow.set_tracking_uri(previous)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    spec = ModelSpec(
-        arch="ctal",
-        tasks=TASKS,
-        input_size=(32, 32),
-        backbone="resnet18",
-        output_stride=8,
-        num_classes=10,
-    )
-    return save_model_folder(build_model(spec), tmp_path_factory.mktemp("model") / "model")
+@pytest.fixture
+def model_dir(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir  # shared, read-only (tests/integration/conftest.py)
 
 
 @pytest.fixture(scope="module")
