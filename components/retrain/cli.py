@@ -1,0 +1,72 @@
+"""`cta retrain`: run the training pipeline on the newest data unless it is the champion's.
+
+Prints the decision as JSON; exit 0 whether it ran or skipped (a skip is not an error).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command("retrain")
+@click.option("--data", "data_uri", required=True, help="newest line dataset (folder or s3://)")
+@click.option("--model-name", default="cta-inspection", show_default=True)
+@click.option("--tracking-uri", required=True, help="MLflow URI holding the registry")
+@click.option(
+    "--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), help="with --local")
+@click.option("--local", "local", is_flag=True, help="run the pipeline here through kfp.local")
+@click.option("--host", default=None, help="submit to this Kubeflow Pipelines endpoint instead")
+@click.option("--force", is_flag=True, help="run even when the data is the champion's")
+@click.option(
+    "--drift-report",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="a `cta monitor` report: run only if it flagged drift",
+)
+@click.option("--dry-run", is_flag=True, help="decide and print, run nothing")
+def retrain(
+    data_uri,
+    model_name,
+    tracking_uri,
+    config_path,
+    work_dir,
+    local,
+    host,
+    force,
+    drift_report,
+    dry_run,
+):
+    """Retrain on the newest data; skip (saying why) when its hash equals the champion's."""
+    from components.notify import notify
+    from components.retrain.step import decide
+
+    decision = decide(data_uri, model_name, tracking_uri, force=force, drift_report=drift_report)
+    click.echo(f"retrain: {decision['action']} ({decision['reason']})")
+    if decision["action"] == "run" and not dry_run:
+        if local == bool(host):
+            raise click.UsageError("give exactly one of --local or --host")
+        if config_path is None:
+            raise click.UsageError("--config is required to run the pipeline")
+        if local:
+            if work_dir is None:
+                raise click.UsageError("--work-dir is required with --local")
+            from pipelines.run import run_local
+
+            result = run_local(data_uri, work_dir, config_path, tracking_uri, model_name=model_name)
+            decision["run_dir"] = result["run_dir"]
+        else:
+            from pipelines.remote import submit_training_run
+
+            decision["run_id"] = submit_training_run(
+                host,
+                data_uri=data_uri,
+                config_path=str(config_path),
+                tracking_uri=tracking_uri,
+                model_name=model_name,
+            )
+        notify("retrain", {"model_name": model_name, **decision})
+    click.echo(json.dumps(decision, indent=2))
