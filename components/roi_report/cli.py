@@ -1,0 +1,45 @@
+"""`cta roi-report`: flag parsing only, calls components.roi_report.step.run().
+
+Registered in the `cta` group by components/cli.py (``main.add_command(roi_report)``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("roi-report")
+@click.option(
+    "--evaluation",
+    "evaluation",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="evaluation.json written by cta evaluate",
+)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--roi-config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="ROI inputs (default: configs/roi.yaml)",
+)
+@click.option(
+    "--lines-config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="fleet inventory (default: configs/lines.yaml)",
+)
+def roi_report(evaluation, out_dir, roi_config, lines_config):
+    """Price an evaluated model per line and for the fleet; write roi.json, report.html and
+    report.md."""
+    from .step import HTML_NAME, ROI_NAME, run
+
+    roi = run(evaluation, out_dir, roi_config=roi_config, lines_config=lines_config)
+    pilot = roi["pilot"]
+    click.echo(
+        f"pilot {roi['pilot_line']}: payback {pilot['payback_label']}, "
+        f"NPV {roi['currency']} {pilot['npv']:,.0f}; "
+        f"wrote {out_dir / ROI_NAME} and {out_dir / HTML_NAME}"
+    )
