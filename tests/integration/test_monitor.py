@@ -1,0 +1,137 @@
+"""Line monitoring end to end: two real line servers write serving statistics; a relit replay
+of one line's qa split is flagged as drift, an unshifted replay of the other is not."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from components.monitor.cli import monitor
+
+pytestmark = pytest.mark.integration
+
+LINES = ("press-a", "press-b")
+
+
+@pytest.fixture(scope="module")
+def monitored(tmp_path_factory):
+    """A dataset with enough qa images per line and a model folder whose
+    reference_stats.parquet comes from the val split, as the trainer writes it."""
+    import pyarrow.parquet as pq
+
+    from cta_model.data.line_dataset import LineDataset, generate_dataset
+    from cta_model.data.synthetic import CLASS_NAMES
+    from cta_model.inference import Predictor
+    from cta_model.model_folder import save_model_folder
+    from cta_model.nn.models import ModelSpec, build_model
+    from cta_model.train import REFERENCE_STATS_FILE, reference_statistics
+
+    root = tmp_path_factory.mktemp("monitor")
+    data = generate_dataset(
+        root / "data",
+        n_lines=2,
+        samples_per_line=60,
+        height=32,
+        width=32,
+        seed=3,
+        splits=(0.3, 0.35, 0.05, 0.3),
+        progress=False,
+    )
+    spec = ModelSpec(
+        arch="hps",
+        tasks=("semseg", "height", "normals"),
+        input_size=(32, 32),
+        backbone="resnet18",
+        output_stride=8,
+        num_classes=len(CLASS_NAMES),
+    )
+    model = build_model(spec)
+    draft = save_model_folder(model, root / "draft", class_names=CLASS_NAMES)
+    table = reference_statistics(
+        Predictor.from_folder(draft), LineDataset(data, split="val"), CLASS_NAMES
+    )
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    folder = save_model_folder(
+        model,
+        root / "model",
+        class_names=CLASS_NAMES,
+        extra_files={REFERENCE_STATS_FILE: buffer.getvalue()},
+    )
+    return {"data": data, "model": folder, "root": root}
+
+
+def test_relit_line_drifts_and_the_unshifted_line_does_not(monitored, tmp_path, monkeypatch):
+    from components.monitor.replay import replay_qa
+    from components.serve.process import start_server
+
+    monkeypatch.delenv("CTA_WEBHOOK_URL", raising=False)
+    stats = tmp_path / "stats"
+    config = tmp_path / "monitor.yaml"
+    settings = yaml.safe_load(Path("configs/monitor.yaml").read_text())
+    config.write_text(yaml.safe_dump({**settings, "min_samples": 15}))
+    servers = {
+        line: start_server(
+            str(monitored["model"]), line=line, stats_dir=str(stats), stats_window_s=1
+        )
+        for line in LINES
+    }
+    try:
+        shifted = replay_qa(
+            servers["press-a"].url, str(monitored["data"]), "press-a", brightness=1.6
+        )
+        plain = replay_qa(servers["press-b"].url, str(monitored["data"]), "press-b")
+        assert shifted["n_errors"] == plain["n_errors"] == 0
+        time.sleep(2.5)  # let the servers close their statistics windows
+    finally:
+        for server in servers.values():
+            server.stop()
+    reports = {}
+    for line in LINES:
+        out = tmp_path / line
+        result = CliRunner().invoke(
+            monitor,
+            [
+                "--line",
+                line,
+                "--stats-dir",
+                str(stats),
+                "--out",
+                str(out),
+                "--model",
+                str(monitored["model"]),
+                "--config",
+                str(config),
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        reports[line] = json.loads((out / "monitor.json").read_text())
+        html = (out / "monitor.html").read_text()
+        assert "data:image/png;base64," in html and "http" not in html.split("<body>")[1]
+    drifted, calm = reports["press-a"], reports["press-b"]
+    assert drifted["recent"]["n_images"] == shifted["n_sent"] >= 15
+    assert drifted["drifted"] and "brightness" in drifted["moved"]
+    assert "has DRIFTED" in drifted["summary"] and "brightness" in drifted["summary"]
+    assert drifted["statistics"]["brightness"]["recent_mean"] > (
+        drifted["statistics"]["brightness"]["reference_mean"] * 1.3
+    )
+    assert not calm["drifted"] and calm["moved"] == [], calm["statistics"]
+    assert "has not drifted" in calm["summary"]
+
+
+def test_too_few_images_is_never_called_drift(monitored, tmp_path):
+    from components.monitor.step import run
+
+    stats = tmp_path / "stats"
+    stats.mkdir()
+    row = {"line_id": "press-a", "unix_time": time.time(), "brightness": 250.0, "reject": False}
+    (stats / "stats-x-1.jsonl").write_text(json.dumps(row) + "\n")
+    report = run("press-a", stats, tmp_path / "out", model_uri=str(monitored["model"]))
+    assert report["enough_data"] is False and report["drifted"] is False
+    assert "not enough recent images (1)" in report["summary"]
