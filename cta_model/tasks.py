@@ -245,7 +245,7 @@ TASKS: dict[str, TaskSpec] = {
 def get_task(name: str) -> TaskSpec:
     try:
         return TASKS[name]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: a list or mapping where a name belongs
         raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
 
 
