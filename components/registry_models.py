@@ -1,0 +1,290 @@
+"""Model folders of registered versions, fetched and verified before anything loads them.
+
+``fetch_model_folder(uri)`` accepts a local model folder, ``models:/NAME/<version>`` or
+``models:/NAME@alias`` and returns a local folder whose SHA256SUMS hold and whose folder digest
+(``cta_model.model_folder.folder_sha256``) equals the expected one: the ``expected_sha256``
+argument, else the version's ``cta.model_sha256`` tag (set at training and registration). Any
+mismatch raises DataError naming the URI. Only versions tagged ``cta.registration=complete``
+are served (DESIGN 6.1): a half-registered version is refused.
+
+Where the folder lives: a registered version points at its LoggedModel, a models-from-code
+pyfunc whose artifact ``model_dir`` is the model folder (components/train/logged_model.py); the
+path inside the LoggedModel's artefacts is read from its ``MLmodel`` file.
+
+Cache: without ``dest`` a fetched folder lands in ``<cache>/<sha256>`` (``$CTA_MODEL_CACHE``,
+else ``~/.cache/cta/models``). It is downloaded into a temporary sibling, verified, then renamed
+into place, so a reader sees a whole verified folder or none; a cached folder is verified again
+before it is reused (a tampered cache entry is replaced, not served).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cta_model.errors import ConfigError, DataError
+from cta_model.model_folder import CHECKSUMS, folder_sha256, verify_checksums
+
+MODELS_SCHEME = "models:/"
+TAG_COMPLETE = "cta.registration"
+COMPLETE = "complete"
+TAG_MODEL_SHA256 = "cta.model_sha256"
+MODEL_DIR_ARTIFACT = "model_dir"
+CACHE_ENV = "CTA_MODEL_CACHE"
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "cta" / "models"
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# models:/NAME/<digits> or models:/NAME@alias (MLflow's alias alphabet).
+_VERSION_RE = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
+_ALIAS_RE = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[\w\-]+)$")
+
+
+@dataclass(frozen=True)
+class _Registered:
+    name: str
+    version: str
+    model_id: str | None
+    sha256: str | None
+    source: str
+
+
+def _check_sha(value: str | None, what: str) -> str | None:
+    if value is None:
+        return None
+    value = value.strip().lower()
+    if not _SHA256_RE.match(value):
+        raise ConfigError(f"{what}: {value!r} is not a sha256 (64 hex digits)")
+    return value
+
+
+def is_registry_uri(uri: str) -> bool:
+    return uri.startswith(MODELS_SCHEME)
+
+
+def _client(tracking_uri: str | None) -> Any:
+    from mlflow import MlflowClient
+
+    from components.train.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _lookup(uri: str, client: Any) -> _Registered:
+    """The complete registered version ``uri`` names; DataError when missing or incomplete."""
+    from mlflow.exceptions import MlflowException
+
+    by_version, by_alias = _VERSION_RE.match(uri), _ALIAS_RE.match(uri)
+    if not (by_version or by_alias):
+        raise ConfigError(
+            f"model URI {uri!r}: expected a folder, models:/NAME/<version> or models:/NAME@alias"
+        )
+    try:
+        if by_version:
+            version = client.get_model_version(by_version["name"], by_version["version"])
+        else:
+            version = client.get_model_version_by_alias(by_alias["name"], by_alias["alias"])
+    except MlflowException as exc:
+        raise DataError(f"model URI {uri!r}: not found in the registry: {exc.message}") from exc
+    tags = version.tags or {}
+    if tags.get(TAG_COMPLETE) != COMPLETE:
+        raise DataError(
+            f"model URI {uri!r}: version {version.version} is not tagged "
+            f"{TAG_COMPLETE}={COMPLETE} (registration unfinished); refusing to use it"
+        )
+    model_id = getattr(version, "model_id", None) or tags.get("cta.model_id")
+    source = version.source
+    if model_id:
+        # The LoggedModel's own location: a version's source may be a models:/ URI that only
+        # the process-wide tracking URI resolves.
+        source = client.get_logged_model(model_id).artifact_location
+    return _Registered(
+        name=version.name,
+        version=str(version.version),
+        model_id=model_id,
+        sha256=_check_sha(tags.get(TAG_MODEL_SHA256), f"{uri}: tag {TAG_MODEL_SHA256}"),
+        source=source,
+    )
+
+
+def resolve_version(uri: str, tracking_uri: str | None = None) -> dict[str, str | None]:
+    """{name, version, sha256, model_id} of ``uri``; for a local folder name/version/model_id
+    are None and sha256 is the folder digest."""
+    if not is_registry_uri(uri):
+        folder = _local_folder(uri)
+        return {"name": None, "version": None, "sha256": folder_sha256(folder), "model_id": None}
+    found = _lookup(uri, _client(tracking_uri))
+    return {
+        "name": found.name,
+        "version": found.version,
+        "sha256": found.sha256,
+        "model_id": found.model_id,
+    }
+
+
+def _local_folder(uri: str) -> Path:
+    folder = Path(uri.removeprefix("file://")).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"model URI {uri!r}: no such folder")
+    if not (folder / CHECKSUMS).is_file():
+        raise DataError(f"model URI {uri!r}: {folder / CHECKSUMS} missing; not a model folder")
+    return folder.resolve()
+
+
+def _verify(folder: Path, uri: str, expected_sha256: str | None) -> str:
+    """Check SHA256SUMS and the folder digest; return the digest."""
+    try:
+        verify_checksums(folder)
+    except DataError as exc:
+        raise DataError(f"model URI {uri!r}: {exc}") from exc
+    actual = folder_sha256(folder)
+    if expected_sha256 is not None and actual != expected_sha256:
+        raise DataError(
+            f"model URI {uri!r}: folder sha256 {actual} != expected {expected_sha256}; "
+            "refusing to load a model that is not the one registered"
+        )
+    return actual
+
+
+def _model_dir_path(model_root: Path) -> str:
+    """The model folder's path inside the LoggedModel, from its MLmodel file."""
+    mlmodel = yaml.safe_load((model_root / "MLmodel").read_text()) or {}
+    artifacts = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts", {})
+    entry = artifacts.get(MODEL_DIR_ARTIFACT)
+    if not entry or "path" not in entry:
+        raise DataError(f"{model_root / 'MLmodel'}: no pyfunc artifact {MODEL_DIR_ARTIFACT!r}")
+    return str(entry["path"]).strip("/")
+
+
+def _download(found: _Registered, staging: Path, tracking_uri: str | None) -> Path:
+    import mlflow
+
+    from components.train.tracking import resolve_tracking_uri
+
+    tracking = resolve_tracking_uri(tracking_uri)
+    source = found.source.rstrip("/")
+    meta = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{source}/MLmodel", dst_path=str(staging / "meta"), tracking_uri=tracking
+        )
+    ).parent
+    relative = _model_dir_path(meta)
+    downloaded = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{source}/{relative}",
+            dst_path=str(staging / "download"),
+            tracking_uri=tracking,
+        )
+    )
+    return downloaded
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()
+
+
+def _move_into_place(downloaded: Path, target: Path, uri: str, expected: str | None) -> None:
+    """Rename a verified folder to ``target``. A folder already there that verifies (another
+    server fetched the same digest meanwhile, and may be loading it) is kept; anything else
+    there is replaced."""
+    if target.exists():
+        try:
+            if expected is not None:
+                _verify(target, uri, expected)
+                return
+        except DataError:
+            pass
+        stale = target.with_name(f".{target.name}.stale-{os.getpid()}")
+        target.rename(stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        downloaded.rename(target)
+    except OSError:
+        if not (target / CHECKSUMS).is_file():
+            raise
+
+
+@dataclass(frozen=True)
+class FetchedModel:
+    """A verified local model folder and what it is: ``sha256`` is the verified folder
+    digest; name, version and model_id are None for a local folder."""
+
+    folder: Path
+    sha256: str
+    name: str | None = None
+    version: str | None = None
+    model_id: str | None = None
+
+
+def fetch_model(
+    uri: str,
+    dest: Path | None = None,
+    tracking_uri: str | None = None,
+    expected_sha256: str | None = None,
+) -> FetchedModel:
+    """``fetch_model_folder`` plus the identity of what was fetched, from one registry lookup
+    (an alias that moves meanwhile cannot make the two disagree)."""
+    expected = _check_sha(expected_sha256, f"{uri}: expected sha256")
+    if not is_registry_uri(uri):
+        folder = _local_folder(uri)
+        return FetchedModel(folder, _verify(folder, uri, expected))
+
+    found = _lookup(uri, _client(tracking_uri))
+    if expected and found.sha256 and expected != found.sha256:
+        raise DataError(
+            f"model URI {uri!r}: expected sha256 {expected} but version {found.version} is "
+            f"tagged {TAG_MODEL_SHA256}={found.sha256}"
+        )
+    expected = expected or found.sha256
+    identity = {"name": found.name, "version": found.version, "model_id": found.model_id}
+    if dest is not None:
+        target = Path(dest)
+    elif expected is not None:
+        target = _cache_root() / expected
+    else:
+        target = _cache_root() / "unverified" / f"{found.name}-v{found.version}"
+    if expected is not None and (target / CHECKSUMS).is_file():
+        try:
+            digest = _verify(target, uri, expected)
+            return FetchedModel(target.resolve(), digest, **identity)
+        except DataError:
+            pass  # a damaged or different cached folder: fetch again and replace it
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        downloaded = _download(found, staging, tracking_uri)
+        digest = _verify(downloaded, uri, expected)
+        _move_into_place(downloaded, target, uri, expected)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return FetchedModel(target.resolve(), digest, **identity)
+
+
+def fetch_model_folder(
+    uri: str,
+    dest: Path | None = None,
+    tracking_uri: str | None = None,
+    expected_sha256: str | None = None,
+) -> Path:
+    """A verified local model folder for ``uri`` (see the module docstring).
+
+    A local folder is verified in place and returned as is (``dest`` is ignored). A registry
+    URI is downloaded to ``dest`` when given, else to the cache; an existing folder there that
+    verifies against the expected digest is reused without a download.
+    """
+    return fetch_model(uri, dest, tracking_uri, expected_sha256).folder
+
+
+__all__ = [
+    "FetchedModel",
+    "fetch_model",
+    "fetch_model_folder",
+    "is_registry_uri",
+    "resolve_version",
+]

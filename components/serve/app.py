@@ -1,0 +1,392 @@
+"""The `cta serve` HTTP application (Starlette on uvicorn): /healthz, /readyz, /predict,
+/metrics, /stats. See README.md for the API; the contract is in the helpers' contracts.
+
+Concurrency: the event loop counts requests in flight; above ``max_concurrency`` a /predict is
+answered 503 with Retry-After at once (no queue builds up). Decoding and inference run in
+worker threads, at most ``inference_threads`` forward passes at once, each with the CLI's
+``--torch-threads`` intra-op threads (default 1: measured on a loaded 2-core machine, two
+intra-op threads made one 32x32 pass 12x slower than one; passes in parallel threads use the
+cores instead, since torch releases the GIL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from components.serve.decode import BadInput, decode_image
+from components.serve.stats import (
+    AGGREGATES,
+    WindowedStats,
+    image_statistics,
+    now_fields,
+    prediction_statistics,
+)
+from cta_model.errors import DataError
+from cta_model.inspection import reject_area
+
+log = logging.getLogger("cta.serve")
+
+NPZ = "application/x-npz"
+RETRY_AFTER_S = "1"
+# No *_created series: they double every counter's lines and no consumer reads them.
+disable_created_metrics()
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class ServeSettings:
+    model: dict[str, str | None]  # {uri, name, version, sha256}
+    line: str | None
+    threshold_px: int
+    reject_classes: tuple[int, ...]
+    max_concurrency: int = 8
+    inference_threads: int = 1
+    max_pixels: int = 16_000_000
+    max_body_bytes: int = 128 * 1024 * 1024
+    # Serving statistics: window length (None: off) and where window snapshots go.
+    stats_window_s: float | None = 60.0
+    stats_dir: Path | None = None
+    # Test aid (hidden CLI flag): hold each /predict this long so saturation is reproducible.
+    debug_delay_s: float = 0.0
+
+
+@dataclass
+class _Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "cta_requests", "/predict responses by HTTP status", ["code"], registry=r
+        )
+        self.latency = Histogram(
+            "cta_request_latency_seconds",
+            "/predict latency (body read to response), seconds",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inflight = Gauge("cta_inflight_requests", "/predict requests in flight", registry=r)
+        self.rejects = Counter("cta_rejects", "images judged defective (reject)", registry=r)
+        self.info = Gauge(
+            "cta_model_info", "the served model", ["name", "version", "sha256", "line"], registry=r
+        )
+        self.window_images = Gauge(
+            "cta_stats_window_images", "images in the last completed stats window", registry=r
+        )
+        self.window_end = Gauge(
+            "cta_stats_window_end_timestamp_seconds",
+            "when the last completed stats window ended (unix time)",
+            registry=r,
+        )
+        self.window_stat = Gauge(
+            "cta_stats_window",
+            "per-image statistic aggregated over the last completed stats window",
+            ["stat", "agg"],
+            registry=r,
+        )
+
+    def publish_window(self, summary: dict[str, Any]) -> None:
+        self.window_images.set(summary["n_images"])
+        self.window_end.set(summary["window_end_unix"])
+        self.window_stat.clear()
+        for stat, values in summary["stats"].items():
+            for agg in AGGREGATES:
+                self.window_stat.labels(stat=stat, agg=agg).set(values[agg])
+
+
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=dict(headers or {}))
+
+
+def _class_names(predictor: Any) -> list[str]:
+    names = list(predictor.card.class_names)
+    count = predictor.card.spec.num_classes or 0
+    return names if len(names) == count else [f"class_{i}" for i in range(count)]
+
+
+def summarise(
+    prediction: Mapping[str, np.ndarray],
+    class_names: list[str],
+    threshold_px: int,
+    reject_classes: tuple[int, ...],
+) -> dict[str, Any]:
+    """The JSON body's defect verdict, per-task summaries and region dimensions of one image."""
+    tasks: dict[str, Any] = {}
+    defect: dict[str, Any] = {"reject": None, "reject_area_px": None, "threshold_px": threshold_px}
+    semseg = prediction.get("semseg")
+    if semseg is not None:
+        counts = np.bincount(semseg.ravel(), minlength=len(class_names))
+        tasks["semseg"] = {
+            "class_names": class_names,
+            "class_fractions": (counts / counts.sum()).round(6).tolist(),
+        }
+        area = int(reject_area(semseg, reject_classes))
+        defect.update(reject=area >= threshold_px, reject_area_px=area)
+    if "height" in prediction:
+        height = prediction["height"]
+        tasks["height"] = {
+            "mean_mm": float(height.mean()),
+            "std_mm": float(height.std()),
+            "p95_mm": float(np.percentile(height, 95)),
+        }
+    if "depth" in prediction:
+        tasks["depth"] = {"mean": float(prediction["depth"].mean())}
+    if "normals" in prediction:
+        z = np.clip(prediction["normals"][..., 2], -1.0, 1.0)
+        tilt = np.degrees(np.arccos(z))
+        tasks["normals"] = {
+            "z_mean": float(z.mean()),
+            "tilt_deg_mean": float(tilt.mean()),
+            "tilt_deg_p95": float(np.percentile(tilt, 95)),
+        }
+    dimensions = []
+    if semseg is not None and "height" in prediction:
+        # Measured from the prediction alone: each predicted region's area and height.
+        for class_id in np.flatnonzero(np.bincount(semseg.ravel())):
+            heights = prediction["height"][semseg == class_id]
+            dimensions.append(
+                {
+                    "class_id": int(class_id),
+                    "class": class_names[class_id] if class_id < len(class_names) else None,
+                    "area_px": int(heights.size),
+                    "height_median_mm": float(np.median(heights)),
+                    "height_p95_mm": float(np.percentile(heights, 95)),
+                }
+            )
+    return {"defect": defect, "tasks": tasks, "dimensions": dimensions}
+
+
+class ServeApp:
+    """Holds the model, the limits and the metrics; ``starlette`` is the ASGI app."""
+
+    def __init__(self, settings: ServeSettings, loader: Callable[[], Any]):
+        self.settings = settings
+        self._loader = loader
+        self.predictor: Any = None
+        self.class_names: list[str] = []
+        self.load_error: BaseException | None = None
+        self.metrics = _Metrics()
+        model = settings.model
+        self.metrics.info.labels(
+            name=model.get("name") or "",
+            version=model.get("version") or "",
+            sha256=model.get("sha256") or "",
+            line=settings.line or "",
+        ).set(1)
+        self._inflight = 0
+        self._inference_slots = threading.BoundedSemaphore(settings.inference_threads)
+        self.stats = (
+            WindowedStats(settings.stats_window_s, settings.stats_dir, self.metrics.publish_window)
+            if settings.stats_window_s
+            else None
+        )
+        # Called with the exception when loading fails, so the process can exit.
+        self.on_load_failure: Callable[[BaseException], None] | None = None
+        self._stopping = threading.Event()
+        self.starlette = Starlette(
+            lifespan=self._lifespan,
+            routes=[
+                Route("/healthz", self.healthz, methods=["GET"]),
+                Route("/readyz", self.readyz, methods=["GET"]),
+                Route("/predict", self.predict, methods=["POST"]),
+                Route("/metrics", self.metrics_endpoint, methods=["GET"]),
+                Route("/stats", self.stats_endpoint, methods=["GET"]),
+            ],
+        )
+
+    # ---------------------------------------------------------------- lifecycle
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        threading.Thread(target=self.load, name="cta-serve-load", daemon=True).start()
+        ticker = None
+        if self.stats is not None:
+            ticker = threading.Thread(target=self._tick, name="cta-serve-stats", daemon=True)
+            ticker.start()
+        yield
+        self._stopping.set()
+        if ticker is not None:
+            ticker.join(timeout=5)
+            # The open window is written too, so a stopped server loses no rows.
+            self.stats.rotate_if_due(force=True)
+
+    def _tick(self) -> None:
+        interval = min(1.0, self.stats.window_s / 4)
+        while not self._stopping.wait(interval):
+            self.stats.rotate_if_due()
+
+    def load(self) -> None:
+        """Load the model (in a background thread, while /healthz already answers)."""
+        try:
+            predictor = self._loader()
+        except BaseException as exc:
+            self.load_error = exc
+            log.error("model %s failed to load: %s", self.settings.model.get("uri"), exc)
+            if self.on_load_failure is not None:
+                self.on_load_failure(exc)
+            return
+        self.class_names = _class_names(predictor)
+        self.predictor = predictor
+        model = self.settings.model
+        log.info(
+            "ready: model %s (name %s, version %s, sha256 %s) line %s threshold_px %d",
+            model.get("uri"),
+            model.get("name"),
+            model.get("version"),
+            model.get("sha256"),
+            self.settings.line,
+            self.settings.threshold_px,
+        )
+
+    # ---------------------------------------------------------------- endpoints
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    def _ready_body(self) -> dict[str, Any]:
+        return {"model": dict(self.settings.model), "line": self.settings.line}
+
+    async def readyz(self, request: Request) -> Response:
+        if self.predictor is None:
+            reason = "model failed to load" if self.load_error else "model loading"
+            return _error(503, reason, {"Retry-After": RETRY_AFTER_S})
+        return JSONResponse(self._ready_body())
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def stats_endpoint(self, request: Request) -> Response:
+        if self.stats is None:
+            return _error(404, "serving statistics are off")
+        return JSONResponse(self.stats.current())
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise BadInput(400, f"Content-Length {declared!r} is not a number")
+            if int(declared) > limit:
+                raise BadInput(413, f"body of {declared} bytes exceeds the limit of {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BadInput(413, f"body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _handle(self, body: bytes, content_type: str | None, as_npz: bool) -> dict[str, Any]:
+        """Decode, predict, summarise (in a worker thread: all of it is CPU work)."""
+        image = decode_image(body, content_type, self.settings.max_pixels)
+        try:
+            with self._inference_slots:
+                batch = self.predictor.predict(image)
+        except DataError as exc:  # e.g. a size the model's resize policy refuses
+            raise BadInput(422, str(exc)) from None
+        prediction = {task: array[0] for task, array in batch.items()}
+        settings = self.settings
+        summary = summarise(
+            prediction, self.class_names, settings.threshold_px, settings.reject_classes
+        )
+        result: dict[str, Any] = {"summary": summary}
+        if self.stats is not None:
+            result["stats"] = {
+                **image_statistics(image),
+                **prediction_statistics(prediction, self.class_names),
+            }
+        if as_npz:
+            buffer = io.BytesIO()
+            np.savez(buffer, **prediction)
+            result["npz"] = buffer.getvalue()
+        return result
+
+    async def predict(self, request: Request) -> Response:
+        start = time.perf_counter()
+        if self.predictor is None:
+            response = _error(503, "model not loaded yet", {"Retry-After": RETRY_AFTER_S})
+        elif self._inflight >= self.settings.max_concurrency:
+            response = _error(
+                503,
+                f"saturated: {self._inflight} requests in flight "
+                f"(--max-concurrency {self.settings.max_concurrency})",
+                {"Retry-After": RETRY_AFTER_S},
+            )
+        else:
+            self._inflight += 1
+            self.metrics.inflight.inc()
+            try:
+                response = await self._predict(request, start)
+            finally:
+                self._inflight -= 1
+                self.metrics.inflight.dec()
+        self.metrics.requests.labels(code=str(response.status_code)).inc()
+        log.debug(
+            "POST /predict %s %.1f ms %s",
+            response.status_code,
+            (time.perf_counter() - start) * 1000,
+            request.headers.get("content-type", "-"),
+        )
+        return response
+
+    async def _predict(self, request: Request, start: float) -> Response:
+        as_npz = request.query_params.get("outputs") == "npz"
+        try:
+            body = await self._read_body(request)
+            if self.settings.debug_delay_s:
+                await asyncio.sleep(self.settings.debug_delay_s)
+            content_type = request.headers.get("content-type")
+            result = await run_in_threadpool(self._handle, body, content_type, as_npz)
+        except BadInput as exc:
+            return _error(exc.status, exc.message)
+        except ClientDisconnect:
+            return _error(400, "client disconnected before the body was complete")
+        latency_s = time.perf_counter() - start
+        self.metrics.latency.observe(latency_s)
+        summary = result["summary"]
+        if summary["defect"]["reject"]:
+            self.metrics.rejects.inc()
+        model = self.settings.model
+        if self.stats is not None:
+            self.stats.record(
+                {
+                    **now_fields(),
+                    "line_id": self.settings.line,
+                    "model_name": model.get("name"),
+                    "model_version": model.get("version"),
+                    "model_sha256": model.get("sha256"),
+                    **result["stats"],
+                    "reject": summary["defect"]["reject"],
+                    "reject_area_px": summary["defect"]["reject_area_px"],
+                    "latency_ms": latency_s * 1000,
+                }
+            )
+        if as_npz:
+            return Response(result["npz"], media_type=NPZ)
+        return JSONResponse({"model": dict(model), "latency_ms": latency_s * 1000, **summary})
+
+
+__all__ = ["ServeApp", "ServeSettings", "summarise"]
