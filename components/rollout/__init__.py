@@ -1,0 +1,1 @@
+"""Staged roll-out of a registered model version to production lines (DESIGN 7)."""
