@@ -1,7 +1,8 @@
 """KFP wrapper of the register_model step: only calls components.register_model.step.run().
 
-Registers the LoggedModel ``model_id`` under ``model_name`` with its evaluation and dataset_ref
-attached, alias ``challenger``, and ``cta.registration=complete`` last; returns the version.
+Registers the LoggedModel ``model_id`` under ``model_name`` with its evaluation, dataset_ref and
+(when ``roi`` is a path; "" for none) roi.json attached, alias ``challenger``, and
+``cta.registration=complete`` last; returns the version.
 """
 
 from kfp import dsl
@@ -11,7 +12,12 @@ from components.image import PROJECT_IMAGE
 
 @dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
 def register_model(
-    model_id: str, model_name: str, evaluation: str, dataset_ref: str, tracking_uri: str
+    model_id: str,
+    model_name: str,
+    evaluation: str,
+    dataset_ref: str,
+    tracking_uri: str,
+    roi: str = "",
 ) -> str:
     """Register one model version; returns its version number as a string."""
     from components.register_model.step import run
@@ -22,5 +28,6 @@ def register_model(
         evaluation=evaluation,
         dataset_ref=dataset_ref,
         tracking_uri=tracking_uri or None,
+        roi=roi or None,
     )
     return str(result["version"])

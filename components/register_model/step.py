@@ -6,17 +6,18 @@ In order (DESIGN 6.1, 6.2 - aliases only, no stages):
 1. find the version of ``model_name`` already made from ``model_id`` (re-runs complete it), else
    register ``models:/<model_id>`` (with the LoggedModel's source run as the version's run) and
    wait until it is READY;
-2. attach evaluation.json and dataset_ref.json: they are logged as artifacts of the
-   LoggedModel's source run under ``registration/v<version>/`` (the evaluation copy with
-   ``model.name`` / ``model.version`` filled in) and the version tags ``cta.artifacts.*`` hold
-   their ``runs:/`` URIs;
+2. attach evaluation.json, dataset_ref.json and (when given) roi.json: they are logged as
+   artifacts of the LoggedModel's source run under ``registration/v<version>/`` (the evaluation
+   copy with ``model.name`` / ``model.version`` filled in) and the version tags
+   ``cta.artifacts.*`` hold their ``runs:/`` URIs;
 3. set the version tags ``cta.model_id``, ``cta.model_sha256``, ``cta.data_manifest_sha256``,
    ``cta.data_uri``, ``cta.evaluation.split``, ``cta.evaluation.n_images`` and
    ``cta.evaluation.<task>.<primary metric>`` (overall; ``nan`` when not scorable);
 4. set the alias ``challenger`` to the version;
 5. only then tag ``cta.registration=complete``. Consumers (gate, promotion, serve) use
    ``complete_versions()`` and ignore every version without that tag: a registration that died
-   half-way is invisible until a re-run completes it.
+   half-way is invisible until a re-run completes it;
+6. render the version's model card (components/model_card) and attach it.
 
 Consistency checks before anything is registered: the evaluation's model_id and sha256 must
 be those of the LoggedModel, and the evaluation and dataset_ref must name the same manifest.
@@ -48,6 +49,7 @@ TAG_ARTIFACT_PREFIX = "cta.artifacts."
 ARTIFACT_DIR = "registration"
 EVALUATION_FILE = "evaluation.json"
 DATASET_REF_FILE = "dataset_ref.json"
+ROI_FILE = "roi.json"
 READY_TIMEOUT_S = 300.0
 
 
@@ -158,6 +160,13 @@ def _check_consistency(
         )
 
 
+def _roi_schema() -> str | None:
+    """``roi`` once schemas/roi.schema.json exists (the roi_report step owns it)."""
+    from components.artifacts import schema_path
+
+    return "roi" if schema_path("roi").is_file() else None
+
+
 def _attach(
     client: Any,
     run_id: str,
@@ -165,6 +174,7 @@ def _attach(
     name: str,
     evaluation: Mapping[str, Any] | None,
     dataset_ref: Mapping[str, Any] | None,
+    roi: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """Log the artefacts to ``registration/v<version>/`` of ``run_id``; name -> runs:/ URI."""
     from components.artifacts import write_json_atomic
@@ -188,6 +198,10 @@ def _attach(
             )
             client.log_artifact(run_id, str(path), artifact_path=artifact_path)
             uris["dataset_ref"] = f"runs:/{run_id}/{artifact_path}/{DATASET_REF_FILE}"
+        if roi is not None:
+            path = write_json_atomic(Path(staging) / ROI_FILE, dict(roi), schema_name=_roi_schema())
+            client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+            uris["roi"] = f"runs:/{run_id}/{artifact_path}/{ROI_FILE}"
     return uris
 
 
@@ -247,10 +261,14 @@ def run(
     evaluation: str | os.PathLike[str] | None = None,
     dataset_ref: str | os.PathLike[str] | None = None,
     tracking_uri: str | None = None,
+    roi: str | os.PathLike[str] | None = None,
+    alias: str = CHALLENGER_ALIAS,
 ) -> dict[str, Any]:
     """Register (or complete the registration of) LoggedModel ``model_id`` as ``model_name``.
 
-    Returns {name, version, model_id, run_id, created, alias, tags, artifacts}.
+    ``alias``: the alias the version gets (``baseline`` for the STL baselines).
+
+    Returns {name, version, model_id, run_id, created, alias, tags, artifacts, model_card}.
     """
     from components.artifacts import read_json
 
@@ -258,6 +276,7 @@ def run(
         raise ConfigError("model_id is empty")
     evaluation_data = read_json(evaluation, "evaluation") if evaluation else None
     ref_data = read_json(dataset_ref, "dataset_ref") if dataset_ref else None
+    roi_data = read_json(roi, _roi_schema()) if roi else None
     client = _client(tracking_uri)
     logged_model = client.get_logged_model(model_id)
     _check_consistency(model_id, logged_model, evaluation_data, ref_data)
@@ -279,27 +298,34 @@ def run(
     version = _wait_ready(client, model_name, existing.version)
 
     run_id = _source_run(client, logged_model, model_name)
-    artifacts = _attach(client, run_id, version.version, model_name, evaluation_data, ref_data)
+    artifacts = _attach(
+        client, run_id, version.version, model_name, evaluation_data, ref_data, roi_data
+    )
     tags = _version_tags(model_id, logged_model, evaluation_data, ref_data, artifacts)
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version.version, key, value)
-    client.set_registered_model_alias(model_name, CHALLENGER_ALIAS, version.version)
+    client.set_registered_model_alias(model_name, alias, version.version)
     # Last: from here on consumers see the version.
     client.set_model_version_tag(model_name, version.version, TAG_COMPLETE, COMPLETE)
+    from components.model_card.card import publish_card
+
+    card_uri = publish_card(client, model_name, version.version)
     return {
         "name": model_name,
         "version": str(version.version),
         "model_id": model_id,
         "run_id": run_id,
         "created": created,
-        "alias": CHALLENGER_ALIAS,
+        "alias": alias,
         "tags": {**tags, TAG_COMPLETE: COMPLETE},
         "artifacts": artifacts,
+        "model_card": card_uri,
     }
 
 
 __all__ = [
     "CHALLENGER_ALIAS",
+    "ROI_FILE",
     "COMPLETE",
     "TAG_COMPLETE",
     "complete_versions",

@@ -199,3 +199,38 @@ def test_register_over_http_with_the_cli(
     assert again.exit_code == 0, again.output
     assert _summary_and_json(again.output)[0].startswith("completed existing")
     assert len(client.search_model_versions(f"name = '{name}'")) == 1
+
+
+def test_roi_is_attached_and_a_model_card_rendered(
+    model_dir: Path, dataset_ref: Path, sqlite_uri: str, tmp_path: Path
+) -> None:
+    from test_gate import make_roi
+
+    model_id, _ = _log(model_dir, sqlite_uri)
+    roi = tmp_path / "roi.json"
+    roi.write_text(json.dumps(make_roi(0.8)))
+    name = f"cta-{uuid.uuid4().hex[:8]}"
+    result = run(
+        model_id, name, dataset_ref=str(dataset_ref), roi=str(roi), tracking_uri=sqlite_uri
+    )
+    tags = _client(sqlite_uri).get_model_version(name, result["version"]).tags
+    assert tags["cta.artifacts.roi"].endswith("registration/v1/roi.json")
+    assert tags["cta.model_card"] == result["model_card"]
+    folder = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=tags["cta.artifacts.roi"].rsplit("/", 1)[0],
+            dst_path=str(tmp_path / "dl"),
+            tracking_uri=sqlite_uri,
+        )
+    )
+    assert json.loads((folder / "roi.json").read_text()) == make_roi(0.8)
+    card = (folder / "model_card.md").read_text()
+    assert card.startswith(f"# Model card: {name} version 1") and "| pilot | 0.8 |" in card
+
+    broken = make_roi()
+    del broken["pilot"]["p_roi_positive"]
+    roi.write_text(json.dumps(broken))
+    other = f"cta-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(DataError, match=r"roi\.json: pilot\.p_roi_positive: required field"):
+        run(model_id, other, roi=str(roi), tracking_uri=sqlite_uri)
+    assert _client(sqlite_uri).search_model_versions(f"name = '{other}'") == []

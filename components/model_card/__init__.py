@@ -1,0 +1,1 @@
+"""Model cards of registered versions, rendered from the registry: card.py, cli.py."""

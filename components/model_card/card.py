@@ -1,0 +1,377 @@
+"""The model card of a registered version: Markdown rendered from the registry alone.
+
+Sources: the version (tags, aliases, source), the files register_model attached under
+``registration/v<N>/`` (dataset_ref.json, evaluation.json, roi.json), the gate's audit records
+under ``gate/v<N>/``, the version's ``line-<id>`` aliases and the roll-out's
+``cta.rollout.history`` tag (a JSON list of {line, action, time, decision}), and the training
+resolution from the model folder's ``model.yaml``. ``publish_card`` logs the card as
+``registration/v<N>/model_card.md`` (replaced on every render: it is derived, not a record) and
+sets the version tag ``cta.model_card`` to its ``runs:/`` URI.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from components.register_model.attached import Registration, quiet_downloads, read_registration
+
+CARD_FILE = "model_card.md"
+TAG_MODEL_CARD = "cta.model_card"
+TAG_ROLLOUT_HISTORY = "cta.rollout.history"
+LINE_ALIAS_PREFIX = "line-"
+_INSPECTION_KEYS = ("threshold_px", "target_recall", "recall", "frr", "n_defective", "n_good")
+_DIMENSION_KEYS = ("n_features", "mae_mm", "p95_mm", "in_tol_acc")
+_ROI_KEYS = ("p_roi_positive", "npv", "payback_label", "roi_pct_p10", "roi_pct_p50", "roi_pct_p90")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        # Money and counts in full (230,000), small figures to 4 significant digits.
+        return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+def _pick(mapping: Mapping[str, Any], keys: Sequence[str]) -> list[Any]:
+    return [mapping.get(key) for key in keys]
+
+
+def _scored_sets(evaluation: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    return [*sorted(evaluation["per_line"].items()), ("overall", evaluation["overall"])]
+
+
+def _metrics_section(evaluation: Mapping[str, Any]) -> list[str]:
+    sets = _scored_sets(evaluation)
+    keys = sorted({key for _, scored in sets for key in scored["metrics"]})
+    rows = [
+        [line, *_pick(scored, ["n_images", "n_defective"]), *_pick(scored["metrics"], keys)]
+        for line, scored in sets
+    ]
+    out = [f"## Metrics per line ({evaluation['data']['split']} split)", ""]
+    out += _table(["line", "images", "defective", *keys], rows)
+    inspection = [(line, s["inspection"]) for line, s in sets if s.get("inspection")]
+    if inspection:
+        out += ["", "### Inspection (threshold chosen on val, applied to this split)", ""]
+        out += _table(
+            [
+                "line",
+                "threshold px",
+                "target recall",
+                "recall",
+                "false-reject rate",
+                "defective",
+                "good",
+            ],
+            [[line, *_pick(i, _INSPECTION_KEYS)] for line, i in inspection],
+        )
+    dimensions = [(line, s["dimensions"]) for line, s in sets if s.get("dimensions")]
+    if dimensions:
+        out += ["", "### Dimensions", ""]
+        out += _table(
+            ["line", "features", "MAE mm", "p95 mm", "in-tolerance"],
+            [[line, *_pick(d, _DIMENSION_KEYS)] for line, d in dimensions],
+        )
+    return out
+
+
+def _delta_m_section(evaluation: Mapping[str, Any]) -> list[str]:
+    out = ["## Delta_m vs single-task baselines", ""]
+    delta_m = evaluation.get("delta_m")
+    if delta_m is None:
+        return [*out, f"Not computed: {evaluation.get('delta_m_reason') or 'no reason given'}."]
+    scalars = [(k, v) for k, v in sorted(delta_m.items()) if k.startswith("delta_m_")]
+    out += _table(["figure", "%"], scalars)
+    per_task = delta_m.get("per_task_pct") or {}
+    if per_task:
+        out += ["", *_table(["task", "% vs STL (higher = better)"], sorted(per_task.items()))]
+    return out
+
+
+def _champion_section(evaluation: Mapping[str, Any]) -> list[str]:
+    out = ["## Versus the champion", ""]
+    comparison = evaluation.get("vs_champion")
+    if comparison is None:
+        reason = evaluation.get("vs_champion_reason") or "no champion at evaluation time"
+        return [*out, f"No comparison: {reason}."]
+    out.append(
+        f"Champion: {comparison.get('name')} version {comparison.get('version')}; paired "
+        "bootstrap over the same test images, differences oriented so positive = candidate "
+        "better."
+    )
+    rows = [
+        [task, *_pick(m, ["metric", "candidate", "champion", "p05", "p50", "p95"])]
+        for task, m in sorted((comparison.get("metrics") or {}).items())
+    ]
+    rows += [
+        [f"inspection {figure}", figure, None, None, q.get("p05"), q.get("p50"), q.get("p95")]
+        for figure, q in sorted((comparison.get("inspection") or {}).items())
+    ]
+    return [
+        *out,
+        "",
+        *_table(["task", "metric", "candidate", "champion", "p05", "p50", "p95"], rows),
+    ]
+
+
+def _roi_section(roi: Mapping[str, Any] | None) -> list[str]:
+    out = ["## ROI", ""]
+    if roi is None:
+        return [*out, "No roi.json attached."]
+    rows = [[scope, *_pick(roi.get(scope) or {}, _ROI_KEYS)] for scope in ("pilot", "fleet")]
+    return [
+        *out,
+        f"Pilot line: {roi.get('pilot_line')}; currency {roi.get('currency')}.",
+        "",
+        *_table(["scope", *_ROI_KEYS], rows),
+    ]
+
+
+def _known_limits(evaluation: Mapping[str, Any] | None, input_size: Any) -> list[str]:
+    out = ["## Known limits", ""]
+    out.append(
+        f"- Training resolution: {_fmt(input_size)} (height, width); images are resized "
+        "to it, so defects smaller than a few pixels there are not resolvable."
+    )
+    if evaluation is None:
+        return [*out, "- No evaluation attached: nothing is known about its quality."]
+    tasks = evaluation["model"].get("tasks") or sorted(
+        {key.split(".", 1)[0] for key in evaluation["overall"]["metrics"]}
+    )
+    for line, scored in _scored_sets(evaluation):
+        metrics = scored["metrics"]
+        unscored = [
+            task
+            for task in tasks
+            if all(v is None for k, v in metrics.items() if k.startswith(f"{task}."))
+        ]
+        if "height" in unscored:
+            out.append(
+                f"- {line}: no height labels (no height sensor on this line); height "
+                "and normals there are unmeasured."
+            )
+        for task in unscored:
+            # Normals come from the height sensor: covered by the line above.
+            if task not in ("height", "normals") or "height" not in unscored:
+                out.append(f"- {line}: no {task} labels, so {task} is not scored there.")
+        partly = [
+            k
+            for k, v in sorted(metrics.items())
+            if v is None and k.split(".", 1)[0] not in unscored
+        ]
+        if partly:
+            out.append(
+                f"- {line}: null metric(s) {', '.join(partly)}: nothing valid to score "
+                "(e.g. no pixels of a class, or no valid label pixels)."
+            )
+        if "inspection" in scored and scored["inspection"] is None:
+            out.append(f"- {line}: no defect figures (no segmentation labels).")
+    if evaluation.get("delta_m") is None:
+        out.append(f"- Delta_m unknown: {evaluation.get('delta_m_reason') or 'no reason given'}.")
+    return out
+
+
+def _gate_section(client: Any, reg: Registration) -> list[str]:
+    from components.gate.step import gate_records
+
+    out = ["## Gate verdicts", ""]
+    records = list(gate_records(client, reg).values())
+    if not records:
+        return [*out, "Not gated yet."]
+    rows = []
+    for record in records:
+        failed = [c["name"] for c in record["checks"] if not c["passed"]]
+        champion = (record["inputs"].get("champion") or {}).get("version")
+        approver = (record.get("approver") or {}).get("name")
+        rows.append(
+            [
+                record["decided_at"],
+                record["verdict"],
+                record["policy"]["sha256"][:12],
+                champion,
+                approver,
+                ", ".join(failed) or "-",
+                record["verdict_id"][:12],
+            ]
+        )
+    return [
+        *out,
+        *_table(
+            ["time", "verdict", "policy", "vs champion", "approver", "failed checks", "record"],
+            rows,
+        ),
+    ]
+
+
+def _rollout_section(reg: Registration, aliases: Sequence[str]) -> list[str]:
+    out = ["## Roll-out", ""]
+    lines = sorted(
+        a.removeprefix(LINE_ALIAS_PREFIX) for a in aliases if a.startswith(LINE_ALIAS_PREFIX)
+    )
+    raw = reg.tags.get(TAG_ROLLOUT_HISTORY)
+    history: list[Any] = []
+    if raw:
+        try:
+            history = json.loads(raw)
+        except json.JSONDecodeError:
+            out.append(f"(tag {TAG_ROLLOUT_HISTORY} is not valid JSON; shown raw: `{raw}`)")
+    if lines:
+        out.append(f"Serving on line(s): {', '.join(lines)}.")
+    if isinstance(history, list) and history:
+        out += [
+            "",
+            *_table(
+                ["line", "action", "time", "decision"],
+                [
+                    [h.get("line"), h.get("action"), h.get("time"), h.get("decision")]
+                    for h in history
+                    if isinstance(h, Mapping)
+                ],
+            ),
+        ]
+    elif not lines:
+        out.append("No roll-out yet.")
+    return out
+
+
+def _input_size(client: Any, source: str | None) -> Any:
+    """[height, width] from the model folder's model.yaml; None when it cannot be read.
+
+    The folder is the pyfunc's ``model_dir`` artefact: its place is in the MLmodel file.
+    """
+    if not source:
+        return None
+    import mlflow
+    import yaml
+
+    from components.train.logged_model import MODEL_DIR_ARTIFACT
+
+    def fetch(relative: str, staging: str) -> Any:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{source.rstrip('/')}/{relative}",
+            dst_path=staging,
+            tracking_uri=client.tracking_uri,
+        )
+        return yaml.safe_load(Path(local).read_text(encoding="utf-8"))
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="cta-card-") as staging, quiet_downloads():
+            mlmodel = fetch("MLmodel", staging)
+            artifacts = mlmodel["flavors"]["python_function"]["artifacts"]
+            folder = artifacts[MODEL_DIR_ARTIFACT]["path"]
+            return fetch(f"{folder}/model.yaml", staging)["model"]["input_size"]
+    except Exception:  # noqa: BLE001 - the card says "n/a" rather than failing
+        return None
+
+
+def render_card(client: Any, model_name: str, version: str | int) -> str:
+    """The Markdown card of one complete registered version."""
+    reg = read_registration(client, model_name, version)
+    found = client.get_model_version(model_name, reg.version)
+    aliases = sorted(getattr(found, "aliases", None) or [])
+    evaluation, ref = reg.evaluation, reg.dataset_ref
+    created = dt.datetime.fromtimestamp(found.creation_timestamp / 1000, dt.UTC)
+    out = [
+        f"# Model card: {model_name} version {reg.version}",
+        "",
+        f"- model id: `{reg.tags.get('cta.model_id')}`",
+        f"- model folder sha256: `{reg.tags.get('cta.model_sha256')}`",
+        f"- registered: {created.isoformat(timespec='seconds')}; source run `{reg.run_id}`",
+        f"- aliases: {', '.join(aliases) or 'none'}",
+        f"- gate verdict (latest): {reg.tags.get('cta.gate.verdict', 'not gated')}",
+    ]
+    if evaluation is not None:
+        out.append(f"- tasks: {', '.join(evaluation['model'].get('tasks') or []) or 'n/a'}")
+    out += ["", "## Data", ""]
+    if ref is not None:
+        out += [
+            f"- dataset: `{ref['uri']}`",
+            f"- manifest sha256: `{ref['manifest_sha256']}`; DVC revision: {_fmt(ref['dvc_rev'])}",
+            f"- validation passed: {_fmt(ref['passed'])}; quarantined samples: "
+            f"{len(ref['quarantine'])}",
+        ]
+    else:
+        out.append("- No dataset_ref.json attached.")
+    if evaluation is not None:
+        data = evaluation["data"]
+        out.append(
+            f"- evaluated on split `{data['split']}` of {len(evaluation['per_line'])} line(s) "
+            f"({', '.join(sorted(evaluation['per_line']))}), {evaluation['overall']['n_images']} "
+            "image(s)"
+        )
+        out += [
+            "",
+            *_metrics_section(evaluation),
+            "",
+            *_delta_m_section(evaluation),
+            "",
+            *_champion_section(evaluation),
+        ]
+    out += ["", *_roi_section(reg.roi)]
+    out += ["", *_known_limits(evaluation, _input_size(client, reg.source))]
+    out += ["", *_gate_section(client, reg), "", *_rollout_section(reg, aliases), ""]
+    return "\n".join(out)
+
+
+def publish_card(client: Any, model_name: str, version: str | int) -> str:
+    """Render, attach as ``registration/v<N>/model_card.md`` and tag; returns its runs:/ URI."""
+    text = render_card(client, model_name, version)
+    reg_version = str(version)
+    found = client.get_model_version(model_name, reg_version)
+    from components.register_model.attached import run_of_version
+
+    run_id = run_of_version(found)
+    artifact_path = f"registration/v{reg_version}"
+    with tempfile.TemporaryDirectory(prefix="cta-card-") as staging:
+        path = Path(staging) / CARD_FILE
+        path.write_text(text, encoding="utf-8")
+        client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+    uri = f"runs:/{run_id}/{artifact_path}/{CARD_FILE}"
+    if found.tags.get(TAG_MODEL_CARD) != uri:
+        client.set_model_version_tag(model_name, reg_version, TAG_MODEL_CARD, uri)
+    return uri
+
+
+def run(
+    model_name: str,
+    version: str | int,
+    tracking_uri: str | None = None,
+    out: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Publish the card of a version (and write it to ``out`` too); returns {uri, path, text}."""
+    from components.register_model.attached import registry_client
+    from cta_model.atomic import write_bytes_atomic
+
+    client = registry_client(tracking_uri)
+    uri = publish_card(client, model_name, version)
+    text = read_card(client, model_name, version)
+    if out is not None:
+        write_bytes_atomic(Path(out), text.encode("utf-8"))
+    return {"uri": uri, "path": str(out) if out is not None else None, "text": text}
+
+
+def read_card(client: Any, model_name: str, version: str | int) -> str:
+    """The attached card's text (what is in the registry, not a fresh render)."""
+    found = client.get_model_version(model_name, str(version))
+    uri = found.tags[TAG_MODEL_CARD]
+    run_id, path = uri.removeprefix("runs:/").split("/", 1)
+    with tempfile.TemporaryDirectory(prefix="cta-card-") as staging, quiet_downloads():
+        local = Path(client.download_artifacts(run_id, path, staging))
+        return local.read_text(encoding="utf-8")
+
+
+__all__ = ["CARD_FILE", "TAG_MODEL_CARD", "publish_card", "read_card", "render_card", "run"]
