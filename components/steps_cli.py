@@ -49,8 +49,52 @@ def _echo_json(data: dict) -> None:
     show_default=True,
     type=click.Choice(["nanmean_union", "strict", "zero_union_as_0"]),
 )
+@click.option(
+    "--tracking-uri",
+    envvar="MLFLOW_TRACKING_URI",
+    default=None,
+    help="MLflow URI for the STL baselines and the champion (default $MLFLOW_TRACKING_URI; "
+    "looked up only with --model-name)",
+)
+@click.option(
+    "--inspection-config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="reject classes and target recall (default: configs/inspection.yaml)",
+)
+@click.option("--bootstrap-n", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--bootstrap-seed", default=0, show_default=True, type=int)
+@click.option("--latency-repeats", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--boundary-px",
+    default=2,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="pixels this close to a label boundary count as 'near a boundary'",
+)
+@click.option(
+    "--explain/--no-explain",
+    default=True,
+    show_default=True,
+    help="write affinity-map images (CTAL models)",
+)
 def evaluate(
-    model_dir, data_uri, out_dir, split, model_id, model_name, batch_size, lines_config, miou_rule
+    model_dir,
+    data_uri,
+    out_dir,
+    split,
+    model_id,
+    model_name,
+    batch_size,
+    lines_config,
+    miou_rule,
+    tracking_uri,
+    inspection_config,
+    bootstrap_n,
+    bootstrap_seed,
+    latency_repeats,
+    boundary_px,
+    explain,
 ):
     """Score a model folder on one split per line and overall; write evaluation.json."""
     from components.evaluate.step import EVALUATION_NAME, run
@@ -65,6 +109,13 @@ def evaluate(
         batch_size=batch_size,
         lines_config=str(lines_config) if lines_config else None,
         miou_rule=miou_rule,
+        tracking_uri=tracking_uri,
+        inspection_config=str(inspection_config) if inspection_config else None,
+        bootstrap_n=bootstrap_n,
+        bootstrap_seed=bootstrap_seed,
+        latency_repeats=latency_repeats,
+        boundary_px=boundary_px,
+        explain=explain,
     )
     overall = result["overall"]
     click.echo(
@@ -89,8 +140,14 @@ def evaluate(
     default=None,
     help="dataset_ref.json to attach",
 )
+@click.option(
+    "--roi",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="roi.json to attach",
+)
 @click.option("--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI)")
-def register_model(model_id, model_name, evaluation, dataset_ref, tracking_uri):
+def register_model(model_id, model_name, evaluation, dataset_ref, roi, tracking_uri):
     """Register a LoggedModel, set alias challenger, tag cta.registration=complete last."""
     from components.register_model.step import run
 
@@ -100,6 +157,7 @@ def register_model(model_id, model_name, evaluation, dataset_ref, tracking_uri):
         evaluation=str(evaluation) if evaluation else None,
         dataset_ref=str(dataset_ref) if dataset_ref else None,
         tracking_uri=tracking_uri,
+        roi=str(roi) if roi else None,
     )
     verb = "registered" if result["created"] else "completed existing"
     click.echo(

@@ -72,3 +72,71 @@ def choose_threshold(
     allowed_misses = int(np.floor((1.0 - target_recall) * bad_areas.size + 1e-9))
     threshold = int(bad_areas[allowed_misses])
     return max(threshold, int(min_area_px))
+
+
+def pr_curve(
+    areas: np.ndarray, truly_defective: np.ndarray, thresholds: np.ndarray
+) -> dict[str, list[float | None]]:
+    """Recall, precision and false-reject rate of ``area >= t`` for each threshold ``t``.
+
+    Lists aligned with ``thresholds``; a rate whose denominator is 0 (no defective part, no
+    predicted reject, no good part) is None.
+    """
+    areas = np.asarray(areas, dtype=np.int64)
+    truth = np.asarray(truly_defective, dtype=bool)
+    thresholds = np.asarray(thresholds, dtype=np.int64)
+    predicted = areas[None, :] >= thresholds[:, None]  # (T, N)
+    true_rejects = (predicted & truth).sum(axis=1)
+    false_rejects = (predicted & ~truth).sum(axis=1)
+    n_bad, n_good = int(truth.sum()), int((~truth).sum())
+    n_predicted = predicted.sum(axis=1)
+
+    def ratio(numerator: np.ndarray, denominator: np.ndarray | int) -> list[float | None]:
+        denominators = np.broadcast_to(np.asarray(denominator), numerator.shape)
+        return [float(n / d) if d else None for n, d in zip(numerator, denominators, strict=True)]
+
+    return {
+        "threshold_px": [int(t) for t in thresholds],
+        "recall": ratio(true_rejects, n_bad),
+        "precision": ratio(true_rejects, n_predicted),
+        "frr": ratio(false_rejects, n_good),
+    }
+
+
+def curve_thresholds(
+    areas: np.ndarray, min_area_px: int = 1, chosen: int | None = None, max_points: int = 50
+) -> np.ndarray:
+    """Thresholds worth plotting: the distinct areas >= ``min_area_px`` (and ``chosen``),
+    thinned to at most ``max_points`` evenly spaced by rank, ascending."""
+    values = np.asarray(areas, dtype=np.int64)
+    candidates = np.unique(np.concatenate([values[values >= min_area_px], [min_area_px]]))
+    if candidates.size > max_points:
+        keep = np.unique(np.linspace(0, candidates.size - 1, max_points).round().astype(int))
+        candidates = candidates[keep]
+    if chosen is not None:
+        candidates = np.union1d(candidates, [chosen])
+    return candidates
+
+
+def bootstrap_indices(n_items: int, n_replicates: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_replicates, n_items) indices drawn with replacement: one resample per row."""
+    if n_items < 1 or n_replicates < 1:
+        raise ValueError(f"need n_items >= 1 and n_replicates >= 1, got {n_items}, {n_replicates}")
+    return rng.integers(0, n_items, size=(n_replicates, n_items))
+
+
+def resampled_recall_and_frr(
+    predicted_reject: np.ndarray, defective: np.ndarray, good: np.ndarray, indices: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Recall and false-reject rate of each resample (row of ``indices``), paired: row k of
+    both uses the same resample. ``defective`` / ``good`` mark labelled parts (a part with
+    neither is unlabelled and counts in neither rate). NaN where a resample has no defective
+    (recall) or no good (frr) part."""
+    predicted = np.asarray(predicted_reject, dtype=bool)[indices]
+    bad = np.asarray(defective, dtype=bool)[indices]
+    ok = np.asarray(good, dtype=bool)[indices]
+    n_bad, n_good = bad.sum(axis=1), ok.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(n_bad > 0, (predicted & bad).sum(axis=1) / n_bad, np.nan)
+        frr = np.where(n_good > 0, (predicted & ok).sum(axis=1) / n_good, np.nan)
+    return recall, frr

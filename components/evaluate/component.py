@@ -1,7 +1,10 @@
 """KFP wrapper of the evaluate step: only calls components.evaluate.step.run().
 
 Scores the model folder ``model_dir`` on the test split of the validated data and writes
-``out_dir/evaluation.json``; returns that path (the register step attaches it).
+``out_dir/evaluation.json`` (and the affinity-map images under ``out_dir/explain``); returns
+that path (the register step attaches it). With ``tracking_uri`` and ``model_name`` it also
+compares with the registered STL baselines (Delta_m) and the champion. ``bootstrap_n``,
+``latency_repeats`` and ``explain`` let a quick pipeline (tests, smoke runs) do less.
 """
 
 from kfp import dsl
@@ -10,11 +13,33 @@ from components.image import PROJECT_IMAGE
 
 
 @dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
-def evaluate(model_dir: str, dataset_ref: str, out_dir: str, model_id: str) -> str:
+def evaluate(
+    model_dir: str,
+    dataset_ref: str,
+    out_dir: str,
+    model_id: str,
+    tracking_uri: str = "",
+    model_name: str = "",
+    bootstrap_n: int = 1000,
+    latency_repeats: int = 5,
+    explain: bool = True,
+) -> str:
     """Evaluate one model folder; returns the evaluation.json path."""
+    import logging
     from pathlib import Path
 
     from components.evaluate.step import EVALUATION_NAME, run
 
-    run(model_dir, dataset_ref, out_dir, model_id=model_id or None)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    run(
+        model_dir,
+        dataset_ref,
+        out_dir,
+        model_id=model_id or None,
+        model_name=model_name or None,
+        tracking_uri=tracking_uri or None,
+        bootstrap_n=bootstrap_n,
+        latency_repeats=latency_repeats,
+        explain=explain,
+    )
     return str(Path(out_dir) / EVALUATION_NAME)

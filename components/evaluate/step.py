@@ -10,20 +10,24 @@
 - Predictions (at the image resolution) go into the task registry's meters (pooled, DESIGN 5.1)
   per line and over the whole split; absent labels are skipped through the presence flags and
   invalid pixels by each task's invalid marker.
+- Inspection figures, robustness (boundary / drop-out), dimensions and bootstrap replicates:
+  ``scoring.py`` and ``inspection.py``; Delta_m against the registered STL baselines and the
+  champion comparison: ``references.py`` (only with a tracking URI and a model name; else null
+  with a reason); latency: ``latency.py``; affinity-map images: ``explain.py``.
 - ``evaluation.json`` is checked against ``schemas/evaluation.schema.json`` before it is
-  written (atomically); NaN metrics (nothing valid seen) are written as null. ``delta_m`` is
-  null with a ``delta_m_reason`` until STL baselines are looked up.
+  written (atomically); NaN metrics (nothing valid seen) are written as null.
 """
 
 from __future__ import annotations
 
-import math
+import logging
 import os
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from components.evaluate.scoring import meter_inputs
 from cta_model.errors import ConfigError, DataError
 
 EVALUATION_NAME = "evaluation.json"
@@ -32,11 +36,8 @@ SCHEMA_VERSION = 1
 # The tasks a line dataset has labels for (and their presence flags).
 LINE_DATASET_TASKS = ("semseg", "height", "normals")
 DELTA_M_NO_BASELINES = "no STL baselines registered"
-
-
-def _json_number(value: float) -> float | None:
-    value = float(value)
-    return value if math.isfinite(value) else None
+log = logging.getLogger("cta.evaluate")
+EXPLAIN_IMAGES = 2  # sample images whose affinity maps are drawn
 
 
 def resolve_data(data_uri: str | os.PathLike[str]) -> tuple[str, dict[str, Any] | None]:
@@ -57,54 +58,194 @@ def _dataset_root(uri: str) -> str:
     return uri.rstrip("/") if is_remote(uri) else str(local_path(uri).resolve())
 
 
-def _batches(dataset: Any, indices: list[int], batch_size: int):
-    """Samples of ``indices`` in batches of at most ``batch_size`` images of one size."""
-    batch: list[dict[str, Any]] = []
-    for index in indices:
-        sample = dataset[index]
-        if batch and (len(batch) >= batch_size or sample["image"].shape != batch[0]["image"].shape):
-            yield batch
-            batch = []
-        batch.append(sample)
-    if batch:
-        yield batch
+def _load_predictor(model_dir: str | os.PathLike[str]) -> Any:
+    """Predictor of a model folder (SHA256SUMS verified) whose tasks a line dataset labels."""
+    from cta_model.inference import Predictor
+
+    predictor = Predictor.from_folder(model_dir, verify=True)
+    unsupported = [task for task in predictor.tasks if task not in LINE_DATASET_TASKS]
+    if unsupported:
+        raise ConfigError(
+            f"{model_dir}: model task(s) {', '.join(unsupported)} have no labels in a line dataset"
+        )
+    return predictor
 
 
-def meter_inputs(
-    task: str, prediction: Any, samples: list[Mapping[str, Any]], num_classes: int | None
-) -> tuple[Any, Any, Any]:
-    """(pred, target, present) tensors in the layouts the task's meter expects.
+class _Split:
+    """The images of one split by line (quarantine skipped), indices into ``dataset``."""
 
-    The Predictor returns class ids for semseg; the SegmentationMeter takes logits and takes
-    their argmax, so the ids become a one-hot (uint8) score map whose argmax is the id itself.
-    """
+    def __init__(self, dataset: Any, split: str, quarantine: set[str]) -> None:
+        self.dataset = dataset
+        self.n_rows = 0
+        by_line: dict[str, list[int]] = defaultdict(list)
+        for index, row in enumerate(dataset.rows):
+            if row["split"] != split:
+                continue
+            self.n_rows += 1
+            if row["sample_id"] not in quarantine:
+                by_line[row["line_id"]].append(index)
+        self.by_line = dict(by_line)
+
+
+class _Scored:
+    """A model scored on test (and, when it segments, on val for its thresholds)."""
+
+    def __init__(
+        self,
+        predictor: Any,
+        test: _Split,
+        val: _Split | None,
+        settings: Mapping[str, Any],
+        deep: bool,
+        label: str,
+    ) -> None:
+        from components.evaluate.inspection import choose_line_threshold
+        from components.evaluate.scoring import score_split
+
+        config = settings["inspection"]
+        common = {
+            "batch_size": settings["batch_size"],
+            "reject_classes": tuple(config.reject_classes),
+            "miou_rule": settings["miou_rule"],
+        }
+        self.predictor = predictor
+        self.per_line, self.overall = score_split(
+            predictor,
+            test.dataset,
+            test.by_line,
+            deep=deep,
+            boundary_px=settings["boundary_px"],
+            features=settings.get("features"),
+            progress=f"{label}: test",
+            **common,
+        )
+        self.thresholds: dict[str, int] | None = None
+        self.overall_threshold: int | None = None
+        if "semseg" in predictor.tasks:
+            val_lines, val_overall = {}, None
+            if val is not None and val.by_line:
+                val_lines, val_overall = score_split(
+                    predictor,
+                    val.dataset,
+                    val.by_line,
+                    deep=False,
+                    progress=f"{label}: val",
+                    **common,
+                )
+            self.thresholds = {
+                line: choose_line_threshold(val_lines.get(line), config) for line in self.per_line
+            }
+            self.overall_threshold = choose_line_threshold(val_overall, config)
+
+
+def _dimensions(scores: Any) -> dict[str, Any] | None:
     import numpy as np
-    import torch
 
-    present = torch.tensor([bool(s["present"][task]) for s in samples], dtype=torch.bool)
-    if task == "semseg":
-        if not num_classes:
-            raise ConfigError("the model card has no num_classes for semseg")
-        ids = torch.from_numpy(np.ascontiguousarray(prediction)).to(torch.int64)
-        pred = torch.zeros((ids.shape[0], num_classes, *ids.shape[1:]), dtype=torch.uint8)
-        pred.scatter_(1, ids.unsqueeze(1), 1)
-        target = torch.from_numpy(np.stack([s["semseg"] for s in samples])).to(torch.int64)
-    elif task == "height":
-        pred = torch.from_numpy(np.ascontiguousarray(prediction)).unsqueeze(1)
-        target = torch.from_numpy(np.stack([s["height"] for s in samples])).unsqueeze(1)
-    elif task == "normals":
-        pred = torch.from_numpy(np.ascontiguousarray(prediction)).permute(0, 3, 1, 2)
-        target = torch.from_numpy(np.stack([s["normals"] for s in samples])).permute(0, 3, 1, 2)
-    else:
-        raise ConfigError(f"a line dataset has no labels for task {task!r}")
-    return pred, target, present
+    if not scores.dimensions:
+        return None
+    errors = np.abs(np.array([error for error, _ in scores.dimensions]))
+    agree = np.array([same for _, same in scores.dimensions])
+    return {
+        "n_features": int(errors.size),
+        "mae_mm": float(errors.mean()),
+        "p95_mm": float(np.percentile(errors, 95)),
+        "in_tol_acc": float(agree.mean()),
+    }
 
 
-def _metrics_of(meters: Mapping[str, Any]) -> dict[str, float | None]:
-    from cta_model.tasks import flatten_metrics
+def _entry(scores: Any, threshold: int | None, config: Any) -> dict[str, Any]:
+    from components.evaluate.inspection import inspection_figures, n_defective
 
-    flat = flatten_metrics({task: meter.compute() for task, meter in meters.items()})
-    return {key: _json_number(value) for key, value in flat.items()}
+    return {
+        "n_images": scores.n_images,
+        "n_defective": n_defective(scores),
+        "metrics": scores.metrics,
+        "inspection": (
+            None if threshold is None else inspection_figures(scores, threshold, config)
+        ),
+        "dimensions": _dimensions(scores),
+        "robustness": {"boundary": scores.boundary, "dropout": scores.dropout},
+    }
+
+
+def _registry_sections(
+    candidate: _Scored,
+    test: _Split,
+    val: _Split,
+    settings: Mapping[str, Any],
+    manifest_sha256: str,
+    resamples: Mapping[str, Any],
+    tracking_uri: str,
+    model_name: str,
+) -> tuple[dict[str, Any], list[Any]]:
+    """delta_m (+ reason) and vs_champion (+ reason) from the registry; the baselines'
+    Predictors (for latency.stl)."""
+    import tempfile
+
+    from components.evaluate import references
+    from components.evaluate.inspection import compare_with_champion
+
+    tasks = tuple(candidate.predictor.tasks)
+    client = references.registry_client(tracking_uri)
+    sections: dict[str, Any] = {}
+    baseline_predictors: list[Any] = []
+    with tempfile.TemporaryDirectory(prefix="cta-evaluate-") as staging:
+        found, missing = references.find_baselines(client, model_name, tasks, manifest_sha256)
+        if missing:
+            names = ", ".join(references.baseline_name(model_name, task) for task in missing)
+            sections["delta_m"] = None
+            sections["delta_m_reason"] = (
+                f"{DELTA_M_NO_BASELINES} for this data: no complete "
+                f"@{references.BASELINE_ALIAS} version of {names} with "
+                f"{references.TAG_MANIFEST}={manifest_sha256}"
+            )
+        else:
+            baselines: dict[str, Any] = {}
+            for task, version in found.items():
+                folder = references.fetch_version(
+                    version.name, version.version, Path(staging) / f"stl-{task}", tracking_uri
+                )
+                predictor = _load_predictor(folder)
+                scored = _Scored(predictor, test, None, settings, False, f"baseline {task}")
+                baseline_predictors.append(predictor)
+                baselines[task] = {
+                    "name": version.name,
+                    "version": str(version.version),
+                    "metrics": {
+                        key: value
+                        for key, value in scored.overall.metrics.items()
+                        if key.startswith(f"{task}.")
+                    },
+                }
+            section, reason = references.delta_m_section(
+                candidate.overall.metrics, tasks, baselines
+            )
+            sections["delta_m"], sections["delta_m_reason"] = section, reason
+
+        champion, reason = references.complete_champion(client, model_name)
+        sections["vs_champion"], sections["vs_champion_reason"] = None, reason
+        if champion is not None:
+            folder = references.fetch_version(
+                model_name, champion.version, Path(staging) / "champion", tracking_uri
+            )
+            scored = _Scored(_load_predictor(folder), test, val, settings, False, "champion")
+            comparison = compare_with_champion(
+                candidate.per_line,
+                scored.per_line,
+                candidate.overall.metrics,
+                scored.overall.metrics,
+                candidate.thresholds,
+                scored.thresholds,
+                resamples,
+            )
+            sections["vs_champion"] = {
+                "name": model_name,
+                "version": str(champion.version),
+                "model_id": getattr(champion, "model_id", None)
+                or (champion.tags or {}).get("cta.model_id"),
+                **comparison,
+            }
+    return sections, baseline_predictors
 
 
 def run(
@@ -118,27 +259,45 @@ def run(
     batch_size: int = 8,
     lines_config: str | None = None,
     miou_rule: str = "nanmean_union",
+    tracking_uri: str | None = None,
+    inspection_config: str | None = None,
+    bootstrap_n: int = 1000,
+    bootstrap_seed: int = 0,
+    latency_repeats: int = 5,
+    boundary_px: int = 2,
+    explain: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate ``model_dir`` on ``split`` of ``data_uri``; writes and returns evaluation.json."""
+    """Evaluate ``model_dir`` on ``split`` of ``data_uri``; writes and returns evaluation.json.
+
+    The registry (STL baselines for Delta_m, the champion) is consulted only when both
+    ``tracking_uri`` and ``model_name`` are given; otherwise both are null with a reason.
+    """
+    import numpy as np
+
     from components.artifacts import write_json_atomic
+    from components.evaluate.explain import not_explainable_reason, write_affinity_images
+    from components.evaluate.inspection import bootstrap_replicates, line_resamples
+    from components.evaluate.latency import measure_latency
+    from components.evaluate.scoring import read_features
     from components.storage import opener_for
     from cta_model.data.line_dataset import MANIFEST_NAME, LineDataset, sha256_hex
-    from cta_model.inference import Predictor
+    from cta_model.inspection import DEFAULT_INSPECTION_CONFIG, load_inspection_config
     from cta_model.model_folder import folder_sha256
-    from cta_model.tasks import make_meters
 
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    for name, value in (
+        ("bootstrap_n", bootstrap_n),
+        ("latency_repeats", latency_repeats),
+        ("boundary_px", boundary_px),
+    ):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    config = load_inspection_config(inspection_config or DEFAULT_INSPECTION_CONFIG)
     # Checksums first: a tampered folder is refused before anything is read or computed.
-    predictor = Predictor.from_folder(model_dir, verify=True)
+    predictor = _load_predictor(model_dir)
     model_sha256 = folder_sha256(model_dir)
     tasks = tuple(predictor.tasks)
-    unsupported = [task for task in tasks if task not in LINE_DATASET_TASKS]
-    if unsupported:
-        raise ConfigError(
-            f"{model_dir}: model task(s) {', '.join(unsupported)} have no labels in a line dataset"
-        )
-    num_classes = predictor.card.spec.num_classes
 
     uri, ref = resolve_data(data_uri)
     root = _dataset_root(uri)
@@ -149,31 +308,79 @@ def run(
             f"{root}/{MANIFEST_NAME}: sha256 {manifest_sha256} differs from the validated "
             f"manifest_sha256 {ref['manifest_sha256']} in {data_uri}; validate the data again"
         )
-    dataset = LineDataset(root, lines_config, split=split, opener=opener)
     quarantine = set(ref["quarantine"]) if ref is not None else set()
-    by_line: dict[str, list[int]] = defaultdict(list)
-    for index, row in enumerate(dataset.rows):
-        if row["sample_id"] not in quarantine:
-            by_line[row["line_id"]].append(index)
-    n_images = sum(len(indices) for indices in by_line.values())
+    # All splits in one dataset: thresholds are chosen on val (scoring val chooses on val too).
+    dataset = LineDataset(root, lines_config, opener=opener, include_height_clean=True)
+    test = _Split(dataset, split, quarantine)
+    n_images = sum(len(indices) for indices in test.by_line.values())
     if n_images == 0:
         raise DataError(f"{root}: split {split!r} has no samples outside the quarantine")
+    val = _Split(dataset, "val", quarantine)
+    settings = {
+        "batch_size": batch_size,
+        "miou_rule": miou_rule,
+        "boundary_px": boundary_px,
+        "inspection": config,
+        "features": read_features(dataset),
+    }
+    candidate = _Scored(predictor, test, val, settings, True, "candidate")
+    thresholds = candidate.thresholds or {}
+    per_line = {
+        line: _entry(scores, thresholds.get(line), config)
+        for line, scores in candidate.per_line.items()
+    }
+    overall = _entry(candidate.overall, candidate.overall_threshold, config)
 
-    def new_meters() -> dict[str, Any]:
-        return make_meters(tasks, num_classes=num_classes, miou_rule=miou_rule)
+    resamples = {
+        line: line_resamples(scores.n_images, bootstrap_n, bootstrap_seed, line)
+        for line, scores in candidate.per_line.items()
+    }
+    replicates = {
+        line: bootstrap_replicates(
+            scores,
+            thresholds.get(line, config.min_area_px),
+            resamples[line],
+        )
+        if candidate.thresholds is not None
+        else {"recall": [None] * bootstrap_n, "frr": [None] * bootstrap_n}
+        for line, scores in candidate.per_line.items()
+    }
 
-    overall = new_meters()
-    per_line: dict[str, Any] = {}
-    for line_id in sorted(by_line):
-        meters = new_meters()
-        for samples in _batches(dataset, by_line[line_id], batch_size):
-            images = [sample["image"] for sample in samples]
-            predictions = predictor.predict(images)
-            for task in tasks:
-                pred, target, present = meter_inputs(task, predictions[task], samples, num_classes)
-                meters[task].update(pred, target, present)
-                overall[task].update(pred, target, present)
-        per_line[line_id] = {"n_images": len(by_line[line_id]), "metrics": _metrics_of(meters)}
+    registry: dict[str, Any] = {
+        "delta_m": None,
+        "delta_m_reason": DELTA_M_NO_BASELINES,
+        "vs_champion": None,
+        "vs_champion_reason": "no tracking URI and model name given: no champion looked up",
+    }
+    baseline_predictors: list[Any] = []
+    if tracking_uri and model_name:
+        registry, baseline_predictors = _registry_sections(
+            candidate, test, val, settings, manifest_sha256, resamples, tracking_uri, model_name
+        )
+
+    first_line = test.by_line[sorted(test.by_line)[0]]
+    latency_samples = [test.dataset[i] for i in first_line[:batch_size]]
+    latency_images = np.stack(
+        [
+            s["image"]
+            for s in latency_samples
+            if s["image"].shape == latency_samples[0]["image"].shape
+        ]
+    )
+    log.info("latency: %d repeat(s) of a batch of %d", latency_repeats, len(latency_images))
+    latency = measure_latency(predictor, latency_images, latency_repeats, baseline_predictors)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    explain_section, explain_reason = None, None
+    if not explain:
+        explain_reason = "explain disabled"
+    else:
+        explain_reason = not_explainable_reason(predictor)
+        if explain_reason is None:
+            explain_indices = [i for line in sorted(test.by_line) for i in test.by_line[line]]
+            explain_samples = [test.dataset[i] for i in explain_indices[:EXPLAIN_IMAGES]]
+            explain_section = write_affinity_images(predictor, explain_samples, out)
 
     evaluation: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -189,16 +396,30 @@ def run(
             "manifest_sha256": manifest_sha256,
             "split": split,
             "dvc_rev": ref["dvc_rev"] if ref is not None else None,
-            "quarantine_skipped": len(dataset) - n_images,
+            "quarantine_skipped": test.n_rows - n_images,
         },
-        "metric_settings": {"reduction": "pooled", "miou_rule": miou_rule},
+        "metric_settings": {
+            "reduction": "pooled",
+            "miou_rule": miou_rule,
+            "boundary_px": boundary_px,
+            "reject_classes": list(config.reject_classes),
+            "target_recall": config.target_recall,
+            "min_area_px": config.min_area_px,
+            "threshold_split": "val",
+        },
         "per_line": per_line,
-        "overall": {"n_images": n_images, "metrics": _metrics_of(overall)},
-        "delta_m": None,
-        "delta_m_reason": DELTA_M_NO_BASELINES,
+        "overall": overall,
+        **registry,
+        "bootstrap": {
+            "unit": "image",
+            "n": bootstrap_n,
+            "seed": bootstrap_seed,
+            "replicates": replicates,
+        },
+        "latency": latency,
+        "explain": explain_section,
+        "explain_reason": explain_reason,
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / EVALUATION_NAME, evaluation, schema_name=SCHEMA_NAME)
     return evaluation
 

@@ -1,0 +1,316 @@
+"""One pass of a Predictor over the images of one split, per line: what every figure needs.
+
+``score_split`` runs the model once per batch and feeds, per line and over all lines:
+
+- the task registry's pooled meters (``metrics``);
+- per image: the predicted reject area (``cta_model.inspection.reject_area`` of the predicted
+  class ids), whether the TARGET shows a defect (>= 1 reject-class pixel; only for images with
+  a semseg label) and each task's primary metric on that image alone (for paired bootstraps);
+- with ``deep``: meters restricted to pixels within ``boundary_px`` of a label boundary (a pixel
+  whose (2k+1)^2 neighbourhood in the target semseg holds more than one value), a height meter
+  on sensor drop-out pixels (height label NaN where ``height_clean`` is known, scored against
+  ``height_clean``), and dimension errors of ``features.parquet`` (see ``dimension_errors``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cta_model.errors import ConfigError, DataError
+
+log = logging.getLogger("cta.evaluate")
+
+
+def json_number(value: float) -> float | None:
+    """A finite float, or None (JSON has no NaN: a metric with nothing valid to score)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def meter_inputs(
+    task: str, prediction: Any, samples: list[Mapping[str, Any]], num_classes: int | None
+) -> tuple[Any, Any, Any]:
+    """(pred, target, present) tensors in the layouts the task's meter expects.
+
+    The Predictor returns class ids for semseg; the SegmentationMeter takes logits and takes
+    their argmax, so the ids become a one-hot (uint8) score map whose argmax is the id itself.
+    """
+    import torch
+
+    present = torch.tensor([bool(s["present"][task]) for s in samples], dtype=torch.bool)
+    if task == "semseg":
+        if not num_classes:
+            raise ConfigError("the model card has no num_classes for semseg")
+        ids = torch.from_numpy(np.ascontiguousarray(prediction)).to(torch.int64)
+        pred = torch.zeros((ids.shape[0], num_classes, *ids.shape[1:]), dtype=torch.uint8)
+        pred.scatter_(1, ids.unsqueeze(1), 1)
+        target = torch.from_numpy(np.stack([s["semseg"] for s in samples])).to(torch.int64)
+    elif task == "height":
+        pred = torch.from_numpy(np.ascontiguousarray(prediction)).unsqueeze(1)
+        target = torch.from_numpy(np.stack([s["height"] for s in samples])).unsqueeze(1)
+    elif task == "normals":
+        pred = torch.from_numpy(np.ascontiguousarray(prediction)).permute(0, 3, 1, 2)
+        target = torch.from_numpy(np.stack([s["normals"] for s in samples])).permute(0, 3, 1, 2)
+    else:
+        raise ConfigError(f"a line dataset has no labels for task {task!r}")
+    return pred, target, present
+
+
+def metrics_of(meters: Mapping[str, Any]) -> dict[str, float | None]:
+    """Flat "<task>.<metric>" -> value (None when not scorable) of a dict of meters."""
+    from cta_model.tasks import flatten_metrics
+
+    flat = flatten_metrics({task: meter.compute() for task, meter in meters.items()})
+    return {key: json_number(value) for key, value in flat.items()}
+
+
+@dataclass
+class LineScores:
+    """Everything scored on one line's images (or on all lines, for ``overall``)."""
+
+    sample_ids: list[str] = field(default_factory=list)
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    reject_area: list[int] = field(default_factory=list)
+    defective: list[bool] = field(default_factory=list)  # target has a reject-class pixel
+    labelled: list[bool] = field(default_factory=list)  # target semseg present
+    per_image: dict[str, list[float]] = field(default_factory=dict)  # task -> primary metric
+    boundary: dict[str, float | None] = field(default_factory=dict)
+    dropout: dict[str, float | None] = field(default_factory=dict)
+    # (measured - actual mm, measured in-tolerance verdict == true verdict) per feature
+    dimensions: list[tuple[float, bool]] = field(default_factory=list)
+
+    @property
+    def n_images(self) -> int:
+        return len(self.sample_ids)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(reject area int64, defective bool, good bool) per image; unlabelled: neither."""
+        labelled = np.asarray(self.labelled, dtype=bool)
+        defective = np.asarray(self.defective, dtype=bool) & labelled
+        area = np.asarray(self.reject_area, dtype=np.int64)
+        return area, defective, labelled & ~defective
+
+
+def boundary_mask(semseg: Any, boundary_px: int) -> Any:
+    """(B, H, W) bool: pixels whose (2k+1)^2 neighbourhood holds more than one label value."""
+    import torch.nn.functional as F
+
+    labels = semseg.float().unsqueeze(1)
+    size = 2 * boundary_px + 1
+    high = F.max_pool2d(labels, size, stride=1, padding=boundary_px)
+    low = -F.max_pool2d(-labels, size, stride=1, padding=boundary_px)
+    return (high != low).squeeze(1) & (semseg >= 0)
+
+
+def _masked_target(task: str, target: Any, mask: Any) -> Any:
+    """``target`` with pixels outside ``mask`` (B, H, W) set to the task's invalid marker."""
+    import torch
+
+    if task == "semseg":
+        return torch.where(mask, target, torch.full_like(target, -1))
+    fill = float("nan") if task == "height" else 0.0
+    return torch.where(mask.unsqueeze(1), target, torch.full_like(target, fill))
+
+
+def _box_mean(array: np.ndarray, row: Mapping[str, Any]) -> float:
+    region = array[row["y0"] : row["y1"], row["x0"] : row["x1"]]
+    finite = region[np.isfinite(region)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+def dimension_errors(
+    predicted_height: np.ndarray,
+    reference_height: np.ndarray,
+    features: Iterable[Mapping[str, Any]],
+) -> list[tuple[float, bool]]:
+    """Per feature: (measured - actual mm, measured verdict == true verdict).
+
+    The gauge is deliberately simple: the mean height over the feature's box. The dimension
+    is measured as ``actual_mm + gauge(predicted) - gauge(reference)`` with the reference the
+    clean height (``height_clean``, else the label where the sensor saw it): the error is what
+    the predicted height moves the gauge by, so the gauge's own bias cancels. The verdict is
+    ``|measured - nominal| <= tolerance``; features without any reference pixel are skipped.
+    """
+    errors = []
+    for row in features:
+        reference = _box_mean(reference_height, row)
+        if not np.isfinite(reference):
+            continue
+        error = _box_mean(predicted_height, row) - reference
+        measured = row["actual_mm"] + error
+        verdict = abs(measured - row["nominal_mm"]) <= row["tolerance_mm"]
+        errors.append((error, bool(verdict) == bool(row["in_tolerance"])))
+    return errors
+
+
+def _batches(dataset: Any, indices: list[int], batch_size: int) -> Iterator[list[dict]]:
+    """Samples of ``indices`` in batches of at most ``batch_size`` images of one size."""
+    batch: list[dict[str, Any]] = []
+    for index in indices:
+        sample = dataset[index]
+        if batch and (len(batch) >= batch_size or sample["image"].shape != batch[0]["image"].shape):
+            yield batch
+            batch = []
+        batch.append(sample)
+    if batch:
+        yield batch
+
+
+def read_features(dataset: Any) -> dict[str, list[dict[str, Any]]]:
+    """features.parquet rows of the dataset's samples by sample_id; {} when it has none."""
+    try:
+        rows = dataset.read_features().to_pylist()
+    except DataError:
+        return {}
+    by_sample: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_sample.setdefault(row["sample_id"], []).append(row)
+    return by_sample
+
+
+class _Accumulator:
+    """Meters and per-image lists of one group of images (a line, or all lines)."""
+
+    def __init__(self, tasks: tuple[str, ...], num_classes: int | None, miou_rule: str) -> None:
+        from cta_model.tasks import make_meters
+
+        def new() -> dict[str, Any]:
+            return make_meters(tasks, num_classes=num_classes, miou_rule=miou_rule)
+
+        self.meters, self.boundary = new(), new()
+        self.dropout = make_meters(("height",))["height"]
+        self.scores = LineScores(per_image={task: [] for task in tasks})
+
+    def finish(self, deep: bool, has_height: bool) -> LineScores:
+        self.scores.metrics = metrics_of(self.meters)
+        if deep:
+            self.scores.boundary = metrics_of(self.boundary)
+            value = self.dropout.compute()["abs_err_mm"] if has_height else float("nan")
+            self.scores.dropout = {"height.abs_err_mm": json_number(value)}
+        return self.scores
+
+
+def _per_image_primary(
+    task: str, pred: Any, target: Any, present: Any, num_classes: int | None, miou_rule: str
+) -> list[float]:
+    from cta_model.tasks import get_task
+
+    spec = get_task(task)
+    values = []
+    for i in range(pred.shape[0]):
+        meter = spec.make_meter(num_classes=num_classes, miou_rule=miou_rule)
+        meter.update(pred[i : i + 1], target[i : i + 1], present[i : i + 1])
+        values.append(float(meter.compute()[spec.primary_metric.name]))
+    return values
+
+
+def score_split(
+    predictor: Any,
+    dataset: Any,
+    by_line: Mapping[str, list[int]],
+    *,
+    batch_size: int,
+    reject_classes: tuple[int, ...],
+    miou_rule: str = "nanmean_union",
+    deep: bool = True,
+    boundary_px: int = 2,
+    features: Mapping[str, list[dict[str, Any]]] | None = None,
+    progress: str | None = None,
+) -> tuple[dict[str, LineScores], LineScores]:
+    """Score ``predictor`` on the samples ``by_line`` of ``dataset``: (per line, overall).
+
+    Without ``deep`` only the pooled metrics and the per-image inspection inputs are kept (what
+    a threshold on ``val`` needs). ``deep`` needs ``dataset`` built with height_clean.
+    """
+    import torch
+
+    from cta_model.inspection import reject_area
+
+    tasks = tuple(predictor.tasks)
+    num_classes = predictor.card.spec.num_classes
+    has_height = "height" in tasks
+    features = features or {}
+    reject = np.asarray(reject_classes)
+    overall = _Accumulator(tasks, num_classes, miou_rule)
+    per_line: dict[str, LineScores] = {}
+    for line_id in sorted(by_line):
+        if progress:
+            log.info("%s: line %s, %d image(s)", progress, line_id, len(by_line[line_id]))
+        line = _Accumulator(tasks, num_classes, miou_rule)
+        for samples in _batches(dataset, by_line[line_id], batch_size):
+            predictions = predictor.predict([sample["image"] for sample in samples])
+            semseg_targets = np.stack([s["semseg"] for s in samples])
+            labelled = [bool(s["present"]["semseg"]) for s in samples]
+            defective = np.isin(semseg_targets, reject).any(axis=(1, 2)).tolist()
+            if "semseg" in predictions:
+                areas = reject_area(predictions["semseg"], reject_classes).tolist()
+            else:
+                areas = [0] * len(samples)
+            boundary = None
+            if deep:
+                target_ids = torch.from_numpy(semseg_targets)
+                has_label = torch.tensor(labelled).view(-1, 1, 1)
+                boundary = boundary_mask(target_ids, boundary_px) & has_label
+            for group in (line, overall):
+                scores = group.scores
+                scores.sample_ids += [s["sample_id"] for s in samples]
+                scores.labelled += labelled
+                scores.defective += defective
+                scores.reject_area += areas
+            for task in tasks:
+                pred, target, present = meter_inputs(task, predictions[task], samples, num_classes)
+                values = _per_image_primary(task, pred, target, present, num_classes, miou_rule)
+                for group in (line, overall):
+                    group.meters[task].update(pred, target, present)
+                    group.scores.per_image[task] += values
+                    if boundary is not None:
+                        masked = _masked_target(task, target, boundary)
+                        group.boundary[task].update(pred, masked, present)
+            if deep and has_height:
+                _score_dropout_and_dimensions(predictions["height"], samples, features, line)
+                _score_dropout_and_dimensions(predictions["height"], samples, features, overall)
+        per_line[line_id] = line.finish(deep, has_height)
+    return per_line, overall.finish(deep, has_height)
+
+
+def _score_dropout_and_dimensions(
+    predicted_height: np.ndarray,
+    samples: list[dict[str, Any]],
+    features: Mapping[str, list[dict[str, Any]]],
+    group: _Accumulator,
+) -> None:
+    import torch
+
+    for i, sample in enumerate(samples):
+        clean = sample.get("height_clean")
+        if clean is None:
+            continue
+        if sample["present"]["height"]:
+            dropped = np.isnan(sample["height"]) & np.isfinite(clean)
+            target = np.where(dropped, clean, np.nan).astype(np.float32)
+            group.dropout.update(
+                torch.from_numpy(np.ascontiguousarray(predicted_height[i]))[None, None],
+                torch.from_numpy(target)[None, None],
+            )
+        reference = np.where(np.isfinite(clean), clean, sample["height"])
+        group.scores.dimensions += dimension_errors(
+            predicted_height[i], reference, features.get(sample["sample_id"], ())
+        )
+
+
+__all__ = [
+    "LineScores",
+    "boundary_mask",
+    "dimension_errors",
+    "json_number",
+    "meter_inputs",
+    "metrics_of",
+    "read_features",
+    "score_split",
+]
