@@ -601,9 +601,9 @@ def load_trainjob_schema(path: str | Path | None = None) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=4)
 def _raw_schema(path: str) -> dict[str, Any]:
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    safe_loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     with open(path, encoding="utf-8") as stream:
-        documents = [doc for doc in yaml.load_all(stream, Loader=loader) if doc]  # noqa: S506
+        documents = [doc for doc in yaml.load_all(stream, Loader=safe_loader) if doc]  # noqa: S506
     for document in documents:
         names = document.get("spec", {}).get("names", {})
         if (
