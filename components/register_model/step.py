@@ -21,7 +21,10 @@ In order (DESIGN 6.1, 6.2 - aliases only, no stages):
 
 Consistency checks before anything is registered: the evaluation's model_id and sha256 must
 be those of the LoggedModel, and the evaluation and dataset_ref must name the same manifest.
-Retries of transient MLflow errors are MLflow's own (its REST client retries with backoff).
+Retries of transient MLflow errors are MLflow's own (its REST client retries with backoff),
+bounded by ``run()``: MLflow's defaults (7 retries, backoff factor 2, 120 s timeout) keep a step
+waiting about four minutes on a dead server, ``HTTP_RETRY_DEFAULTS`` fail it in about 15-20 s
+with an error naming the server's URL. A value already set in the environment wins.
 Two registrations of the same model_id racing each other can still create two versions; the
 lowest version is then the one re-runs complete.
 """
@@ -31,7 +34,8 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +55,26 @@ EVALUATION_FILE = "evaluation.json"
 DATASET_REF_FILE = "dataset_ref.json"
 ROI_FILE = "roi.json"
 READY_TIMEOUT_S = 300.0
+# Read by MLflow's REST client on every request (mlflow/environment_variables.py, 3.17). With
+# urllib3's backoff (factor * 2**(n-1) after the n-th consecutive error, plus up to 1 s of
+# jitter) 4 retries wait about 2 + 4 + 8 s before the step fails.
+HTTP_RETRY_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
+@contextmanager
+def bounded_http_retries() -> Iterator[None]:
+    """Apply HTTP_RETRY_DEFAULTS where the environment does not set them, for the block only."""
+    added = [name for name in HTTP_RETRY_DEFAULTS if name not in os.environ]
+    os.environ.update({name: HTTP_RETRY_DEFAULTS[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def _client(tracking_uri: str | None) -> Any:
@@ -254,6 +278,7 @@ def _source_run(client: Any, logged_model: Any, name: str) -> str:
     return run.info.run_id
 
 
+@bounded_http_retries()
 def run(
     model_id: str,
     model_name: str,
@@ -325,6 +350,7 @@ def run(
 
 __all__ = [
     "CHALLENGER_ALIAS",
+    "HTTP_RETRY_DEFAULTS",
     "ROI_FILE",
     "COMPLETE",
     "TAG_COMPLETE",
