@@ -163,15 +163,14 @@ def is_credential_name(env_name: str) -> bool:
 class NodeResources(StrictModel):
     """Compute for each training node (pod). ``gpus`` maps to ``nvidia.com/gpu``."""
 
-    cpu: str | None = None
-    memory: str | None = None
+    # Every pod gets limits (the hardening rule of tests/unit/test_all_manifests_hardened.py).
+    cpu: str = "4"
+    memory: str = "16Gi"
     gpus: int = Field(default=0, ge=0)
 
     @field_validator("cpu", "memory", mode="before")
     @classmethod
     def _quantity(cls, value: Any) -> Any:
-        if value is None:
-            return None
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise ValueError(f"{value!r} is not a Kubernetes quantity such as '4', '500m', '16Gi'")
         text = str(value)
@@ -408,16 +407,12 @@ def trainer_env(spec: TrainJobSpec) -> list[dict[str, Any]]:
 def resources_per_node(resources: NodeResources) -> dict[str, dict[str, str]]:
     """requests/limits for one node.
 
-    CPU gets a request only (a CPU limit throttles data loading); memory gets request = limit so
-    that a node is never overcommitted; GPUs are an extended resource, set as limits (requests
-    default to them).
+    request = limit for CPU and memory (Guaranteed QoS: the node is never overcommitted and the
+    CPU limit equals what the scheduler reserved); GPUs are an extended resource, set as limits
+    (requests default to them).
     """
-    requests: dict[str, str] = {}
-    limits: dict[str, str] = {}
-    if resources.cpu is not None:
-        requests["cpu"] = resources.cpu
-    if resources.memory is not None:
-        requests["memory"] = limits["memory"] = resources.memory
+    requests = {"cpu": resources.cpu, "memory": resources.memory}
+    limits = dict(requests)
     if resources.gpus:
         limits["nvidia.com/gpu"] = str(resources.gpus)
     return {
@@ -434,34 +429,54 @@ def runtime_patch(spec: TrainJobSpec) -> dict[str, Any]:
     spec.runtimePatches[].trainingRuntimeSpec.template.spec.replicatedJobs[].template.spec
     .template, addressed by the runtime's replicated job and container names.
     """
-    pod_spec: dict[str, Any] = {}
-    if spec.volumes:
-        pod_spec["volumes"] = [
-            {
-                "name": volume.name,
-                "persistentVolumeClaim": {
-                    "claimName": volume.claim_name,
-                    **({"readOnly": True} if volume.read_only else {}),
-                },
-            }
-            for volume in spec.volumes
-        ]
-        pod_spec["containers"] = [
+    # Hardened like every other pod (non-root, read-only root with a scratch /tmp, no
+    # capabilities, RuntimeDefault seccomp); the image's user is 10001 (infra/images).
+    pod_spec: dict[str, Any] = {
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "runAsGroup": 10001,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumes": [
+            {"name": "tmp", "emptyDir": {}},
+            *(
+                {
+                    "name": volume.name,
+                    "persistentVolumeClaim": {
+                        "claimName": volume.claim_name,
+                        **({"readOnly": True} if volume.read_only else {}),
+                    },
+                }
+                for volume in spec.volumes
+            ),
+        ],
+        "containers": [
             {
                 "name": TRAINER_NODE,
+                "securityContext": {
+                    "readOnlyRootFilesystem": True,
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"drop": ["ALL"]},
+                },
                 "volumeMounts": [
-                    {
-                        "name": volume.name,
-                        "mountPath": volume.mount_path,
-                        **({"readOnly": True} if volume.read_only else {}),
-                    }
-                    for volume in spec.volumes
+                    {"name": "tmp", "mountPath": "/tmp"},
+                    *(
+                        {
+                            "name": volume.name,
+                            "mountPath": volume.mount_path,
+                            **({"readOnly": True} if volume.read_only else {}),
+                        }
+                        for volume in spec.volumes
+                    ),
                 ],
             }
-        ]
-    pod_template: dict[str, Any] = {"metadata": {"labels": trainjob_labels(spec)}}
-    if pod_spec:
-        pod_template["spec"] = pod_spec
+        ],
+    }
+    pod_template: dict[str, Any] = {
+        "metadata": {"labels": trainjob_labels(spec)},
+        "spec": pod_spec,
+    }
     return {
         "manager": PATCH_MANAGER,
         "trainingRuntimeSpec": {

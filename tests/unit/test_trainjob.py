@@ -105,14 +105,21 @@ def test_minimal_spec_uses_the_documented_defaults():
     assert trainer["numNodes"] == 1
     # "auto" is not a value of the v2.3.0 schema (int32): it is expressed by leaving it out.
     assert "numProcPerNode" not in trainer
-    assert "resourcesPerNode" not in trainer and "env" not in trainer and "args" not in trainer
+    assert "env" not in trainer and "args" not in trainer
+    # Limits on every pod (request = limit): the hardening rule of the platform manifests.
+    assert trainer["resourcesPerNode"] == {
+        "requests": {"cpu": "4", "memory": "16Gi"},
+        "limits": {"cpu": "4", "memory": "16Gi"},
+    }
     assert "activeDeadlineSeconds" not in trainjob["spec"]
     assert trainjob["metadata"]["labels"] == {
         "app.kubernetes.io/part-of": "cta",
         "app.kubernetes.io/component": "train",
         "cta.run-id": "r1",
     }
-    assert "spec" not in pod_template(trainjob)  # no volumes: only the pod labels are patched
+    hardened = pod_template(trainjob)["spec"]  # without volumes: only /tmp as scratch
+    assert hardened["securityContext"]["runAsNonRoot"] is True
+    assert hardened["volumes"] == [{"name": "tmp", "emptyDir": {}}]
 
 
 def test_command_and_args_override():
@@ -125,10 +132,12 @@ def test_command_and_args_override():
 def test_resources_per_node():
     assert resources_per_node(NodeResources(cpu="500m", memory="8Gi", gpus=2)) == {
         "requests": {"cpu": "500m", "memory": "8Gi"},
-        "limits": {"memory": "8Gi", "nvidia.com/gpu": "2"},
+        "limits": {"cpu": "500m", "memory": "8Gi", "nvidia.com/gpu": "2"},
     }
-    assert resources_per_node(NodeResources(cpu=4)) == {"requests": {"cpu": "4"}}
-    assert resources_per_node(NodeResources()) == {}
+    assert resources_per_node(NodeResources(cpu=2)) == {
+        "requests": {"cpu": "2", "memory": "16Gi"},
+        "limits": {"cpu": "2", "memory": "16Gi"},
+    }
 
 
 def test_labels_are_on_the_trainjob_and_on_the_trainer_pods():
@@ -179,18 +188,18 @@ def test_volumes_land_in_the_runtime_patch_of_the_trainer_node():
     assert patch["manager"] == "cta.train"
     pod_spec = pod_template(trainjob)["spec"]
     assert pod_spec["volumes"] == [
+        {"name": "tmp", "emptyDir": {}},
         {"name": "runs", "persistentVolumeClaim": {"claimName": "cta-runs"}},
         {"name": "data", "persistentVolumeClaim": {"claimName": "cta-datasets", "readOnly": True}},
     ]
-    assert pod_spec["containers"] == [
-        {
-            "name": "node",
-            "volumeMounts": [
-                {"name": "runs", "mountPath": "/data/runs"},
-                {"name": "data", "mountPath": "/datasets", "readOnly": True},
-            ],
-        }
+    (container,) = pod_spec["containers"]
+    assert container["name"] == "node"
+    assert container["volumeMounts"] == [
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "runs", "mountPath": "/data/runs"},
+        {"name": "data", "mountPath": "/datasets", "readOnly": True},
     ]
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
 
 
 def test_secret_values_never_appear_in_the_manifest(monkeypatch):
