@@ -26,6 +26,30 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def quick() -> bool:
+    """Smoke mode (`BENCH_QUICK=1` or `--quick`): tiny sizes and repeats, results kept apart."""
+    return os.environ.get("BENCH_QUICK", "") not in ("", "0")
+
+
+def results_dir() -> Path:
+    """bench/results, or `BENCH_RESULTS_DIR`; quick runs go to its raw/quick (not committed)."""
+    base = Path(os.environ.get("BENCH_RESULTS_DIR") or RESULTS_DIR)
+    return base / "raw" / "quick" if quick() else base
+
+
+def work_dir(name: str) -> Path:
+    """A scratch folder for a benchmark's prepared inputs (models, exports), shared by its
+    children; under bench/results/raw (not committed), apart for quick runs."""
+    base = Path(os.environ.get("BENCH_RESULTS_DIR") or RESULTS_DIR)
+    return base / "raw" / ("quick" if quick() else "full") / f"{name}.work"
+
+
+def load_average() -> float:
+    """1-minute load average: above the core count, other jobs shared the cores."""
+    return os.getloadavg()[0]
 
 
 def peak_rss_mb() -> float:
@@ -34,18 +58,22 @@ def peak_rss_mb() -> float:
 
 
 def timed_median(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Median and spread of wall time (seconds) over ``repeats`` calls after ``warmup`` calls."""
+    """Median and spread of wall time (seconds) over ``repeats`` calls after ``warmup`` calls,
+    and the median CPU time of this process per call (all its threads; unlike wall time it
+    barely moves when other jobs share the cores)."""
     for _ in range(warmup):
         fn()
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     return {
         "median_s": statistics.median(times),
         "min_s": min(times),
         "max_s": max(times),
+        "cpu_median_s": statistics.median(cpu_times),
         "repeats": repeats,
     }
 
@@ -59,6 +87,7 @@ def machine() -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average_1min_at_end": load_average(),
         "platform": platform.platform(),
     }
 
@@ -91,29 +120,34 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def write_results(name: str, payload: dict[str, Any], markdown: str) -> Path:
     from cta_model.atomic import write_bytes_atomic
 
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / f"{name}.json"
+    folder = results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{name}.json"
     write_bytes_atomic(out, (json.dumps(payload, indent=2) + "\n").encode())
-    write_bytes_atomic(RESULTS_DIR / f"{name}.md", markdown.encode())
+    write_bytes_atomic(folder / f"{name}.md", markdown.encode())
     return out
 
 
 def bench_main(
     name: str,
     script: Path,
-    configs: Iterable[str],
+    configs: Iterable[str] | Callable[[], Iterable[str]],
     measure: Callable[[str], dict[str, Any]],
     summarise: Callable[[list[dict[str, Any]]], tuple[dict[str, Any], str]],
 ) -> None:
     """``measure(key)`` runs in the child and returns its row (include the key under "config");
-    ``summarise(rows)`` returns (ratios dict, Markdown text) for the parent."""
+    ``summarise(rows)`` returns (ratios dict, Markdown text) for the parent. ``configs`` may be
+    a function, called after ``--quick`` is applied, so it can depend on `quick()`."""
     parser = argparse.ArgumentParser(description=f"benchmark {name}")
     parser.add_argument("--config", help="measure one configuration in this process")
+    parser.add_argument("--quick", action="store_true", help="smoke run (same as BENCH_QUICK=1)")
     args = parser.parse_args()
+    if args.quick:
+        os.environ["BENCH_QUICK"] = "1"  # the children inherit it
     if args.config:
         print(json.dumps(measure(args.config)))
         return
-    keys = list(configs)
+    keys = list(configs() if callable(configs) else configs)
     rows = []
     started = time.monotonic()
     for index, key in enumerate(keys, 1):
@@ -125,7 +159,9 @@ def bench_main(
         )
     ratios, markdown = summarise(rows)
     out = write_results(
-        name, {"benchmark": name, "machine": machine(), "rows": rows, "ratios": ratios}, markdown
+        name,
+        {"benchmark": name, "quick": quick(), "machine": machine(), "rows": rows, "ratios": ratios},
+        markdown,
     )
     print(markdown)
     print(f"wrote {out}")

@@ -13,6 +13,13 @@ from pathlib import Path
 
 import click
 
+from components.gate.cli import gate
+from components.model_card.cli import model_card
+from components.monitor.cli import monitor, replay_qa_command
+from components.retrain.cli import retrain
+from components.roi_report.cli import roi_report
+from components.rollout.cli import rollout
+from components.serve.cli import serve
 from components.steps_cli import evaluate, register_model
 from cta_model.errors import CtaError
 from pipelines.cli import pipeline
@@ -368,7 +375,7 @@ BACKBONE_CHOICES = ["resnet18", "resnet34", "resnet50", "hrnet-w18-small-v2"]
 
 @main.group()
 def model() -> None:
-    """Model utilities: size and cost of an architecture."""
+    """Model utilities: size and cost of an architecture, export for deployment."""
 
 
 @model.command("summary")
@@ -419,9 +426,56 @@ def model_summary_command(
     click.echo(f"{'total':<20}{summary['params']['total']:>14,}{total_gflops:>12.2f}")
 
 
+@model.command("export")
+@click.option("--model", "model_uri", required=True, help="model folder or models:/NAME/<v>|@alias")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "formats",
+    default="pt2,onnx,int8",
+    show_default=True,
+    help="comma-separated: pt2 (torch.export), onnx (fp32), int8 (static PTQ, needs --calib-data)",
+)
+@click.option(
+    "--calib-data", default=None, help="line dataset (folder, s3://, dataset_ref.json); train split"
+)
+@click.option("--calib-samples", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI for a models:/ --model")
+@click.option("--overwrite", is_flag=True, help="replace an existing --out folder")
+def model_export_command(
+    model_uri, out_dir, formats, calib_data, calib_samples, tracking_uri, overwrite
+):
+    """Export to torch.export (.pt2), ONNX and int8 ONNX; writes export.json beside them."""
+    from components.export_cli import run
+
+    result = run(
+        model_uri,
+        out_dir,
+        formats,
+        calib_data,
+        calib_samples,
+        overwrite=overwrite,
+        tracking_uri=tracking_uri,
+    )
+    for fmt, errors in result["max_abs_error_vs_eager"].items():
+        worst = ", ".join(f"{task} {value:.2e}" for task, value in errors.items())
+        click.echo(f"{fmt}: max abs error vs eager: {worst}")
+    if result["quantized_layers"] is not None:
+        click.echo(f"int8: {len(result['quantized_layers'])} layers quantized (quantization.json)")
+    click.echo(f"wrote {out_dir}/export.json")
+
+
 main.add_command(pipeline)
 main.add_command(evaluate)
 main.add_command(register_model)
+main.add_command(roi_report)
+main.add_command(gate)
+main.add_command(model_card)
+main.add_command(serve)
+main.add_command(rollout)
+main.add_command(monitor)
+main.add_command(replay_qa_command)
+main.add_command(retrain)
 
 if __name__ == "__main__":
     main()

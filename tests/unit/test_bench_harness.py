@@ -1,0 +1,111 @@
+"""The benchmark harness (bench/common.py) and one real benchmark's child mode, at tiny size."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "bench"
+
+
+def _env(results: Path, quick: bool = True) -> dict[str, str]:
+    env = dict(os.environ, BENCH_RESULTS_DIR=str(results), OMP_NUM_THREADS="1")
+    env["BENCH_QUICK"] = "1" if quick else "0"
+    return env
+
+
+def test_train_step_child_measures_one_config(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "train_step.py"), "--config", "32x32:ctal"],
+        capture_output=True,
+        text=True,
+        env=_env(tmp_path),
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    assert row["config"] == "32x32:ctal"
+    assert (row["arch"], row["size"], row["backbone"]) == ("ctal", "32x32", "resnet18")
+    assert row["step_s"] > 0 and row["step_cpu_s"] > 0
+    assert row["images_per_s"] == pytest.approx(row["batch"] / row["step_s"])
+    assert row["peak_mb"] >= 0 and row["params"] > 1_000_000
+    assert row["affinity_mode"] == "dense"  # a 4x4 grid
+    assert not (tmp_path / "train_step.json").exists(), "a child writes no results file"
+
+
+FAKE_BENCH = """
+import os, sys
+sys.path.insert(0, {bench!r})
+from pathlib import Path
+from common import bench_main, markdown_table
+
+def measure(key):
+    return {{"config": key, "pid": os.getpid(), "value": float(len(key))}}
+
+def summarise(rows):
+    return {{"b_over_a": rows[1]["value"] / rows[0]["value"]}}, markdown_table(rows, ["config"])
+
+if __name__ == "__main__":
+    bench_main("fake", Path(__file__), lambda: ["a", "bb"], measure, summarise)
+"""
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_bench_main_runs_each_config_in_its_own_process(tmp_path: Path, quick: bool) -> None:
+    script = tmp_path / "fake.py"
+    script.write_text(FAKE_BENCH.format(bench=str(BENCH)))
+    results = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env=_env(results, quick),
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    folder = results / "raw" / "quick" if quick else results
+    payload = json.loads((folder / "fake.json").read_text())
+    assert payload["benchmark"] == "fake" and payload["quick"] is quick
+    assert [r["config"] for r in payload["rows"]] == ["a", "bb"]
+    pids = {r["pid"] for r in payload["rows"]}
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert payload["ratios"] == {"b_over_a": 2.0}
+    assert {"cores", "torch", "load_average_1min_at_end"} <= set(payload["machine"])
+    assert "| a |" in (folder / "fake.md").read_text()
+
+
+def test_train_step_summary_reports_ratios_and_the_target() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import train_step
+    finally:
+        sys.path.remove(str(BENCH))
+    rows = []
+    for size in train_step.SIZES:
+        for arch, seconds in (("ctal", 1.2), ("hps", 1.0), ("stl", 3.0)):
+            rows.append(
+                {
+                    "size": size,
+                    "arch": arch,
+                    "step_s": seconds,
+                    "step_cpu_s": 2 * seconds,
+                    "peak_mb": 100.0 * seconds,
+                    "affinity_mode": "dense" if arch == "ctal" else None,
+                    "params": 5_000_000,
+                }
+            )
+    ratios, markdown = train_step.summarise(rows)
+    assert ratios["128x128.ctal_over_hps.time"] == pytest.approx(1.2)
+    assert ratios["288x384.ctal_over_stl.time"] == pytest.approx(0.4)
+    assert ratios["target_ctal_over_hps_128"]["holds"] is True
+    assert "CTAL/HPS time" in markdown and "288x384" in markdown
