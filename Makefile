@@ -11,12 +11,21 @@ export DVC_NO_ANALYTICS := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: setup test test-slow test-all lint format lock clean help demo demo-clean
+.PHONY: test-load
+.PHONY: bench bench-quality
+.PHONY: image test-image setup-system
 
 help:
 	@echo "make setup      create .venv from requirements.txt + constraints.txt"
 	@echo "make test       all tests but 'slow' (unit, integration, e2e)"
 	@echo "make test-slow  the slow tier"
+	@echo "make test-load  load test of cta serve (32 clients, 2000 requests; bench/results/load_serve.json)"
 	@echo "make lint       ruff check + format check"
+	@echo "make bench-quality  STL/HPS/CTAL on the synthetic benchmark, 3 seeds (SIZE=cpu|full)"
+	@echo "make bench      every bench/*.py benchmark -> bench/results/ (BENCH_QUICK=1: smoke sizes)"
+	@echo "make image      build the project image (buildah, else docker; infra/images/README.md)"
+	@echo "make test-image build the image, run a component in it with podman (slow)"
+	@echo "make setup-system  install chromium, buildah, podman, runc, debootstrap (apt)"
 
 setup: $(STAMP)
 
@@ -56,7 +65,10 @@ clean:
 DEMO_DIR := $(CURDIR)/.cta/demo
 
 # The whole local demo on synthetic data: generate once, then the training pipeline through
-# kfp.local (validate -> train -> evaluate -> register); a second run registers the next version.
+# kfp.local (validate -> STL baselines when missing -> train -> evaluate -> ROI report ->
+# register -> gate (configs/gate-demo.yaml) -> roll-out wave 1 on local line servers), then the
+# monitoring step: every line's qa split replayed through a server, one line under brighter light,
+# and `cta monitor` per line. A second run reuses data and baselines and registers the next version.
 demo: setup
 	@start=$$(date +%s); \
 	if [ ! -f $(DEMO_DIR)/data/manifest.parquet ]; then \
@@ -64,8 +76,37 @@ demo: setup
 			--size 128 --seed 0; \
 	fi && \
 	$(VENV)/bin/cta pipeline run --local --data $(DEMO_DIR)/data --work-dir $(DEMO_DIR)/kfp \
-		--config configs/demo.yaml --tracking-uri sqlite:///$(DEMO_DIR)/mlflow/mlflow.db && \
+		--config configs/demo.yaml --tracking-uri sqlite:///$(DEMO_DIR)/mlflow/mlflow.db \
+		--gate-policy configs/gate-demo.yaml --rollout-plan configs/rollout-demo.yaml \
+		--rollout-state $(DEMO_DIR)/rollout && \
+	$(VENV)/bin/python -m components.monitor.demo --data $(DEMO_DIR)/data \
+		--tracking-uri sqlite:///$(DEMO_DIR)/mlflow/mlflow.db --out $(DEMO_DIR)/reports/monitor && \
 	echo "demo took $$(( $$(date +%s) - start )) s"
 
 demo-clean:
+	-@test -x $(VENV)/bin/cta && $(VENV)/bin/cta rollout stop-all --state $(DEMO_DIR)/rollout
 	rm -rf $(DEMO_DIR)
+
+# The project image, tagged $CTA_IMAGE or cta:0.1.0 (components/image.py); flags are
+# environment variables documented in infra/images/README.md.
+image:
+	bash infra/images/build.sh
+
+test-image: setup
+	$(VENV)/bin/python -m pytest tests/slow/test_image.py -m slow -v --timeout 3600 $(PYTEST_ARGS)
+
+setup-system:
+	bash infra/images/setup-system.sh
+
+# Bounded load test of `cta serve` on loopback (issue 9 item 3); also part of test-slow.
+test-load: setup
+	$(VENV)/bin/python -m pytest tests/load/test_load.py -m slow -s $(PYTEST_ARGS)
+
+# Every benchmark (bench/run_all.py), each configuration in a fresh subprocess; tables and JSON
+# in bench/results/ (README.md gathers them). BENCH_QUICK=1 runs smoke sizes into
+# bench/results/raw/quick instead.
+bench: setup
+	$(VENV)/bin/python bench/run_all.py
+
+bench-quality: setup
+	$(VENV)/bin/python bench/quality.py --size $(or $(SIZE),cpu)

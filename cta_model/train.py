@@ -1025,6 +1025,9 @@ class Trainer:
             gamma=m.gamma,
             fusion_kernel_size=m.fusion_kernel_size,
             shared_fusion=m.shared_fusion,
+            affinity_mode=m.affinity_mode,
+            affinity_block_size=m.affinity_block_size,
+            affinity_pool_factor=m.affinity_pool_factor,
         )
         self.model = build_model(self.spec)
         if m.init_from:

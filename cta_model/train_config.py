@@ -6,7 +6,9 @@ Sections (every key is optional unless marked; defaults follow the paper's recip
                     input_size [h, w], output_stride (ResNet: 8 | 16 | 32), backbone_weights
                     (a local file), init_from (a model folder whose weights start the run),
                     decoder_channels, affinity_channels, gamma, fusion_kernel_size,
-                    shared_fusion, num_classes (default: from the dataset)
+                    shared_fusion, affinity_mode (auto | dense | blocked | pooled),
+                    affinity_block_size (null = sized by memory), affinity_pool_factor
+                    (pooled only), num_classes (default: from the dataset)
     loss:           weighting (fixed | uncertainty | dwa), weights {task: float} (fixed only),
                     deep_supervision, dwa_temperature
     data:           exactly one of path (line dataset folder, s3:// URI, or a research-format
@@ -87,6 +89,9 @@ class ModelConfig(StrictModel):
     gamma: float = Field(default=0.05, ge=0, le=1)
     fusion_kernel_size: int = Field(default=3, ge=1)
     shared_fusion: bool = True
+    affinity_mode: Literal["auto", "dense", "blocked", "pooled"] = "auto"
+    affinity_block_size: int | None = Field(default=None, ge=1)
+    affinity_pool_factor: int = Field(default=2, ge=1)
 
     @field_validator("tasks", mode="before")
     @classmethod

@@ -9,7 +9,7 @@ predictions (empty for models without them). Architectures are chosen by name fr
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, NamedTuple
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from cta_model import tasks as task_registry
 from cta_model.errors import ConfigError
 from cta_model.nn.backbones import BACKBONES, build_backbone
-from cta_model.nn.ctal import CrossTaskAffinity
+from cta_model.nn.ctal import AFFINITY_MODES, CrossTaskAffinity
 from cta_model.nn.heads import InitialTaskDecoders, LightTaskHead, TaskHead, Upsample2x
 
 
@@ -43,6 +43,12 @@ class ModelSpec:
     gamma: float = 0.05
     fusion_kernel_size: int = 3
     shared_fusion: bool = True
+    # How CTAL computes the block (cta_model/nn/ctal.py): auto | dense | blocked | pooled.
+    # dense/blocked/auto share state-dict keys and shapes; pooled sizes the fusion for the
+    # pooled grid. Old model.yaml files without these keys load with the defaults.
+    affinity_mode: str = "auto"
+    affinity_block_size: int | None = None  # rows of G per block; None = sized by memory
+    affinity_pool_factor: int = 2  # pooled mode only
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -58,6 +64,11 @@ class ModelSpec:
             )
         if len(self.input_size) != 2 or min(self.input_size) < 8:
             raise ConfigError(f"input_size must be (height, width) >= 8, got {self.input_size}")
+        if self.affinity_mode not in AFFINITY_MODES:
+            raise ConfigError(
+                f"unknown affinity_mode {self.affinity_mode!r}; choose one of "
+                f"{', '.join(AFFINITY_MODES)}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -187,8 +198,30 @@ class CTALNet(DecoderNet):
                 gamma=spec.gamma,
                 kernel_size=spec.fusion_kernel_size,
                 shared_fusion=spec.shared_fusion,
+                mode=spec.affinity_mode,
+                block_size=spec.affinity_block_size,
+                pool_factor=spec.affinity_pool_factor,
             ),
         )
+
+    def affinity_maps(
+        self, images: torch.Tensor, pixels: Sequence[tuple[int, int]]
+    ) -> dict[str, torch.Tensor]:
+        """Affinity maps of chosen image pixels (y, x), per task and fused, for explanation.
+
+        Each pixel maps to its feature-grid cell; returns
+        `CrossTaskAffinity.affinity_maps` ({task: (B, P, h, w), "fused": ...} on the feature
+        grid, computing only the chosen rows).
+        """
+        height, width = images.shape[-2:]
+        for y, x in pixels:
+            if not (0 <= y < height and 0 <= x < width):
+                raise ValueError(f"pixel (y={y}, x={x}) is outside the {height}x{width} image")
+        grid = self.refinement.grid
+        cells = [(int(y * grid[0] / height), int(x * grid[1] / width)) for y, x in pixels]
+        features, _ = self.initial_decoders(self.backbone(images))
+        projected = {t: self.projections[t](features[t]) for t in self.tasks}
+        return self.refinement.affinity_maps(projected, cells)
 
 
 class HPSLightNet(MultiTaskNet):
@@ -240,3 +273,26 @@ ARCHITECTURES: dict[str, type[MultiTaskNet]] = {
 
 def build_model(spec: ModelSpec) -> MultiTaskNet:
     return ARCHITECTURES[spec.arch](spec)
+
+
+def resize_model(
+    model: MultiTaskNet, input_size: tuple[int, int], interpolation: str = "bilinear"
+) -> MultiTaskNet:
+    """A copy of a trained model for another input size (any-resolution inference).
+
+    Only CTAL depends on the grid: its per-position fusion kernels and biases are resampled to
+    the new feature grid (`CrossTaskAffinity.at_grid`, `bilinear` or `nearest`); every other
+    weight is copied. The copy's spec carries the new input_size, so it saves and loads as a
+    model folder for that size. Other architectures only get the new spec.
+    """
+    spec = replace(model.spec, input_size=tuple(input_size))
+    resized = build_model(spec)
+    state = model.state_dict()
+    if isinstance(model, CTALNet):
+        new_block = model.refinement.at_grid(
+            feature_grid(spec.input_size, model.backbone.stride), interpolation
+        )
+        state.update({f"refinement.{k}": v for k, v in new_block.state_dict().items()})
+    resized.load_state_dict(state)
+    reference = next(model.parameters())
+    return resized.to(device=reference.device, dtype=reference.dtype).train(model.training)
