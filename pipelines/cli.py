@@ -51,6 +51,24 @@ def compile_command(out_path: Path) -> None:
 )
 @click.option("--tracking-uri", required=True, help="MLflow tracking URI shared by every step")
 @click.option("--experiment", default="cta", show_default=True)
+@click.option("--model-name", default="cta-inspection", show_default=True)
+@click.option(
+    "--gate-policy",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="gate policy YAML [default: configs/gate.yaml, strict]",
+)
+@click.option(
+    "--rollout-plan",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="roll-out plan YAML [default: configs/rollout-plan.yaml]",
+)
+@click.option(
+    "--rollout-state", help="roll-out state URI [default: $CTA_ROLLOUT_STATE or WORK/rollout]"
+)
+@click.option("--roi-config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--lines-config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--approver", default="", help="recorded human approval for the gate")
+@click.option("--bootstrap-n", default=1000, show_default=True, type=click.IntRange(min=10))
 @click.option("--json", "as_json", is_flag=True, help="print the task states as JSON")
 def run_command(
     local: bool,
@@ -59,45 +77,49 @@ def run_command(
     config_path: Path,
     tracking_uri: str,
     experiment: str,
+    model_name: str,
+    gate_policy: Path | None,
+    rollout_plan: Path | None,
+    rollout_state: str | None,
+    roi_config: Path | None,
+    lines_config: Path | None,
+    approver: str,
+    bootstrap_n: int,
     as_json: bool,
 ) -> None:
     """Run the training pipeline locally; prints which tasks ran and what they made."""
-    from pipelines.run import run_local
+    import os
 
-    result = run_local(data_uri, work_dir, config_path, tracking_uri, experiment=experiment)
+    from pipelines.run import DEFAULT_GATE_POLICY, DEFAULT_ROLLOUT_PLAN, run_local
+    from pipelines.summary import summary_lines
+
+    state = rollout_state or os.environ.get("CTA_ROLLOUT_STATE") or str(work_dir / "rollout")
+    result = run_local(
+        data_uri,
+        work_dir,
+        config_path,
+        tracking_uri,
+        experiment=experiment,
+        model_name=model_name,
+        gate_policy=gate_policy or DEFAULT_GATE_POLICY,
+        rollout_plan=rollout_plan or DEFAULT_ROLLOUT_PLAN,
+        rollout_state=state,
+        roi_config=roi_config,
+        lines_config=lines_config,
+        approver=approver,
+        bootstrap_n=bootstrap_n,
+    )
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    for line in summary_lines(result, work_dir.resolve(), tracking_uri):
+    for line in summary_lines(result, work_dir.resolve(), tracking_uri, model_name, state):
         click.echo(line)
+    from pipelines.training import VALIDATE_TASK
 
-
-def summary_lines(result: dict, work_dir: Path, tracking_uri: str) -> list[str]:
-    """A short human summary: task states, test metrics, the registered version, where to look."""
-    from pipelines.training import REGISTER_TASK
-
-    lines = [
-        "pipeline tasks: " + ", ".join(f"{t} {i['state']}" for t, i in result["tasks"].items())
-    ]
-    evaluation_path = work_dir / "evaluate" / "evaluation.json"
-    if evaluation_path.is_file():
-        evaluation = json.loads(evaluation_path.read_text())
-        overall = evaluation["overall"]
-        lines.append(f"test metrics ({overall['n_images']} images):")
-        for name, value in overall["metrics"].items():
-            shown = "n/a" if value is None else f"{value:.4g}"
-            lines.append(f"  {name:<24} {shown}")
-    version = result["tasks"].get(REGISTER_TASK, {}).get("outputs", {}).get("Output")
-    if version:
-        lines.append(f"registered: cta-inspection version {version} (alias challenger)")
-    lines += [
-        f"validation report: {work_dir / 'validate_data' / 'validation_report.html'}",
-        f"evaluation:        {evaluation_path}",
-        f"model folder:      {work_dir / 'train' / 'model'}",
-        f"MLflow store:      {tracking_uri}",
-        f"open the MLflow UI: mlflow ui --backend-store-uri {tracking_uri}",
-    ]
-    return lines
+    if result["tasks"][VALIDATE_TASK]["outputs"].get("Output") is False:
+        raise click.ClickException(
+            "the data did not pass validation; nothing was trained (see the validation report)"
+        )
 
 
 # ------------------------------------------------------------------ remote (KFP server) commands

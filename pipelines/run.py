@@ -18,16 +18,35 @@ from typing import Any
 from kfp import compiler
 
 from pipelines.training import (
+    BASELINES_NEEDED_TASK,
     EVALUATE_TASK,
+    GATE_TASK,
     PIPELINE_NAME,
     REGISTER_TASK,
+    ROI_TASK,
+    ROLLOUT_TASK,
+    TRAIN_BASELINES_TASK,
     TRAIN_TASK,
     VALIDATE_TASK,
     training_pipeline,
 )
 
-#: The tasks of the training pipeline, in order.
-TASKS = (VALIDATE_TASK, TRAIN_TASK, EVALUATE_TASK, REGISTER_TASK)
+#: The tasks of the training pipeline, in order (nested ones appear as flat folders).
+TASKS = (
+    VALIDATE_TASK,
+    BASELINES_NEEDED_TASK,
+    TRAIN_BASELINES_TASK,
+    TRAIN_TASK,
+    EVALUATE_TASK,
+    ROI_TASK,
+    REGISTER_TASK,
+    GATE_TASK,
+    ROLLOUT_TASK,
+)
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+#: The strict gate and roll-out plan; the demo passes its loose, documented ones.
+DEFAULT_GATE_POLICY = CONFIGS / "gate.yaml"
+DEFAULT_ROLLOUT_PLAN = CONFIGS / "rollout-plan.yaml"
 #: Where kfp.local keeps its outputs, under the work dir.
 KFP_ROOT = "kfp"
 _EXECUTOR_OUTPUT = "executor_output.json"
@@ -47,8 +66,21 @@ def run_local(
     config_path: str | os.PathLike[str],
     tracking_uri: str,
     experiment: str = "cta",
+    *,
+    model_name: str = "cta-inspection",
+    gate_policy: str | os.PathLike[str] = DEFAULT_GATE_POLICY,
+    rollout_plan: str | os.PathLike[str] = DEFAULT_ROLLOUT_PLAN,
+    rollout_state: str | os.PathLike[str] | None = None,
+    rollout_backend: str = "local",
+    roi_config: str | os.PathLike[str] | None = None,
+    lines_config: str | os.PathLike[str] | None = None,
+    approver: str = "",
+    bootstrap_n: int = 1000,
+    latency_repeats: int = 5,
 ) -> dict[str, Any]:
     """Run the training pipeline through kfp.local; returns what happened.
+
+    ``rollout_state`` defaults to ``$CTA_ROLLOUT_STATE``, else ``<work_dir>/rollout``.
 
     Returns ``{"run_dir", "tasks": {task: {"state": "ran" | "skipped", "outputs": {...}}}}``.
     A failing task raises RuntimeError (kfp.local names the task; its log is on stdout).
@@ -73,6 +105,18 @@ def run_local(
             config_path=str(Path(config_path).resolve()),
             tracking_uri=tracking_uri,
             experiment=experiment,
+            model_name=model_name,
+            gate_policy=str(Path(gate_policy).resolve()),
+            rollout_plan=str(Path(rollout_plan).resolve()),
+            rollout_state=str(
+                rollout_state or os.environ.get("CTA_ROLLOUT_STATE") or work / "rollout"
+            ),
+            rollout_backend=rollout_backend,
+            roi_config=_absolute(roi_config),
+            lines_config=_absolute(lines_config),
+            approver=approver,
+            bootstrap_n=bootstrap_n,
+            latency_repeats=latency_repeats,
         )
     created = sorted(
         path
@@ -83,6 +127,11 @@ def run_local(
         raise RuntimeError(f"kfp.local left no run folder under {kfp_root}")
     run_dir = created[-1]
     return {"run_dir": str(run_dir), "tasks": {task: task_result(run_dir, task) for task in TASKS}}
+
+
+def _absolute(path: str | os.PathLike[str] | None) -> str:
+    """An absolute path for a step, or "" for the step's shipped default."""
+    return str(Path(path).resolve()) if path else ""
 
 
 def task_result(run_dir: str | os.PathLike[str], task: str) -> dict[str, Any]:

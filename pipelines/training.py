@@ -1,43 +1,106 @@
-"""The training pipeline: validate_data -> (passed) -> train -> evaluate -> register_model.
-Only wiring.
+"""The training pipeline (DESIGN 6): validate_data -> (train_baselines when needed) -> train ->
+evaluate -> roi_report -> register_model -> gate -> rollout (wave 1 only). Only wiring.
 
 Every path is a plain string under ``work_dir`` (absolute); the MLflow ``tracking_uri`` is
-handed to every step so they share one store (DESIGN 6.1). The gate is a ``dsl.If`` on the
-single output of validate_data: a condition on a NamedTuple output is silently False under
-kfp.local (DESIGN 6.2).
+handed to every step so they share one store (DESIGN 6.1). Every gate is a ``dsl.If`` on a
+single-output task: a condition on a NamedTuple output is silently False under kfp.local
+(DESIGN 6.2). The baselines branch is a sub-pipeline holding its own ``dsl.If``: a task outside a
+condition cannot wait for a task inside it, but it can wait for the sub-pipeline, so evaluate
+runs after the baselines were trained or found.
 """
 
 from kfp import dsl
 
 from components.evaluate.component import evaluate
+from components.gate.component import gate
 from components.register_model.component import register_model
+from components.roi_report.component import roi_report
+from components.rollout.component import rollout
 from components.train.component import train
+from components.train_baselines.component import baselines_needed, train_baselines
 from components.validate_data.component import validate_data
 
 PIPELINE_NAME = "cta-training"
 VALIDATE_TASK = "validate-data"
+BASELINES_NEEDED_TASK = "baselines-needed"
+TRAIN_BASELINES_TASK = "train-baselines"
 TRAIN_TASK = "train"
 EVALUATE_TASK = "evaluate"
+ROI_TASK = "roi-report"
 REGISTER_TASK = "register-model"
+GATE_TASK = "gate"
+ROLLOUT_TASK = "rollout"
+
+
+@dsl.pipeline(name="stl-baselines")
+def baselines_branch(
+    work_dir: str,
+    config_path: str,
+    model_name: str,
+    tracking_uri: str,
+    experiment: str = "cta",
+):
+    """Train and register the STL baselines only when none matches the data (DESIGN 5.3).
+
+    Paths are built here from ``work_dir``: kfp.local passes an f-string argument into a
+    sub-pipeline as null (kfp 2.17.3), while one built inside it resolves.
+    """
+    dataset_ref = f"{work_dir}/validate_data/dataset_ref.json"
+    needed = baselines_needed(
+        dataset_ref=dataset_ref,
+        config_path=config_path,
+        model_name=model_name,
+        tracking_uri=tracking_uri,
+    )
+    needed.set_display_name(BASELINES_NEEDED_TASK)
+    with dsl.If(needed.output == True, name="baselines-missing"):  # noqa: E712 (a KFP condition)
+        trained = train_baselines(
+            dataset_ref=dataset_ref,
+            config_path=config_path,
+            out_dir=f"{work_dir}/train_baselines",
+            model_name=model_name,
+            tracking_uri=tracking_uri,
+            experiment=experiment,
+        )
+        trained.set_display_name(TRAIN_BASELINES_TASK)
 
 
 @dsl.pipeline(
     name=PIPELINE_NAME,
-    description="Validate a line dataset, then train, evaluate and register a model.",
+    description="Validate a line dataset; train, evaluate, price, register, gate and roll out.",
 )
 def training_pipeline(
     data_uri: str,
     work_dir: str,
     config_path: str,
     tracking_uri: str,
+    gate_policy: str,
+    rollout_plan: str,
+    rollout_state: str,
     experiment: str = "cta",
     model_name: str = "cta-inspection",
+    roi_config: str = "",
+    lines_config: str = "",
+    rollout_backend: str = "local",
+    approver: str = "",
+    bootstrap_n: int = 1000,
+    latency_repeats: int = 5,
 ):
-    validate = validate_data(data_uri=data_uri, out_dir=f"{work_dir}/validate_data")
-    validate.set_display_name(VALIDATE_TASK)
-    with dsl.If(validate.output == True, name="data-passed"):  # noqa: E712 (a KFP condition)
+    dataset_ref = f"{work_dir}/validate_data/dataset_ref.json"
+    validated = validate_data(
+        data_uri=data_uri, out_dir=f"{work_dir}/validate_data", lines_config=lines_config
+    )
+    validated.set_display_name(VALIDATE_TASK)
+    with dsl.If(validated.output == True, name="data-passed"):  # noqa: E712 (a KFP condition)
+        baselines = baselines_branch(
+            work_dir=work_dir,
+            config_path=config_path,
+            model_name=model_name,
+            tracking_uri=tracking_uri,
+            experiment=experiment,
+        )
         trained = train(
-            dataset_ref=f"{work_dir}/validate_data/dataset_ref.json",
+            dataset_ref=dataset_ref,
             config_path=config_path,
             out_dir=f"{work_dir}/train",
             tracking_uri=tracking_uri,
@@ -46,16 +109,48 @@ def training_pipeline(
         trained.set_display_name(TRAIN_TASK)
         evaluated = evaluate(
             model_dir=f"{work_dir}/train/model",
-            dataset_ref=f"{work_dir}/validate_data/dataset_ref.json",
+            dataset_ref=dataset_ref,
             out_dir=f"{work_dir}/evaluate",
             model_id=trained.output,
+            tracking_uri=tracking_uri,
+            model_name=model_name,
+            bootstrap_n=bootstrap_n,
+            latency_repeats=latency_repeats,
         )
         evaluated.set_display_name(EVALUATE_TASK)
+        evaluated.after(baselines)
+        priced = roi_report(
+            evaluation=evaluated.output,
+            out_dir=f"{work_dir}/roi_report",
+            roi_config=roi_config,
+            lines_config=lines_config,
+        )
+        priced.set_display_name(ROI_TASK)
         registered = register_model(
             model_id=trained.output,
             model_name=model_name,
             evaluation=evaluated.output,
-            dataset_ref=f"{work_dir}/validate_data/dataset_ref.json",
+            dataset_ref=dataset_ref,
             tracking_uri=tracking_uri,
+            roi=priced.output,
         )
         registered.set_display_name(REGISTER_TASK)
+        verdict = gate(
+            model_name=model_name,
+            version=registered.output,
+            policy_path=gate_policy,
+            tracking_uri=tracking_uri,
+            approver=approver,
+        )
+        verdict.set_display_name(GATE_TASK)
+        with dsl.If(verdict.output == "pass", name="gate-passed"):
+            rolled_out = rollout(
+                model_name=model_name,
+                version=registered.output,
+                plan=rollout_plan,
+                data=data_uri,
+                state=rollout_state,
+                tracking_uri=tracking_uri,
+                backend=rollout_backend,
+            )
+            rolled_out.set_display_name(ROLLOUT_TASK)

@@ -373,6 +373,23 @@ def _move_champion(client: Any, reg: Registration, champion: Mapping | None) -> 
     return True
 
 
+def _notify_verdict(model_name: str, version: str, record: dict[str, Any]) -> None:
+    """Webhook (``$CTA_WEBHOOK_URL``) for a new verdict; a re-run that changes nothing is quiet."""
+    from components.notify import notify
+
+    failed = [c["name"] for c in record["checks"] if not c["passed"]]
+    notify(
+        "gate_verdict",
+        {
+            "model_name": model_name,
+            "version": version,
+            "verdict": record["verdict"],
+            "verdict_id": record["verdict_id"],
+            "failed_checks": failed,
+        },
+    )
+
+
 def run(
     model_name: str,
     version: str | int,
@@ -421,6 +438,7 @@ def run(
             "decided_at": decided_at,
         }
         _write_record(client, reg.run_id, reg.version, record)
+        _notify_verdict(model_name, reg.version, record)
 
     record_uri = f"runs:/{reg.run_id}/{record_path}"
     changed = written

@@ -18,7 +18,7 @@ import click
 @click.option(
     "--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path)
 )
-@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), help="with --local")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), help="run folder")
 @click.option("--local", "local", is_flag=True, help="run the pipeline here through kfp.local")
 @click.option("--host", default=None, help="submit to this Kubeflow Pipelines endpoint instead")
 @click.option("--force", is_flag=True, help="run even when the data is the champion's")
@@ -26,6 +26,16 @@ import click
     "--drift-report",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="a `cta monitor` report: run only if it flagged drift",
+)
+@click.option(
+    "--gate-policy",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="gate policy YAML [default: configs/gate.yaml]",
+)
+@click.option(
+    "--rollout-plan",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="roll-out plan YAML [default: configs/rollout-plan.yaml]",
 )
 @click.option("--dry-run", is_flag=True, help="decide and print, run nothing")
 def retrain(
@@ -38,6 +48,8 @@ def retrain(
     host,
     force,
     drift_report,
+    gate_policy,
+    rollout_plan,
     dry_run,
 ):
     """Retrain on the newest data; skip (saying why) when its hash equals the champion's."""
@@ -51,22 +63,41 @@ def retrain(
             raise click.UsageError("give exactly one of --local or --host")
         if config_path is None:
             raise click.UsageError("--config is required to run the pipeline")
+        from pipelines.run import DEFAULT_GATE_POLICY, DEFAULT_ROLLOUT_PLAN
+
+        policy = gate_policy or DEFAULT_GATE_POLICY
+        plan = rollout_plan or DEFAULT_ROLLOUT_PLAN
+        if work_dir is None:
+            raise click.UsageError("--work-dir is required to run the pipeline")
         if local:
-            if work_dir is None:
-                raise click.UsageError("--work-dir is required with --local")
             from pipelines.run import run_local
 
-            result = run_local(data_uri, work_dir, config_path, tracking_uri, model_name=model_name)
+            result = run_local(
+                data_uri,
+                work_dir,
+                config_path,
+                tracking_uri,
+                model_name=model_name,
+                gate_policy=policy,
+                rollout_plan=plan,
+            )
             decision["run_dir"] = result["run_dir"]
         else:
-            from pipelines.remote import submit_training_run
+            import os
 
-            decision["run_id"] = submit_training_run(
-                host,
-                data_uri=data_uri,
-                config_path=str(config_path),
-                tracking_uri=tracking_uri,
-                model_name=model_name,
-            )
+            from pipelines.remote import submit_run
+
+            # On a cluster every path is as the pipeline's pods see it (docs/cluster.md).
+            params = {
+                "data_uri": data_uri,
+                "work_dir": str(work_dir),
+                "config_path": str(config_path),
+                "tracking_uri": tracking_uri,
+                "model_name": model_name,
+                "gate_policy": str(policy),
+                "rollout_plan": str(plan),
+                "rollout_state": os.environ.get("CTA_ROLLOUT_STATE", f"{work_dir}/rollout"),
+            }
+            decision["run_id"] = submit_run(host, params)["run_id"]
         notify("retrain", {"model_name": model_name, **decision})
     click.echo(json.dumps(decision, indent=2))

@@ -291,6 +291,7 @@ class Engine:
                 )
                 self._finish_wave(rollout_id, wave_index, started, "rolled_back")
                 self._save(rollout_id, lambda d: d.update(status=HALTED))
+                _notify_rollback(rollout_id, label, line_id, model)
                 return FAILED
         self._finish_wave(rollout_id, wave_index, started, "promoted")
         return PROMOTED
@@ -486,6 +487,20 @@ class Engine:
                 release_lock(self.store, target, self.owner)
             self._held.clear()
         return self.read(rollout_id)
+
+
+def _notify_rollback(rollout_id: str, wave: str, line_id: str, model: Any) -> None:
+    from components.notify import notify
+
+    notify(
+        "rollback",
+        {
+            "rollout_id": rollout_id,
+            "wave": wave,
+            "failed_line": line_id,
+            "model": getattr(model, "uri", str(model)),
+        },
+    )
 
 
 def current_rollout_id(store: StateStore) -> str:

@@ -1,4 +1,13 @@
-"""The training pipeline through kfp.local: clean data trains; broken data skips training."""
+"""The training pipeline through kfp.local, driven by `cta retrain --local`.
+
+1. No champion yet: the retrain trigger runs the whole pipeline; the STL baselines are trained
+   (their branch ran), the model is trained, evaluated, priced, registered, passes a permissive
+   gate and wave 1 of the roll-out starts a line server for the pilot line.
+2. The same data again: the trigger skips, saying the data is the champion's.
+3. Forced, with the strict gate: the baselines are reused (their training is skipped), the gate
+   does not pass, so the roll-out is skipped.
+4. Broken data: validation fails and every later step is skipped.
+"""
 
 import json
 import shutil
@@ -7,19 +16,52 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from click.testing import CliRunner
 
+from components.retrain.cli import retrain
 from cta_model.data.line_dataset import MANIFEST_NAME, generate_dataset
 from pipelines.run import run_local
-from pipelines.training import EVALUATE_TASK, REGISTER_TASK, TRAIN_TASK, VALIDATE_TASK
+from pipelines.summary import summary_lines
+from pipelines.training import (
+    BASELINES_NEEDED_TASK,
+    EVALUATE_TASK,
+    GATE_TASK,
+    REGISTER_TASK,
+    ROI_TASK,
+    ROLLOUT_TASK,
+    TRAIN_BASELINES_TASK,
+    TRAIN_TASK,
+    VALIDATE_TASK,
+)
 
 pytestmark = pytest.mark.e2e
+
+PERMISSIVE_GATE = {
+    "schema_version": 1,
+    "data_validation": {"required": True},
+    "when_no_champion": "pass",
+    "approval": {"required": False},
+}
+ROLLOUT_PLAN = {
+    "name": "e2e",
+    "waves": [
+        {
+            "name": "pilot shadow",
+            "lines": ["press-a"],
+            "mode": "shadow",
+            "bake": {"min_samples": 2, "min_seconds": 0},
+            "health": {"max_error_rate": 0.0, "max_p95_latency_ms": 60000},
+            "failure_policy": "halt_and_rollback",
+        }
+    ],
+}
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pipeline") / "data"
     return generate_dataset(
-        root, n_lines=2, samples_per_line=8, height=32, width=32, seed=0, progress=False
+        root, n_lines=2, samples_per_line=10, height=32, width=32, seed=0, progress=False
     )
 
 
@@ -43,44 +85,108 @@ def _corrupt_one_png(root: Path) -> str:
     return row["sample_id"]
 
 
-def test_clean_data_is_validated_trained_evaluated_and_registered(data_root, config_path, tmp_path):
+def _retrain(data_root, work, config_path, tracking_uri, *extra) -> dict:
+    result = CliRunner().invoke(
+        retrain,
+        [
+            "--data", str(data_root), "--tracking-uri", tracking_uri, "--local",
+            "--work-dir", str(work), "--config", str(config_path), *extra,
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    # The decision is printed last; kfp.local's own logs come before it.
+    return json.loads(result.output[result.output.rindex('{\n  "action"') :])
+
+
+def _states(run_dir: str) -> dict:
+    from pipelines.run import TASKS, task_result
+
+    return {task: task_result(run_dir, task) for task in TASKS}
+
+
+def test_retrain_runs_the_whole_pipeline_then_skips_then_reuses_baselines(
+    data_root, config_path, tmp_path, monkeypatch
+):
     import mlflow
 
+    from components.rollout.engine import status, stop_all
+    from components.rollout.state import open_store
+
+    state_uri = str(tmp_path / "rollout")
+    monkeypatch.setenv("CTA_ROLLOUT_STATE", state_uri)
+    monkeypatch.delenv("CTA_WEBHOOK_URL", raising=False)
+    policy = tmp_path / "gate.yaml"
+    policy.write_text(yaml.safe_dump(PERMISSIVE_GATE))
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump(ROLLOUT_PLAN))
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = run_local(str(data_root), tmp_path / "work", config_path, tracking_uri)
-
-    tasks = result["tasks"]
-    assert tasks[VALIDATE_TASK] == {"state": "ran", "outputs": {"Output": True}}
-    assert tasks[TRAIN_TASK]["state"] == "ran"
-    model_id = tasks[TRAIN_TASK]["outputs"]["Output"]
-    assert model_id
-
-    work = tmp_path / "work"
-    dataset_ref = json.loads((work / "validate_data" / "dataset_ref.json").read_text())
-    assert dataset_ref["passed"] is True and dataset_ref["uri"] == str(data_root.resolve())
-    summary = json.loads((work / "train" / "train_summary.json").read_text())
-    assert summary["model_id"] == model_id
-    model_dir = Path(summary["model_dir"])
-    assert model_dir == work / "train" / "model"
-    assert (model_dir / "weights.safetensors").is_file()
-    # Trained on the validated data, tracked in the store the pipeline was given.
-    resolved = yaml.safe_load((work / "train" / "config.yaml").read_text())
-    assert resolved["data"]["dataset_ref"] == str(work / "validate_data" / "dataset_ref.json")
     client = mlflow.MlflowClient(tracking_uri)
-    assert client.get_logged_model(model_id).model_id == model_id
-    # Evaluated on test and registered as the challenger, registration completed last.
-    assert tasks[EVALUATE_TASK]["state"] == "ran"
-    evaluation = json.loads((work / "evaluate" / "evaluation.json").read_text())
-    assert evaluation["model"]["model_id"] == model_id
-    assert evaluation["data"]["split"] == "test"
-    version = tasks[REGISTER_TASK]["outputs"]["Output"]
-    registered = client.get_model_version_by_alias("cta-inspection", "challenger")
-    assert str(registered.version) == version
-    assert registered.tags["cta.registration"] == "complete"
-    assert registered.tags["cta.model_id"] == model_id
+    work = tmp_path / "work"
+    chosen = ("--gate-policy", str(policy), "--rollout-plan", str(plan))
+    try:
+        first = _retrain(data_root, work, config_path, tracking_uri, *chosen)
+        assert first["action"] == "run" and "no champion" in first["reason"]
+        tasks = _states(first["run_dir"])
+        assert tasks[VALIDATE_TASK] == {"state": "ran", "outputs": {"Output": True}}
+        assert tasks[BASELINES_NEEDED_TASK]["outputs"] == {"Output": True}
+        for ran in (TRAIN_BASELINES_TASK, TRAIN_TASK, EVALUATE_TASK, ROI_TASK, REGISTER_TASK):
+            assert tasks[ran]["state"] == "ran", ran
+        model_id = tasks[TRAIN_TASK]["outputs"]["Output"]
+        dataset_ref = json.loads((work / "validate_data" / "dataset_ref.json").read_text())
+        assert dataset_ref["passed"] is True and dataset_ref["uri"] == str(data_root.resolve())
+        evaluation = json.loads((work / "evaluate" / "evaluation.json").read_text())
+        assert evaluation["model"]["model_id"] == model_id
+        assert evaluation["delta_m"] is not None  # the baselines just trained were found
+        assert (work / "roi_report" / "report.html").is_file()
+        version = tasks[REGISTER_TASK]["outputs"]["Output"]
+        registered = client.get_model_version("cta-inspection", version)
+        assert registered.tags["cta.registration"] == "complete"
+        assert registered.tags["cta.model_id"] == model_id
+        assert "cta.artifacts.roi" in registered.tags
+        for task in ("semseg", "height", "normals"):
+            baseline = client.get_model_version_by_alias(f"cta-inspection-stl-{task}", "baseline")
+            assert baseline.tags["cta.registration"] == "complete"
+        assert tasks[GATE_TASK]["outputs"] == {"Output": "pass"}
+        champion = client.get_model_version_by_alias("cta-inspection", "champion")
+        assert str(champion.version) == version
+        assert tasks[ROLLOUT_TASK]["state"] == "ran"
+        pilot = status(open_store(state_uri))["lines"]["press-a"]
+        assert str(pilot["running"]["version"]) == version and pilot["alive"]
+        # The printed summary shows what MLflow holds.
+        summary = "\n".join(
+            summary_lines({"tasks": tasks}, work, tracking_uri, "cta-inspection", state_uri)
+        )
+        tagged = {k.removeprefix("cta.evaluation."): v for k, v in registered.tags.items()}
+        primaries = [k for k in evaluation["overall"]["metrics"] if k in tagged]
+        assert len(primaries) == 3  # one primary metric per task, tagged at registration
+        for key in primaries:
+            assert f"(MLflow: {tagged[key]})" in summary, key
+        assert f"registered: cta-inspection version {version}" in summary
+        assert "gate: pass (MLflow tag cta.gate.verdict=pass)" in summary
+        assert f"press-a    runs v{version}" in summary
+        assert "STL baselines: trained and registered" in summary
+        assert "pilot line press-a: payback" in summary
+
+        second = _retrain(data_root, work, config_path, tracking_uri, *chosen)
+        assert second["action"] == "skip" and "data unchanged" in second["reason"]
+
+        strict = ("--gate-policy", "configs/gate.yaml", "--rollout-plan", str(plan))
+        third = _retrain(data_root, work, config_path, tracking_uri, *strict, "--force")
+        tasks = _states(third["run_dir"])
+        assert tasks[BASELINES_NEEDED_TASK]["outputs"] == {"Output": False}
+        assert tasks[TRAIN_BASELINES_TASK] == {"state": "skipped", "outputs": {}}
+        assert tasks[GATE_TASK]["outputs"]["Output"] in ("fail", "pending_approval")
+        assert tasks[ROLLOUT_TASK] == {"state": "skipped", "outputs": {}}
+        assert (
+            str(client.get_model_version_by_alias("cta-inspection", "champion").version) == version
+        )
+    finally:
+        stop_all(open_store(state_uri))
 
 
 def test_failed_validation_skips_training(data_root, config_path, tmp_path):
+    from pipelines.run import TASKS
+
     broken = tmp_path / "data"
     shutil.copytree(data_root, broken)
     sample_id = _corrupt_one_png(broken)
@@ -90,7 +196,7 @@ def test_failed_validation_skips_training(data_root, config_path, tmp_path):
 
     tasks = result["tasks"]
     assert tasks[VALIDATE_TASK] == {"state": "ran", "outputs": {"Output": False}}
-    for skipped in (TRAIN_TASK, EVALUATE_TASK, REGISTER_TASK):
+    for skipped in TASKS[1:]:
         assert tasks[skipped] == {"state": "skipped", "outputs": {}}
     work = tmp_path / "work"
     assert not (work / "train").exists()

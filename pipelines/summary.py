@@ -1,0 +1,115 @@
+"""The short summary a person reads after a local pipeline run (``cta pipeline run --local``,
+``make demo``): task states, test metrics, Delta_m, the pilot line's payback, the registered
+version and its gate verdict, which line runs which version, and where every report is.
+
+The registered version, its metrics and its verdict are read back from the MLflow registry
+(tags written by register-model and the gate), so the summary shows what MLflow holds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _number(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def _registered(tracking_uri: str, model_name: str, version: str) -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    return dict(MlflowClient(tracking_uri).get_model_version(model_name, version).tags or {})
+
+
+def _rollout_lines(state_uri: str) -> list[str]:
+    from components.rollout.engine import status
+    from components.rollout.state import open_store
+
+    report = status(open_store(state_uri))
+    out = []
+    for line_id, line in report["lines"].items():
+        running = line["running"]
+        what = f"v{running['version']} at {running.get('url') or '-'}" if running else "nothing"
+        out.append(f"  {line_id:<10} runs {what} ({line['decision'] or 'no decision yet'})")
+    return out
+
+
+def summary_lines(
+    result: dict,
+    work_dir: Path,
+    tracking_uri: str,
+    model_name: str = "cta-inspection",
+    rollout_state: str | None = None,
+) -> list[str]:
+    from pipelines.training import (
+        BASELINES_NEEDED_TASK,
+        GATE_TASK,
+        REGISTER_TASK,
+        TRAIN_BASELINES_TASK,
+    )
+
+    tasks = result["tasks"]
+    lines = ["pipeline tasks: " + ", ".join(f"{t} {i['state']}" for t, i in tasks.items())]
+    version = tasks.get(REGISTER_TASK, {}).get("outputs", {}).get("Output")
+    tags = _registered(tracking_uri, model_name, version) if version else {}
+    evaluation_path = work_dir / "evaluate" / "evaluation.json"
+    if evaluation_path.is_file():
+        evaluation = json.loads(evaluation_path.read_text())
+        overall = evaluation["overall"]
+        lines.append(f"test metrics ({overall['n_images']} images):")
+        for name, value in overall["metrics"].items():
+            registered = tags.get(f"cta.evaluation.{name}")
+            note = f"   (MLflow: {registered})" if registered else ""
+            lines.append(f"  {name:<24} {_number(value)}{note}")
+        inspection = overall.get("inspection")
+        if inspection:
+            lines.append(
+                f"  defect recall {_number(inspection['recall'])}, false-reject rate "
+                f"{_number(inspection['frr'])} (threshold {inspection['threshold_px']} px on val)"
+            )
+        delta_m = evaluation.get("delta_m")
+        if delta_m:
+            lines.append(
+                f"Delta_m vs STL baselines: {delta_m['delta_m_primary_pct_higher_better']:+.2f} % "
+                "(higher is better)"
+            )
+        else:
+            lines.append(f"Delta_m: n/a ({evaluation.get('delta_m_reason')})")
+    needed = tasks.get(BASELINES_NEEDED_TASK, {}).get("outputs", {}).get("Output")
+    if needed is not None:
+        trained = tasks.get(TRAIN_BASELINES_TASK, {}).get("state") == "ran"
+        lines.append(
+            "STL baselines: "
+            + ("trained and registered" if trained else "reused from the registry")
+        )
+    roi_path = work_dir / "roi_report" / "roi.json"
+    if roi_path.is_file():
+        roi = json.loads(roi_path.read_text())
+        pilot = roi["pilot"]
+        lines.append(
+            f"pilot line {roi['pilot_line']}: payback {pilot['payback_label']}, NPV "
+            f"{roi['currency']} {pilot['npv']:,.0f}, P(ROI > 0) {_number(pilot['p_roi_positive'])}"
+        )
+    if version:
+        lines.append(f"registered: {model_name} version {version} (alias challenger)")
+    verdict = tasks.get(GATE_TASK, {}).get("outputs", {}).get("Output")
+    if verdict:
+        lines.append(
+            f"gate: {verdict} (MLflow tag cta.gate.verdict={tags.get('cta.gate.verdict')})"
+        )
+    if rollout_state and Path(rollout_state).exists():
+        lines.append("lines:")
+        lines += _rollout_lines(rollout_state)
+    lines += [
+        f"validation report: {work_dir / 'validate_data' / 'validation_report.html'}",
+        f"evaluation:        {evaluation_path}",
+        f"ROI report:        {work_dir / 'roi_report' / 'report.html'}",
+        f"model folder:      {work_dir / 'train' / 'model'}",
+        f"MLflow store:      {tracking_uri}",
+        f"open the MLflow UI: mlflow ui --backend-store-uri {tracking_uri}",
+    ]
+    if rollout_state:
+        lines.append(f"roll-out status:   cta rollout status --state {rollout_state}")
+    return lines
