@@ -1,7 +1,9 @@
 """The training pipeline (DESIGN 6): validate_data -> (train_baselines when needed) -> train ->
 evaluate -> roi_report -> register_model -> gate -> rollout (wave 1 only). Only wiring.
 
-Every path is a plain string under ``work_dir`` (absolute); the MLflow ``tracking_uri`` is
+Every path is a plain string under ``work_dir`` (absolute); an empty gate policy, roll-out plan
+or state means the shipped configs/gate.yaml (strict), configs/rollout-plan.yaml and
+``$CTA_ROLLOUT_STATE``; the MLflow ``tracking_uri`` is
 handed to every step so they share one store (DESIGN 6.1). Every gate is a ``dsl.If`` on a
 single-output task: a condition on a NamedTuple output is silently False under kfp.local
 (DESIGN 6.2). The baselines branch is a sub-pipeline holding its own ``dsl.If``: a task outside a
@@ -74,10 +76,10 @@ def training_pipeline(
     work_dir: str,
     config_path: str,
     tracking_uri: str,
-    gate_policy: str,
-    rollout_plan: str,
-    rollout_state: str,
     experiment: str = "cta",
+    gate_policy: str = "",
+    rollout_plan: str = "",
+    rollout_state: str = "",
     model_name: str = "cta-inspection",
     roi_config: str = "",
     lines_config: str = "",

@@ -13,13 +13,15 @@ from components.image import PROJECT_IMAGE
 def gate(
     model_name: str, version: str, policy_path: str, tracking_uri: str, approver: str = ""
 ) -> str:
-    """Gate one registered version; returns its verdict."""
+    """Gate one registered version (``policy_path`` "" = the shipped strict configs/gate.yaml);
+    returns its verdict."""
+    from components.gate.policy import DEFAULT_POLICY
     from components.gate.step import run
 
     result = run(
         model_name,
         version,
-        policy_path,
+        policy_path or str(DEFAULT_POLICY),
         tracking_uri=tracking_uri or None,
         approver=approver or None,
     )

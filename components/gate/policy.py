@@ -19,6 +19,8 @@ from pydantic import Field, field_validator
 from cta_model.config import StrictModel, load_config
 
 POLICY_VERSION = 1
+#: The strict policy shipped with the package (what a pipeline uses when given none).
+DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "configs" / "gate.yaml"
 INSPECTION_FIGURES = ("recall", "frr")
 
 

@@ -288,10 +288,12 @@ def run(
     tracking_uri: str | None = None,
     roi: str | os.PathLike[str] | None = None,
     alias: str = CHALLENGER_ALIAS,
+    extra_tags: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Register (or complete the registration of) LoggedModel ``model_id`` as ``model_name``.
 
     ``alias``: the alias the version gets (``baseline`` for the STL baselines).
+    ``extra_tags``: more version tags, set before the registration completes.
 
     Returns {name, version, model_id, run_id, created, alias, tags, artifacts, model_card}.
     """
@@ -326,7 +328,10 @@ def run(
     artifacts = _attach(
         client, run_id, version.version, model_name, evaluation_data, ref_data, roi_data
     )
-    tags = _version_tags(model_id, logged_model, evaluation_data, ref_data, artifacts)
+    tags = {
+        **_version_tags(model_id, logged_model, evaluation_data, ref_data, artifacts),
+        **(extra_tags or {}),
+    }
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version.version, key, value)
     client.set_registered_model_alias(model_name, alias, version.version)

@@ -20,13 +20,15 @@ def rollout(
     tracking_uri: str,
     backend: str = "local",
 ) -> str:
-    """Start wave 1 of the roll-out; returns its status line."""
+    """Start wave 1 of the roll-out (``plan`` "" = the shipped configs/rollout-plan.yaml, ``state``
+    "" = $CTA_ROLLOUT_STATE or .cta/demo/rollout); returns its status line."""
+    from components.rollout.plan import DEFAULT_PLAN
     from components.rollout.step import run
 
     result = run(
         model_name,
         version,
-        plan,
+        plan or str(DEFAULT_PLAN),
         data,
         state=state or None,
         tracking_uri=tracking_uri or None,

@@ -114,5 +114,9 @@ def plan_from_dict(
     return plan
 
 
+#: The plan shipped with the package (what a pipeline uses when given none).
+DEFAULT_PLAN = Path(__file__).resolve().parents[2] / "configs" / "rollout-plan.yaml"
+
+
 def load_plan(path: str | Path, lines_config: LinesConfig | None = None) -> RolloutPlan:
     return plan_from_dict(read_yaml(path), str(path), lines_config)

@@ -78,7 +78,7 @@ def run(
     baseline (e.g. ``{"max_steps": 2}``); CTA_* environment overrides are ignored.
     """
     from components.artifacts import read_json, write_json_atomic
-    from components.evaluate.references import TAG_SPLIT, baseline_name, registry_client
+    from components.evaluate.references import TAG_SPLIT, baseline_name
     from components.register_model.step import run as register
     from components.train.step import run as train
     from components.train.tracking import resolve_tracking_uri
@@ -116,10 +116,8 @@ def run(
             dataset_ref=dataset_ref,
             tracking_uri=tracking_uri,
             alias="baseline",
-        )
-        # After the registration: cta.split is only known here (register_model does not set it).
-        registry_client(tracking_uri).set_model_version_tag(
-            name, registered["version"], TAG_SPLIT, split
+            # Before `cta.registration=complete`, so a complete baseline always carries it.
+            extra_tags={TAG_SPLIT: split},
         )
         trained[task] = {
             "name": name,

@@ -57,9 +57,14 @@ def assert_is_training_pipeline(spec: dict) -> None:
     executors = spec["deploymentSpec"]["executors"]
     assert set(executors) == {
         "exec-validate-data",
+        "exec-baselines-needed",
+        "exec-train-baselines",
         "exec-train",
         "exec-evaluate",
+        "exec-roi-report",
         "exec-register-model",
+        "exec-gate",
+        "exec-rollout",
     }
     assert {e["container"]["image"] for e in executors.values()} == {PROJECT_IMAGE}
 
