@@ -22,7 +22,6 @@ int8, `quantization.json` (quantized and excluded nodes with their modules).
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import os
 import shutil
@@ -39,7 +38,13 @@ import torch.nn as nn
 from cta_model.atomic import write_bytes_atomic
 from cta_model.errors import ConfigError, DataError
 from cta_model.inference import Predictor
-from cta_model.model_folder import MODEL_YAML, ModelCard, folder_sha256, read_model_card
+from cta_model.model_folder import (
+    MODEL_YAML,
+    ModelCard,
+    file_sha256,
+    folder_sha256,
+    read_model_card,
+)
 from cta_model.nn.models import MultiTaskNet, MultiTaskOutput
 
 FORMATS = ("pt2", "onnx", "int8")
@@ -91,14 +96,6 @@ def parse_formats(text: str | Sequence[str]) -> tuple[str, ...]:
     if "int8" in items and "onnx" not in items:
         items.append("onnx")
     return tuple(f for f in FORMATS if f in items)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _max_abs_errors(
@@ -405,7 +402,7 @@ def export_model(
             "formats": list(chosen),
             "versions": _versions(),
             "files": {
-                p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
                 for p in sorted(staging.iterdir())
                 if p.is_file()
             },
@@ -448,7 +445,7 @@ def verify_export(folder: str | os.PathLike) -> dict[str, Any]:
     problems = [
         f"{name}: {'missing' if not (folder / name).is_file() else 'sha256 differs'}"
         for name, entry in manifest["files"].items()
-        if not (folder / name).is_file() or _sha256(folder / name) != entry["sha256"]
+        if not (folder / name).is_file() or file_sha256(folder / name) != entry["sha256"]
     ]
     if problems:
         raise DataError(f"{folder}: " + "; ".join(problems))

@@ -100,7 +100,8 @@ class ModelCard:
             raise ConfigError(f"{source}: {exc}") from exc
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -117,7 +118,7 @@ def _fsync_tree(folder: Path) -> None:
 
 def write_checksums(folder: Path) -> None:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-    lines = [f"{_sha256(p)}  {p.relative_to(folder).as_posix()}\n" for p in files]
+    lines = [f"{file_sha256(p)}  {p.relative_to(folder).as_posix()}\n" for p in files]
     (folder / CHECKSUMS).write_text("".join(lines))
 
 
@@ -133,7 +134,7 @@ def verify_checksums(folder: str | os.PathLike) -> None:
         path = folder / name
         if not path.is_file():
             problems.append(f"{name}: missing")
-        elif _sha256(path) != expected:
+        elif file_sha256(path) != expected:
             problems.append(f"{name}: sha256 differs from {CHECKSUMS}")
     if problems:
         raise DataError(f"{folder}: " + "; ".join(problems))
@@ -141,7 +142,7 @@ def verify_checksums(folder: str | os.PathLike) -> None:
 
 def folder_sha256(folder: str | os.PathLike) -> str:
     """One digest for the whole folder: the sha256 of its SHA256SUMS file."""
-    return _sha256(Path(folder) / CHECKSUMS)
+    return file_sha256(Path(folder) / CHECKSUMS)
 
 
 def save_model_folder(

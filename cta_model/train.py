@@ -85,10 +85,17 @@ from cta_model.data.line_dataset import (
     generate_dataset,
     sha256_hex,
 )
+from cta_model.data.statistics import monitored_image_statistics, prediction_statistics
 from cta_model.data.synthetic import CLASS_NAMES
 from cta_model.errors import ConfigError, CtaError, DataError
 from cta_model.losses import MultiTaskLoss, build_weighting
-from cta_model.model_folder import WEIGHTS, InputContract, save_model_folder, verify_checksums
+from cta_model.model_folder import (
+    WEIGHTS,
+    InputContract,
+    file_sha256,
+    save_model_folder,
+    verify_checksums,
+)
 from cta_model.nn.models import ModelSpec, MultiTaskNet, build_model
 from cta_model.train_config import (
     VAL_LOSS,
@@ -108,7 +115,6 @@ LINEAGE_FILE = "lineage.json"
 REFERENCE_STATS_FILE = "reference_stats.parquet"
 CHECKPOINT_FORMAT = 1
 _CHECKPOINT_RE = re.compile(r"^step-(\d{8})\.pt$")
-_LUMA = np.array([0.299, 0.587, 0.114])  # Rec. 601, as cta_model.data.statistics
 
 OpenerFor = Callable[[str], Opener]
 
@@ -628,14 +634,6 @@ def checksum_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _file_sha256(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def remove_checkpoint(path: Path) -> None:
     path.unlink(missing_ok=True)
     checksum_path(path).unlink(missing_ok=True)
@@ -652,7 +650,7 @@ def save_checkpoint_atomic(path: Path, state: Mapping[str, Any]) -> None:
             torch.save(dict(state), stream)
             stream.flush()
             os.fsync(stream.fileno())
-        write_bytes_atomic(checksum_path(path), (_file_sha256(temporary) + "\n").encode())
+        write_bytes_atomic(checksum_path(path), (file_sha256(temporary) + "\n").encode())
         os.replace(temporary, path)
         fsync_dir(path.parent)
     except BaseException:
@@ -669,7 +667,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     sidecar = checksum_path(path)
     if not sidecar.is_file():
         raise DataError(f"{path}: no {sidecar.name}; the checkpoint was never completed")
-    if _file_sha256(path) != sidecar.read_text().strip():
+    if file_sha256(path) != sidecar.read_text().strip():
         raise DataError(f"{path}: sha256 differs from {sidecar.name} (corrupt checkpoint)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -1610,20 +1608,6 @@ def _git_commit() -> str | None:
 
 
 # ================================================================== reference statistics
-def _image_statistics(image: np.ndarray) -> dict[str, float]:
-    """brightness (mean Rec. 601 luma, 0-255), contrast (luma std), colour balance: the same
-    definitions as the data-validation statistics, so monitoring compares like with like."""
-    rgb = image[..., :3].astype(np.float64)
-    luma = rgb @ _LUMA
-    mean_r, mean_g, mean_b = rgb.reshape(-1, 3).mean(axis=0)
-    return {
-        "brightness": float(luma.mean()),
-        "contrast": float(luma.std()),
-        "ratio_rg": float(mean_r / mean_g) if mean_g > 0 else math.nan,
-        "ratio_bg": float(mean_b / mean_g) if mean_g > 0 else math.nan,
-    }
-
-
 def reference_statistics(
     predictor: Any, dataset: Any, class_names: Sequence[str], batch_size: int = 8
 ) -> pa.Table:
@@ -1639,28 +1623,16 @@ def reference_statistics(
         images = np.stack([sample["image"] for sample in pending])
         predictions = predictor.predict(images)
         for i, sample in enumerate(pending):
-            row: dict[str, Any] = {
-                "sample_id": str(sample.get("sample_id", "")),
-                "line_id": str(sample.get("line_id", "")),
-                "image_height": int(sample["image"].shape[0]),
-                "image_width": int(sample["image"].shape[1]),
-                **_image_statistics(sample["image"]),
-            }
-            if "semseg" in predictions:
-                counts = np.bincount(
-                    predictions["semseg"][i].ravel(), minlength=max(len(class_names), 1)
-                )
-                total = counts.sum()
-                for c, name in enumerate(class_names):
-                    row[f"pred_frac_{name}"] = float(counts[c] / total)
-            if "height" in predictions:
-                row["pred_height_mean_mm"] = float(predictions["height"][i].mean())
-                row["pred_height_std_mm"] = float(predictions["height"][i].std())
-            if "depth" in predictions:
-                row["pred_depth_mean"] = float(predictions["depth"][i].mean())
-            if "normals" in predictions:
-                row["pred_normals_z_mean"] = float(predictions["normals"][i][..., 2].mean())
-            rows.append(row)
+            rows.append(
+                {
+                    "sample_id": str(sample.get("sample_id", "")),
+                    "line_id": str(sample.get("line_id", "")),
+                    **monitored_image_statistics(sample["image"]),
+                    **prediction_statistics(
+                        {task: values[i] for task, values in predictions.items()}, class_names
+                    ),
+                }
+            )
         pending.clear()
 
     for index in range(len(dataset)):

@@ -5,16 +5,12 @@ as base64 PNG data URIs, no URL anywhere."""
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
+from components.figures import new_figure, png_data_uri
 from cta_model.atomic import write_bytes_atomic
 
 _CSS = """
@@ -31,18 +27,12 @@ img { max-width: 100%; border: 1px solid #e3e6eb; margin: 0.4em 0; }
 """
 
 
-def _png(figure: Figure) -> str:
-    buffer = io.BytesIO()
-    FigureCanvasAgg(figure).print_png(buffer)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def _time_axis(recent) -> list[datetime]:
     return [datetime.fromtimestamp(t, UTC) for t in recent["unix_time"]]
 
 
 def _statistic_chart(name: str, reference, recent) -> str:
-    figure = Figure(figsize=(8, 2.6))
+    figure = new_figure(8, 2.6)
     axes = figure.add_subplot()
     low, high = reference[name].quantile([0.05, 0.95])
     times = _time_axis(recent)
@@ -53,15 +43,14 @@ def _statistic_chart(name: str, reference, recent) -> str:
     axes.set_title(name)
     axes.legend(loc="upper left", fontsize=7)
     figure.autofmt_xdate()
-    figure.tight_layout()
-    return _png(figure)
+    return png_data_uri(figure)
 
 
 def _reject_chart(report: dict[str, Any]) -> str | None:
     windows = [w for w in report["windows"] if w["reject_rate"] is not None]
     if not windows:
         return None
-    figure = Figure(figsize=(8, 2.4))
+    figure = new_figure(8, 2.4)
     axes = figure.add_subplot()
     times = [datetime.fromtimestamp(w["start_unix"], UTC) for w in windows]
     axes.step(times, [w["reject_rate"] for w in windows], where="post", label="reject rate")
@@ -71,8 +60,7 @@ def _reject_chart(report: dict[str, Any]) -> str | None:
     axes.set_title("reject rate per window")
     axes.legend(loc="upper left", fontsize=7)
     figure.autofmt_xdate()
-    figure.tight_layout()
-    return _png(figure)
+    return png_data_uri(figure)
 
 
 def _number(value: Any) -> str:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from components.figures import new_figure, png_base64
 
 from .config import INPUT_DOCS
 from .roi import cumulative_cash_flow, payback_label
@@ -437,16 +437,7 @@ def _provenance_section(roi: dict[str, Any]) -> str:
 
 
 def _new_figure(width: float = 10.0, height: float = 3.6) -> Figure:
-    figure = Figure(figsize=(width, height), dpi=90, layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _png_base64(figure: Figure) -> str:
-    buffer = io.BytesIO()
-    # No "Software" text chunk: the page then holds no URL at all, even encoded.
-    figure.savefig(buffer, format="png", metadata={"Software": None})
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return new_figure(width, height)
 
 
 def _cash_flow_figure(roi: dict[str, Any]) -> str:
@@ -469,7 +460,7 @@ def _cash_flow_figure(roi: dict[str, Any]) -> str:
         axes.set_xlabel("year end")
         axes.set_ylabel(roi["currency"])
         axes.legend(fontsize=8)
-    return _png_base64(figure)
+    return png_base64(figure)
 
 
 def _roi_distribution_figure(roi: dict[str, Any], samples: dict[str, Any]) -> str | None:
@@ -498,7 +489,7 @@ def _roi_distribution_figure(roi: dict[str, Any], samples: dict[str, Any]) -> st
         axes.set_xlabel("ROI % (undiscounted), P10 / P50 / P90 marked")
         axes.set_ylabel("bootstrap replicates")
         axes.legend(fontsize=8)
-    return _png_base64(figure)
+    return png_base64(figure)
 
 
 def _tornado_figure(roi: dict[str, Any]) -> str | None:
@@ -524,7 +515,7 @@ def _tornado_figure(roi: dict[str, Any]) -> str | None:
     handles, labels = axes.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     axes.legend(unique.values(), unique.keys(), fontsize=8, loc="lower right")
-    return _png_base64(figure)
+    return png_base64(figure)
 
 
 def _quality_figure(champion: dict | None, delta_m: dict | None) -> str | None:
@@ -559,7 +550,7 @@ def _quality_figure(champion: dict | None, delta_m: dict | None) -> str | None:
             axes.barh(list(per_task), list(per_task.values()), color=colors)
             axes.axvline(0, color="#222", linewidth=1)
             axes.set_title("vs single-task baselines, % (higher = better)")
-    return _png_base64(figure)
+    return png_base64(figure)
 
 
 # ----------------------------------------------------------------------------- Markdown

@@ -24,7 +24,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,41 +33,12 @@ import numpy as np
 
 from cta_model.atomic import write_bytes_atomic
 
-# The validation statistics' definitions (Rec. 601 luma, mean-channel ratios).
-from cta_model.data.statistics import _image_statistics as _validation_image_statistics
+# One definition with the trainer's reference_stats.parquet (and data validation's).
+from cta_model.data.statistics import monitored_image_statistics as image_statistics
+from cta_model.data.statistics import prediction_statistics
 
-IMAGE_COLUMNS = ("brightness", "contrast", "ratio_rg", "ratio_bg")
 AGGREGATES = ("mean", "std", "p05", "p50", "p95")
 _SERVING_TEXT_COLUMNS = ("time", "line_id", "model_name", "model_version", "model_sha256")
-
-
-def image_statistics(image: np.ndarray) -> dict[str, float]:
-    stats = _validation_image_statistics(image)
-    return {
-        "image_height": int(image.shape[0]),
-        "image_width": int(image.shape[1]),
-        **{key: stats[key] for key in IMAGE_COLUMNS},
-    }
-
-
-def prediction_statistics(
-    prediction: Mapping[str, np.ndarray], class_names: Sequence[str]
-) -> dict[str, float]:
-    """One image's prediction statistics, as reference_statistics computes them."""
-    row: dict[str, float] = {}
-    if "semseg" in prediction:
-        counts = np.bincount(prediction["semseg"].ravel(), minlength=len(class_names))
-        total = counts.sum()
-        for index, name in enumerate(class_names):
-            row[f"pred_frac_{name}"] = float(counts[index] / total)
-    if "height" in prediction:
-        row["pred_height_mean_mm"] = float(prediction["height"].mean())
-        row["pred_height_std_mm"] = float(prediction["height"].std())
-    if "depth" in prediction:
-        row["pred_depth_mean"] = float(prediction["depth"].mean())
-    if "normals" in prediction:
-        row["pred_normals_z_mean"] = float(prediction["normals"][..., 2].mean())
-    return row
 
 
 def _aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:

@@ -7,19 +7,17 @@ from a CDN and render bare without network. Nothing in the page refers to a URL.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import html
-import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from components.figures import new_figure, png_base64
 from cta_model.data.line_dataset import SPLITS
 from cta_model.data.statistics import SEMSEG_FRACTION_COLUMNS
 from cta_model.data.synthetic import CLASS_NAMES
@@ -219,16 +217,7 @@ def _all_expectations_section(outcome: SuiteOutcome) -> str:
 
 
 def _new_figure(width: float = 9.0, height: float = 3.2) -> Figure:
-    figure = Figure(figsize=(width, height), dpi=90, layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _png_base64(figure: Figure) -> str:
-    buffer = io.BytesIO()
-    # No "Software" text chunk: the page then holds no URL at all, even encoded.
-    figure.savefig(buffer, format="png", metadata={"Software": None})
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return new_figure(width, height)
 
 
 def _brightness_figure(frame: pd.DataFrame) -> str | None:
@@ -244,7 +233,7 @@ def _brightness_figure(frame: pd.DataFrame) -> str | None:
     axes.set_ylabel("samples")
     axes.set_title("Image brightness per line")
     axes.legend(fontsize="small")
-    return _png_base64(figure)
+    return png_base64(figure)
 
 
 def _class_frequency_figure(frame: pd.DataFrame) -> str | None:
@@ -264,7 +253,7 @@ def _class_frequency_figure(frame: pd.DataFrame) -> str | None:
     axes.set_ylabel("share of labelled pixels")
     axes.set_title("Class frequency per line (log scale)")
     axes.legend(fontsize="small")
-    return _png_base64(figure)
+    return png_base64(figure)
 
 
 def _split_figure(frame: pd.DataFrame) -> str | None:
@@ -281,7 +270,7 @@ def _split_figure(frame: pd.DataFrame) -> str | None:
     axes.set_xlabel("samples")
     axes.set_title("Split sizes per line")
     axes.legend(fontsize="small", ncols=len(SPLITS))
-    return _png_base64(figure)
+    return png_base64(figure)
 
 
 def _label_quality_figure(frame: pd.DataFrame, thresholds: Thresholds) -> str | None:
@@ -311,7 +300,7 @@ def _label_quality_figure(frame: pd.DataFrame, thresholds: Thresholds) -> str | 
         axes.set_title(title, fontsize="medium")
         axes.set_ylabel("samples")
         axes.legend(fontsize="small")
-    return _png_base64(figure)
+    return png_base64(figure)
 
 
 # --- helpers ---

@@ -35,7 +35,7 @@ from __future__ import annotations
 import io
 import multiprocessing
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from typing import Any
@@ -352,6 +352,42 @@ def _image_statistics(image: np.ndarray) -> dict[str, Any]:
         "ratio_rg": float(ratio_rg),
         "ratio_bg": float(ratio_bg),
     }
+
+
+MONITORED_IMAGE_COLUMNS = ("brightness", "contrast", "ratio_rg", "ratio_bg")
+
+
+def monitored_image_statistics(image: np.ndarray) -> dict[str, float]:
+    """The image statistics that monitoring compares (reference_stats.parquet, served images):
+    size, brightness, contrast and colour balance with the validation definitions above."""
+    stats = _image_statistics(image)
+    return {
+        "image_height": int(image.shape[0]),
+        "image_width": int(image.shape[1]),
+        **{key: stats[key] for key in MONITORED_IMAGE_COLUMNS},
+    }
+
+
+def prediction_statistics(
+    prediction: Mapping[str, np.ndarray], class_names: Sequence[str]
+) -> dict[str, float]:
+    """One image's prediction statistics (decoded Predictor outputs for that image):
+    ``pred_frac_<class>``, ``pred_height_mean_mm`` / ``_std_mm``, ``pred_depth_mean``,
+    ``pred_normals_z_mean``."""
+    row: dict[str, float] = {}
+    if "semseg" in prediction:
+        counts = np.bincount(prediction["semseg"].ravel(), minlength=max(len(class_names), 1))
+        total = counts.sum()
+        for index, name in enumerate(class_names):
+            row[f"pred_frac_{name}"] = float(counts[index] / total)
+    if "height" in prediction:
+        row["pred_height_mean_mm"] = float(prediction["height"].mean())
+        row["pred_height_std_mm"] = float(prediction["height"].std())
+    if "depth" in prediction:
+        row["pred_depth_mean"] = float(prediction["depth"].mean())
+    if "normals" in prediction:
+        row["pred_normals_z_mean"] = float(prediction["normals"][..., 2].mean())
+    return row
 
 
 def _class_ids(semseg: np.ndarray) -> np.ndarray:
