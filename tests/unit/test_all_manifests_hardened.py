@@ -18,16 +18,13 @@ manifest cannot ship without them. Each rule has a planted-bad test below.
 from __future__ import annotations
 
 import copy
-import functools
 import re
-import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from k8s_render import render
 
 from components.train.trainjob import TRAINER_NODE, build_trainjob_manifest, load_trainjob_spec
 
@@ -44,22 +41,6 @@ BASE_NAMESPACE = "<set by the overlay>"  # the namespace of an object rendered w
 
 def kustomization_dirs() -> list[Path]:
     return sorted(path.parent for path in K8S_DIR.rglob("kustomization.yaml"))
-
-
-@functools.cache
-def _render(directory: Path) -> tuple[dict, ...]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.fail("kubectl not found: run `make setup-system` (DESIGN 6.2)")
-    result = subprocess.run(
-        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, f"{directory}: {result.stderr}"
-    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
-
-
-def render(directory: Path) -> list[dict]:
-    return copy.deepcopy(list(_render(directory)))
 
 
 def default_trainjob() -> dict:

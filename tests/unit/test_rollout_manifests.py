@@ -5,12 +5,11 @@ gives the roll-out exactly get + patch on Deployments of that line's namespace."
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
-import yaml
+from k8s_render import render
 
 from components.rollout.backends import ModelRef
 from components.rollout.backends.kubernetes import overlay_files
@@ -21,17 +20,6 @@ pytestmark = pytest.mark.unit
 LINES_DIR = Path(__file__).resolve().parents[2] / "infra" / "k8s" / "lines"
 K8S_VERSION = "1.32.0"
 LINE_IDS = load_lines_config().ids
-
-
-def render(directory: Path) -> list[dict]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.fail("kubectl not found: run `make setup-system` (DESIGN 6.2)")
-    result = subprocess.run(
-        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
 def security_violations(objects: list[dict]) -> list[str]:
