@@ -11,7 +11,6 @@ re-run completes the SAME version.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from dataset_refs import validated_dataset_ref
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from urllib3.util.retry import Retry
@@ -40,7 +40,6 @@ from components.register_model.step import (
 )
 from components.registry_models import fetch_model_folder
 from components.train.logged_model import log_model_folder
-from cta_model.data.line_dataset import MANIFEST_NAME, generate_dataset, sha256_hex
 from cta_model.errors import DataError
 from cta_model.model_folder import folder_sha256
 
@@ -145,20 +144,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
 
 @pytest.fixture(scope="module")
 def dataset_ref(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("data")
-    root = generate_dataset(
-        folder / "lines", n_lines=1, samples_per_line=4, height=32, width=32, seed=0, progress=False
-    )
-    ref = {
-        "uri": str(root),
-        "manifest_sha256": sha256_hex((root / MANIFEST_NAME).read_bytes()),
-        "dvc_rev": None,
-        "passed": True,
-        "quarantine": [],
-    }
-    path = folder / "dataset_ref.json"
-    path.write_text(json.dumps(ref))
-    return path
+    return validated_dataset_ref(tmp_path_factory.mktemp("data"), n_lines=1, samples_per_line=4)
 
 
 def _log_model(model_dir: Path, uri: str) -> str:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dataset_refs import validated_dataset_ref
 from mlflow import MlflowClient
 
 from components.evaluate.references import matching_baseline
 from components.train_baselines.step import SUMMARY_NAME, missing_baselines, run
-from cta_model.data.line_dataset import MANIFEST_NAME, generate_dataset, sha256_hex
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("restore_mlflow_globals")]
 
@@ -29,24 +29,8 @@ def tiny_config(folder: Path) -> Path:
     return path
 
 
-def dataset_ref_for(folder: Path) -> Path:
-    root = generate_dataset(
-        folder / "lines", n_lines=2, samples_per_line=8, height=32, width=32, seed=0, progress=False
-    )
-    ref = {
-        "uri": str(root),
-        "manifest_sha256": sha256_hex((root / MANIFEST_NAME).read_bytes()),
-        "dvc_rev": None,
-        "passed": True,
-        "quarantine": [],
-    }
-    path = folder / "dataset_ref.json"
-    path.write_text(json.dumps(ref))
-    return path
-
-
 def test_missing_baselines_are_trained_once_then_reused(mlflow_server: str, tmp_path: Path) -> None:
-    ref_path = dataset_ref_for(tmp_path)
+    ref_path = validated_dataset_ref(tmp_path, n_lines=2, samples_per_line=8)
     manifest = json.loads(ref_path.read_text())["manifest_sha256"]
     config = tiny_config(tmp_path)
     name = f"cta-stl-{uuid.uuid4().hex[:8]}"
