@@ -11,7 +11,11 @@ Shapes follow DESIGN 3.1. For each task t, P_t is (B, C, H, W) and N = H * W:
    refined_t = gamma * out_t + (1 - gamma) * P_t with gamma a fixed constant.
 
 Modes (DESIGN 3.2, docs/model.md "Affinity modes"):
-- `dense`: the paper's computation, O(N^2) memory per sample.
+- `dense`: every A_t and G as full N x N tensors, differentiated by autograd; O(N^2) memory per
+  sample. The grouped fusion conv is computed as the equal depthwise conv over the T*N maps
+  summed over t (`_fuse_rows`), which has fast CPU kernels; `affinities`, `fused_affinity` and
+  `diffuse` keep the paper's steps literally (the grouped conv itself) for explaining and as the
+  reference the fast paths are tested against.
 - `blocked`: the same numbers computed in blocks of rows i of G. Row i's fusion conv only reads
   row i's own T maps, so a block needs A_t[blk, :] = P̂_t[:, blk]ᵀ P̂_t and no halo; backward
   recomputes each block, so memory is O(block x N).
@@ -79,48 +83,69 @@ def auto_block_rows(batch: int, positions: int, tasks: int, itemsize: int = 4) -
     return max(1, min(positions, AUTO_BLOCK_BYTES // max(1, batch * tasks * positions * itemsize)))
 
 
-def _affinity_rows(unit: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """A_t[start:stop, :] of every task, (B, T, rows, N); unit (B, T, C, N) L2-normalised."""
-    return torch.matmul(unit[..., start:stop].transpose(-1, -2), unit)
+def _affinity_columns(unit: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """X[b, j, t, r] = A_t[j, start + r], (B, N, T, rows); unit (B, T, C, N) L2-normalised.
+
+    A_t is symmetric, so these columns are the rows start:stop of DESIGN 3.1 with the source
+    position j outermost: the layout in which the fusion conv runs channels-last (`_fuse`).
+    Each (sample, task) product is written straight into its strided slice (a BLAS leading
+    dimension), which saves a transposing copy of the whole tensor.
+    """
+    if torch.compiler.is_compiling():  # export: a loop over the batch would fix its size
+        return torch.matmul(unit.transpose(-1, -2), unit[..., start:stop]).transpose(1, 2)
+    batch, tasks, _, n = unit.shape
+    columns = unit.new_empty(batch, n, tasks, stop - start)
+    for b in range(batch):
+        for t in range(tasks):
+            torch.mm(unit[b, t].t(), unit[b, t, :, start:stop], out=columns[b, :, t])
+    return columns
+
+
+def _conv_view(columns: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, N, T, rows) -> (B, T*rows, H, W) channels-last, channel t*rows + r (a view when
+    `columns` is contiguous)."""
+    batch, _, tasks, rows = columns.shape
+    return columns.reshape(batch, *grid, tasks * rows).permute(0, 3, 1, 2)
 
 
 def _depthwise_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(rows, T, k, k) -> (T*rows, 1, k, k), channel t*rows + i, matching `_affinity_rows`."""
+    """(rows, T, k, k) -> (T*rows, 1, k, k), channel t*rows + r, matching `_conv_view`."""
     rows, tasks, k, _ = weight.shape
     return weight.transpose(0, 1).reshape(tasks * rows, 1, k, k)
 
 
-def _fuse_rows(
-    affinity: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grid: tuple[int, int]
+def _fuse(
+    columns: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grid: tuple[int, int]
 ) -> torch.Tensor:
-    """Each row's own k x k fusion of its T maps, (B, rows, N).
+    """Gᵀ for the block's rows, (B, N, rows): each row's own k x k fusion of its T maps.
 
     The grouped conv of DESIGN 3.1 step 3 (groups = rows, T inputs each) equals a depthwise
-    conv over the T*rows maps summed over t; the depthwise form has fast CPU kernels for
-    forward and backward, while the CPU grouped conv unfolds its input (k*k*T x rows x N).
-    affinity (B, T, rows, N); weight (rows, T, k, k); bias (rows,).
+    conv over the T*rows maps summed over t. Run channels-last (rows innermost) it is several
+    times faster on CPU than either the grouped conv or the depthwise conv in NCHW.
+    columns (B, N, T, rows) from `_affinity_columns`; weight (rows, T, k, k); bias (rows,).
     """
-    batch, tasks, rows, n = affinity.shape
-    maps = affinity.reshape(batch, tasks * rows, *grid)
+    batch, n, tasks, rows = columns.shape
     per_task = F.conv2d(
-        maps, _depthwise_weight(weight), padding=weight.shape[-1] // 2, groups=tasks * rows
+        _conv_view(columns, grid),
+        _depthwise_weight(weight),
+        padding=weight.shape[-1] // 2,
+        groups=tasks * rows,
     )
-    return per_task.view(batch, tasks, rows, n).sum(1) + bias.view(1, rows, 1)
+    per_task = per_task.permute(0, 2, 3, 1).reshape(batch, n, tasks, rows)
+    return per_task.sum(2) + bias
 
 
-def _fuse_rows_backward(
-    affinity: torch.Tensor, weight: torch.Tensor, d_fused: torch.Tensor, grid: tuple[int, int]
+def _fuse_backward(
+    columns: torch.Tensor, weight: torch.Tensor, d_fused: torch.Tensor, grid: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of `_fuse_rows` given d_fused (B, rows, N): (d_affinity, d_weight, d_bias)."""
-    batch, tasks, rows, n = affinity.shape
+    """Gradients of `_fuse` given d_fused (B, N, rows): (d_columns, d_weight, d_bias)."""
+    batch, n, tasks, rows = columns.shape
     k = weight.shape[-1]
     padding = k // 2
-    d_per_task = (
-        d_fused.unsqueeze(1).expand(batch, tasks, rows, n).reshape(batch, tasks * rows, *grid)
-    )
+    d_per_task = d_fused.unsqueeze(2).expand(batch, n, tasks, rows).contiguous()
     d_maps, d_depthwise, _ = torch.ops.aten.convolution_backward(
-        d_per_task,
-        affinity.reshape(batch, tasks * rows, *grid),
+        _conv_view(d_per_task, grid),
+        _conv_view(columns, grid),
         _depthwise_weight(weight),
         None,
         [1, 1],
@@ -131,8 +156,40 @@ def _fuse_rows_backward(
         tasks * rows,
         [True, True, False],
     )
+    d_columns = d_maps.permute(0, 2, 3, 1).reshape(batch, n, tasks, rows)
     d_weight = d_depthwise.view(tasks, rows, k, k).transpose(0, 1)
-    return d_maps.view(batch, tasks, rows, n), d_weight, d_fused.sum(dim=(0, 2))
+    return d_columns, d_weight, d_fused.sum(dim=(0, 1))
+
+
+def _diffuse(value: torch.Tensor, fused_t: torch.Tensor) -> torch.Tensor:
+    """out[:, t, :, r] = sum_j value[:, t, :, j] G_t[r, j] for the block's rows r.
+
+    value (B, T, C, N); fused_t (B, F, N, rows) = Gᵀ with F = 1 (shared: one product with T*C
+    rows) or F = T (one G per task); returns (B, T, C, rows).
+    """
+    batch, tasks, channels, _ = value.shape
+    if fused_t.shape[1] == 1:
+        out = torch.matmul(value.flatten(1, 2), fused_t[:, 0])
+        return out.view(batch, tasks, channels, -1)
+    return torch.matmul(value, fused_t)
+
+
+def _forward_block(
+    unit: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    grid: tuple[int, int],
+    start: int,
+    stop: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(affinity columns (B, N, T, rows), Gᵀ of every fusion (B, F, N, rows)) for rows
+    start:stop."""
+    columns = _affinity_columns(unit, start, stop)
+    fused_t = [
+        _fuse(columns, w[start:stop], b[start:stop], grid)
+        for w, b in zip(weight, bias, strict=True)
+    ]
+    return columns, fused_t[0].unsqueeze(1) if len(fused_t) == 1 else torch.stack(fused_t, 1)
 
 
 def blocked_diffusion(
@@ -142,72 +199,102 @@ def blocked_diffusion(
     bias: torch.Tensor,
     grid: tuple[int, int],
     block_rows: int,
-    fusion_of_task: tuple[int, ...],
 ) -> torch.Tensor:
-    """out[:, t, :, i] = sum_j value[:, t, :, j] G_f(t)[i, j], G built block by block.
+    """out[:, t, :, i] = sum_j value[:, t, :, j] G_t[i, j], G built block by block.
 
-    unit, value: (B, T, C, N); weight (F, N, T, k, k); bias (F, N); returns (B, T, C, N).
-    Plain tensor ops (traceable for export).
+    unit, value: (B, T, C, N); weight (F, N, T, k, k); bias (F, N) with F = 1 (shared fusion)
+    or F = T (per task); returns (B, T, C, N). Plain tensor ops (traceable for export); with
+    block_rows = N it is the dense computation.
     """
-    batch, tasks, channels, n = value.shape
-    out = value.new_empty(batch, tasks, channels, n)
+    n = value.shape[-1]
+    if block_rows >= n:
+        return _diffuse(value, _forward_block(unit, weight, bias, grid, 0, n)[1])
+    out = torch.empty_like(value)
     for start in range(0, n, block_rows):
         stop = min(start + block_rows, n)
-        affinity = _affinity_rows(unit, start, stop)
-        fused = [
-            _fuse_rows(affinity, w[start:stop], b[start:stop], grid)
-            for w, b in zip(weight, bias, strict=True)
-        ]
-        for t in range(tasks):
-            g = fused[fusion_of_task[t]]
-            out[:, t, :, start:stop] = torch.bmm(value[:, t], g.transpose(1, 2))
+        out[..., start:stop] = _diffuse(
+            value, _forward_block(unit, weight, bias, grid, start, stop)[1]
+        )
     return out
 
 
-class _BlockedDiffusion(torch.autograd.Function):
-    """`blocked_diffusion` with a backward that recomputes each block (O(block x N) memory)."""
+def _backward_block(
+    unit: torch.Tensor,
+    value: torch.Tensor,
+    weight: torch.Tensor,
+    grid: tuple[int, int],
+    start: int,
+    stop: int,
+    columns: torch.Tensor,
+    fused_t: torch.Tensor,
+    grad_rows: torch.Tensor,
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+) -> None:
+    """Adds one block's share of (d_unit, d_value, d_weight, d_bias) into `grads`."""
+    d_unit, d_value, d_weight, d_bias = grads
+    if fused_t.shape[1] == 1:  # shared: one product over all T*C value rows, as in `_diffuse`
+        flat_grad = grad_rows.flatten(1, 2)  # (B, T*C, rows)
+        d_value += torch.matmul(flat_grad, fused_t[:, 0].transpose(-1, -2)).view_as(value)
+        d_fused_t = torch.matmul(value.flatten(1, 2).transpose(-1, -2), flat_grad).unsqueeze(1)
+    else:
+        d_value += torch.matmul(grad_rows, fused_t.transpose(-1, -2))
+        d_fused_t = torch.matmul(value.transpose(-1, -2), grad_rows)
+    d_columns = None
+    for f in range(weight.shape[0]):
+        d_c, d_weight[f, start:stop], d_bias[f, start:stop] = _fuse_backward(
+            columns, weight[f, start:stop], d_fused_t[:, f], grid
+        )
+        d_columns = d_c if d_columns is None else d_columns + d_c
+    # A_t[j, blk] = U_tᵀ U_t[:, blk]: U enters as every source j and as the block's columns.
+    for b in range(unit.shape[0]):
+        for t in range(unit.shape[1]):
+            d_a = d_columns[b, :, t]  # (N, rows), a strided BLAS operand
+            d_unit[b, t].addmm_(unit[b, t, :, start:stop], d_a.t())
+            d_unit[b, t, :, start:stop].addmm_(unit[b, t], d_a)
+
+
+class _Diffusion(torch.autograd.Function):
+    """`blocked_diffusion` with a hand-written backward. Dense (block_rows >= N) keeps the one
+    block's affinity columns and G for backward; blocked recomputes each block, so its memory
+    is O(block x N)."""
 
     @staticmethod
-    def forward(ctx, unit, value, weight, bias, grid, block_rows, fusion_of_task):
+    def forward(ctx, unit, value, weight, bias, grid, block_rows):
+        n = value.shape[-1]
+        ctx.grid, ctx.block_rows = grid, block_rows
+        if block_rows >= n:
+            columns, fused_t = _forward_block(unit, weight, bias, grid, 0, n)
+            ctx.save_for_backward(unit, value, weight, columns, fused_t)
+            return _diffuse(value, fused_t)
         ctx.save_for_backward(unit, value, weight, bias)
-        ctx.grid, ctx.block_rows, ctx.fusion_of_task = grid, block_rows, fusion_of_task
-        return blocked_diffusion(unit, value, weight, bias, grid, block_rows, fusion_of_task)
+        return blocked_diffusion(unit, value, weight, bias, grid, block_rows)
 
     @staticmethod
     def backward(ctx, grad_out):
-        unit, value, weight, bias = ctx.saved_tensors
-        grid, block_rows, fusion_of_task = ctx.grid, ctx.block_rows, ctx.fusion_of_task
-        batch, tasks, _, n = value.shape
+        grid, block_rows = ctx.grid, ctx.block_rows
         grad_out = grad_out.contiguous()
-        d_unit = torch.zeros_like(unit)
-        d_value = torch.zeros_like(value)
-        d_weight = torch.zeros_like(weight)
-        d_bias = torch.zeros_like(bias)
-        for start in range(0, n, block_rows):
-            stop = min(start + block_rows, n)
-            affinity = _affinity_rows(unit, start, stop)
-            fused = [
-                _fuse_rows(affinity, w[start:stop], b[start:stop], grid)
-                for w, b in zip(weight, bias, strict=True)
-            ]
-            d_fused = [torch.zeros_like(g) for g in fused]
-            for t in range(tasks):
-                f = fusion_of_task[t]
-                grad_rows = grad_out[:, t, :, start:stop]  # (B, C, rows)
-                d_value[:, t] += torch.bmm(grad_rows, fused[f])
-                d_fused[f].baddbmm_(grad_rows.transpose(1, 2), value[:, t])
-            del fused
-            d_affinity = None
-            for f, d_g in enumerate(d_fused):
-                d_a, d_weight[f, start:stop], d_bias[f, start:stop] = _fuse_rows_backward(
-                    affinity, weight[f, start:stop], d_g, grid
+        unit, value, weight = ctx.saved_tensors[:3]
+        n = value.shape[-1]
+        grads = (
+            torch.zeros_like(unit),
+            torch.zeros_like(value),
+            torch.zeros_like(weight),
+            weight.new_zeros(weight.shape[:2]),
+        )
+        if block_rows >= n:
+            columns, fused_t = ctx.saved_tensors[3:]
+            _backward_block(unit, value, weight, grid, 0, n, columns, fused_t, grad_out, grads)
+            del columns, fused_t
+        else:
+            bias = ctx.saved_tensors[3]
+            for start in range(0, n, block_rows):
+                stop = min(start + block_rows, n)
+                columns, fused_t = _forward_block(unit, weight, bias, grid, start, stop)
+                grad_rows = grad_out[..., start:stop]
+                _backward_block(
+                    unit, value, weight, grid, start, stop, columns, fused_t, grad_rows, grads
                 )
-                d_affinity = d_a if d_affinity is None else d_affinity + d_a
-            del affinity, d_fused
-            # A[blk] = U[:, blk]ᵀ U: U enters as the block's rows and as every column.
-            d_unit[..., start:stop] += torch.matmul(unit, d_affinity.transpose(-1, -2))
-            d_unit += torch.matmul(unit[..., start:stop], d_affinity)
-        return d_unit, d_value, d_weight, d_bias, None, None, None
+        return *grads, None, None
 
 
 def resample_position_maps(
@@ -281,10 +368,6 @@ class CrossTaskAffinity(nn.Module):
     def _to_fusion_grid(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.fusion_grid == self.grid else F.adaptive_avg_pool2d(x, self.fusion_grid)
 
-    @property
-    def _fusion_of_task(self) -> tuple[int, ...]:
-        return tuple(0 if self.shared_fusion else i for i in range(len(self.tasks)))
-
     def _stacked_fusion(self) -> tuple[torch.Tensor, torch.Tensor]:
         convs = list(self.fusion.values())
         return torch.stack([c.weight for c in convs]), torch.stack([c.bias for c in convs])
@@ -309,13 +392,14 @@ class CrossTaskAffinity(nn.Module):
         return auto_block_rows(batch, self.num_positions, len(self.tasks))
 
     def affinities(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-task affinity matrices A_t on the fusion grid, (B, N, N)."""
+        """Per-task affinity matrices A_t on the fusion grid, (B, N, N) (reference step 1)."""
         for t in self.tasks:
             self._check_grid(features[t])
         return {t: task_affinity(self._to_fusion_grid(features[t])) for t in self.tasks}
 
     def fused_affinity(self, affinities: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """G per fusion conv, (B, N, N) with G[b, i, j] = output channel i at position j."""
+        """G per fusion conv, (B, N, N) with G[b, i, j] = output channel i at position j: the
+        paper's interleave and grouped conv, literally (reference steps 2-3)."""
         interleaved = interleave_task_maps([affinities[t] for t in self.tasks], self.fusion_grid)
         batch = interleaved.shape[0]
         return {
@@ -324,34 +408,29 @@ class CrossTaskAffinity(nn.Module):
         }
 
     def diffuse(self, value: torch.Tensor, fused: torch.Tensor) -> torch.Tensor:
-        """out[c, i] = sum_j value[c, j] * fused[i, j]; value (B, C, h, w), fused (B, N, N)."""
+        """out[c, i] = sum_j value[c, j] * fused[i, j]; value (B, C, h, w), fused (B, N, N)
+        (reference step 4)."""
         batch, channels = value.shape[:2]
         out = torch.bmm(value.flatten(2), fused.transpose(1, 2))
         return out.view(batch, channels, *self.fusion_grid)
 
     def _diffused(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """out_t of every task on the fusion grid, (B, C, h, w)."""
-        values = {
-            t: self._to_fusion_grid(self.value_projection[t](features[t])) for t in self.tasks
-        }
-        batch = values[self.tasks[0]].shape[0]
-        mode = self.resolve_mode(batch, values[self.tasks[0]].dtype, values[self.tasks[0]].device)
-        if mode in ("dense", "pooled"):
-            fused = self.fused_affinity(self.affinities(features))
-            return {
-                t: self.diffuse(values[t], fused["shared"] if self.shared_fusion else fused[t])
-                for t in self.tasks
-            }
         for t in self.tasks:
             self._check_grid(features[t])
-        unit = torch.stack([F.normalize(features[t].flatten(2), dim=1) for t in self.tasks], 1)
-        value = torch.stack([values[t].flatten(2) for t in self.tasks], 1)
+        pooled = {t: self._to_fusion_grid(features[t]) for t in self.tasks}
+        values = [self._to_fusion_grid(self.value_projection[t](features[t])) for t in self.tasks]
+        unit = torch.stack([F.normalize(pooled[t].flatten(2), dim=1) for t in self.tasks], 1)
+        value = torch.stack([v.flatten(2) for v in values], 1)  # (B, T, C, N)
         weight, bias = self._stacked_fusion()
-        args = (unit, value, weight, bias, self.fusion_grid, self.block_rows(batch))
-        if torch.is_grad_enabled() and any(x.requires_grad for x in (unit, value, weight, bias)):
-            out = _BlockedDiffusion.apply(*args, self._fusion_of_task)
+        batch = value.shape[0]
+        dense = self.resolve_mode(batch, value.dtype, value.device) in ("dense", "pooled")
+        rows = self.num_positions if dense else self.block_rows(batch)
+        args = (unit, value, weight, bias, self.fusion_grid, rows)
+        if torch.is_grad_enabled() and any(x.requires_grad for x in args[:4]):
+            out = _Diffusion.apply(*args)
         else:
-            out = blocked_diffusion(*args, self._fusion_of_task)
+            out = blocked_diffusion(*args)
         return {
             t: out[:, i].reshape(batch, -1, *self.fusion_grid) for i, t in enumerate(self.tasks)
         }

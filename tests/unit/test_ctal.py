@@ -136,3 +136,41 @@ def test_kernel_size_five_and_two_tasks_work():
     assert block.fusion["shared"].weight.shape == (N, 2, 5, 5)
     out = block({t: torch.randn(1, 4, *GRID) for t in ("semseg", "depth")})
     assert out["depth"].shape == (1, 4, *GRID)
+
+
+def _literal_paper_block(block, feats):
+    """DESIGN 3.1 steps 1-4 with the grouped conv itself (the module's reference methods)."""
+    fused = block.fused_affinity(block.affinities(feats))
+    out = {}
+    for t in block.tasks:
+        g = fused["shared"] if block.shared_fusion else fused[t]
+        diffused = block.diffuse(block.value_projection[t](feats[t]), g)
+        out[t] = block.gamma * diffused + (1 - block.gamma) * feats[t]
+    return out
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("mode", ["dense", "blocked"])
+def test_fast_paths_equal_the_literal_grouped_conv_with_gradients(shared, mode):
+    torch.manual_seed(3)
+    block = CrossTaskAffinity(
+        TASKS, channels=5, grid=GRID, gamma=0.5, shared_fusion=shared, mode=mode, block_size=5
+    ).double()
+    with torch.no_grad():  # every tap and bias non-zero, so a wrong channel order shows
+        for conv in block.fusion.values():
+            conv.weight.uniform_(-0.5, 0.5)
+            conv.bias.uniform_(-0.5, 0.5)
+    feats = {t: torch.randn(2, 5, *GRID, dtype=torch.float64, requires_grad=True) for t in TASKS}
+    weights = {t: torch.randn(2, 5, *GRID, dtype=torch.float64) for t in TASKS}
+    inputs = list(feats.values()) + list(block.parameters())
+
+    def grads(out):
+        loss = sum((out[t] * weights[t]).sum() for t in TASKS)
+        return torch.autograd.grad(loss, inputs)
+
+    expected, got = _literal_paper_block(block, feats), block(feats)
+    for t in TASKS:
+        torch.testing.assert_close(got[t], expected[t], atol=1e-10, rtol=0)
+    for g_expected, g_got in zip(grads(expected), grads(got), strict=True):
+        assert torch.count_nonzero(g_expected) > 0
+        torch.testing.assert_close(g_got, g_expected, atol=1e-10, rtol=0)
