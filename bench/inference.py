@@ -52,8 +52,8 @@ def settings() -> dict[str, Any]:
     else:
         chosen = {
             "size": 128,
-            "samples_per_line": 24,
-            "train_steps": 40,
+            "samples_per_line": 40,
+            "train_steps": 120,
             "calib": 32,
             "repeats": 10,
         }

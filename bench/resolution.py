@@ -4,8 +4,10 @@ Each configuration (a fresh subprocess) trains one small CTAL model (ResNet-18 a
 8, three tasks) on synthetic inspection scenes at NATIVE x NATIVE, then evaluates it on the same
 held-out scenes rendered at every size in EVAL_SIZES: at the native size as trained, at the
 others after `resize_model` (fusion kernels resampled bilinearly). Rows: `exact` (CTAL,
-affinity_mode auto) and `pooled` (affinity on a 2x-pooled grid), so the native rows also
-compare the pooled variant's accuracy with exact CTAL's. Ratios: metric at size / at native.
+affinity_mode auto), `pooled` (affinity on a 2x-pooled grid), so the native rows also compare
+the pooled variant's accuracy with exact CTAL's, and `hps`, the control: the same network
+without the affinity block, whose loss at other sizes is the network's own scale effect (no
+fusion to resample). Ratios: metric at size / at native.
 
     python bench/resolution.py            # -> bench/results/resolution.{json,md}
     python bench/resolution.py --config exact
@@ -29,7 +31,8 @@ TRAIN_SAMPLES = 48
 TEST_SAMPLES = 12
 STEPS = 100
 BATCH = 4
-MODES = {"exact": "auto", "pooled": "pooled"}
+#: row -> (arch, affinity_mode)
+MODELS = {"exact": ("ctal", "auto"), "pooled": ("ctal", "pooled"), "hps": ("hps", "auto")}
 
 
 def _batch(samples: list[Any]) -> tuple[Any, dict[str, Any]]:
@@ -65,7 +68,7 @@ def measure(key: str) -> dict[str, Any]:
 
     torch.manual_seed(0)
     spec = ModelSpec(
-        arch="ctal",
+        arch=MODELS[key][0],
         tasks=TASKS,
         input_size=(NATIVE, NATIVE),
         backbone="resnet18",
@@ -73,7 +76,7 @@ def measure(key: str) -> dict[str, Any]:
         num_classes=NUM_CLASSES,
         decoder_channels=64,
         affinity_channels=64,
-        affinity_mode=MODES[key],
+        affinity_mode=MODELS[key][1],
     )
     model = build_model(spec).train()
     images, targets = _batch(_render(range(TRAIN_SAMPLES), NATIVE, seed=0))
@@ -105,7 +108,8 @@ def measure(key: str) -> dict[str, Any]:
         per_size[str(size)] = flatten_metrics({t: m.compute() for t, m in meters.items()})
     return {
         "config": key,
-        "affinity_mode": MODES[key],
+        "arch": MODELS[key][0],
+        "affinity_mode": MODELS[key][1],
         "native": NATIVE,
         "train_s": train_s,
         "metrics": per_size,
@@ -140,17 +144,29 @@ def summarise(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
         ratios["pooled_over_exact.train_time"] = by_config["pooled"]["train_s"] / max(
             by_config["exact"]["train_s"], 1e-9
         )
+    if {"exact", "hps"} <= set(by_config):
+        # CTAL's loss at another size beyond the control's: what resampling the fusion costs.
+        for size in EVAL_SIZES:
+            if size == NATIVE:
+                continue
+            for metric in PRIMARY:
+                key = f"{size}.{metric}_over_native"
+                exact, control = ratios.get(f"exact.{key}"), ratios.get(f"hps.{key}")
+                if exact is not None and control:
+                    ratios[f"exact_over_hps.{key}"] = exact / control
     columns = ["model", "eval size"] + [c for m in PRIMARY for c in (m, f"{m} / native")]
     markdown = (
         f"## Any resolution: trained at {NATIVE}x{NATIVE}, evaluated at other sizes "
         f"({STEPS} steps, batch {BATCH}, {TEST_SAMPLES} test scenes)\n\n"
         + markdown_table(table, columns)
         + "\nRatios: "
-        + ", ".join(f"{k} = {v:.3g}" for k, v in ratios.items() if k.startswith("pooled_"))
+        + ", ".join(
+            f"{k} = {v:.3g}" for k, v in ratios.items() if k.startswith(("pooled_", "exact_over"))
+        )
         + "\n"
     )
     return ratios, markdown
 
 
 if __name__ == "__main__":
-    bench_main("resolution", Path(__file__), list(MODES), measure, summarise)
+    bench_main("resolution", Path(__file__), list(MODELS), measure, summarise)
