@@ -4,7 +4,8 @@ step) on tiny data, minus the steps' own work.
 Rows, each in a fresh subprocess with its own work folder and sqlite MLflow store:
 - `steps`: the component functions themselves (`component.python_func`, the same bodies
   kfp.local executes) called one after another in this process with the pipeline's wiring,
-  each timed: validate_data -> train -> evaluate -> register_model;
+  each timed: validate_data -> baselines_needed (-> train_baselines) -> train -> evaluate ->
+  roi_report -> register_model -> gate (-> rollout), with run_local's default arguments;
 - `pipeline`: `pipelines.run.run_local` end to end (wall time).
 Overhead = pipeline - sum(steps): kfp.local's orchestration, one interpreter start and the
 imports per step, and its input/output files. Tasks the pipeline ran that `steps` does not
@@ -60,17 +61,24 @@ def _prepare(key: str) -> dict[str, Any]:
 
 
 def run_steps(prep: dict[str, Any]) -> dict[str, float]:
-    """The pipeline's four steps in this process, with the pipeline's wiring; seconds each."""
+    """Every step the pipeline runs, in this process, with the pipeline's wiring and arguments
+    (pipelines/training.py and run_local's defaults); seconds each."""
     import os
 
     from components.evaluate.component import evaluate
+    from components.gate.component import gate
     from components.register_model.component import register_model
+    from components.roi_report.component import roi_report
+    from components.rollout.component import rollout
     from components.train.component import train
+    from components.train_baselines.component import baselines_needed, train_baselines
     from components.validate_data.component import validate_data
+    from pipelines.run import DEFAULT_GATE_POLICY, DEFAULT_ROLLOUT_PLAN
 
     os.environ["MLFLOW_TRACKING_URI"] = prep["tracking_uri"]
     work = str(prep["work"])
     ref = f"{work}/validate_data/dataset_ref.json"
+    uri = prep["tracking_uri"]
     seconds: dict[str, float] = {}
 
     def timed(name: str, fn: Any, **kwargs: Any) -> Any:
@@ -85,15 +93,17 @@ def run_steps(prep: dict[str, Any]) -> dict[str, float]:
     )
     if not passed:
         raise RuntimeError("validate_data failed on the synthetic data")
-    model_id = timed(
-        "train",
-        train,
-        dataset_ref=ref,
-        config_path=prep["config"],
-        out_dir=f"{work}/train",
-        tracking_uri=prep["tracking_uri"],
-        experiment="cta",
-    )
+    common = {"dataset_ref": ref, "config_path": prep["config"], "tracking_uri": uri}
+    if timed("baselines-needed", baselines_needed, model_name=MODEL_NAME, **common):
+        timed(
+            "train-baselines",
+            train_baselines,
+            out_dir=f"{work}/train_baselines",
+            model_name=MODEL_NAME,
+            experiment="cta",
+            **common,
+        )
+    model_id = timed("train", train, out_dir=f"{work}/train", experiment="cta", **common)
     evaluation = timed(
         "evaluate",
         evaluate,
@@ -101,16 +111,50 @@ def run_steps(prep: dict[str, Any]) -> dict[str, float]:
         dataset_ref=ref,
         out_dir=f"{work}/evaluate",
         model_id=model_id,
+        tracking_uri=uri,
+        model_name=MODEL_NAME,
+        bootstrap_n=1000,
+        latency_repeats=5,
     )
-    timed(
+    roi = timed(
+        "roi-report",
+        roi_report,
+        evaluation=evaluation,
+        out_dir=f"{work}/roi_report",
+        roi_config="",
+        lines_config="",
+    )
+    version = timed(
         "register-model",
         register_model,
         model_id=model_id,
         model_name=MODEL_NAME,
         evaluation=evaluation,
         dataset_ref=ref,
-        tracking_uri=prep["tracking_uri"],
+        tracking_uri=uri,
+        roi=roi,
     )
+    verdict = timed(
+        "gate",
+        gate,
+        model_name=MODEL_NAME,
+        version=version,
+        policy_path=str(DEFAULT_GATE_POLICY),
+        tracking_uri=uri,
+        approver="",
+    )
+    if verdict == "pass":
+        timed(
+            "rollout",
+            rollout,
+            model_name=MODEL_NAME,
+            version=version,
+            plan=str(DEFAULT_ROLLOUT_PLAN),
+            data=prep["data"],
+            state=f"{work}/rollout",
+            tracking_uri=uri,
+            backend="local",
+        )
     return seconds
 
 
@@ -128,7 +172,12 @@ def measure(key: str) -> dict[str, Any]:
     from pipelines.run import run_local
 
     result = run_local(
-        prep["data"], prep["work"], prep["config"], prep["tracking_uri"], experiment="cta"
+        prep["data"],
+        prep["work"],
+        prep["config"],
+        prep["tracking_uri"],
+        experiment="cta",
+        model_name=MODEL_NAME,
     )
     return {
         "config": key,

@@ -8,7 +8,7 @@ the STL models (cta_model.metrics.delta_m, seed means). `stl` trains one network
 one interface, so one run gives every task's single-task baseline.
 
     python bench/quality.py --size smoke   # ~2 min proof that it works (1 seed, 32x32)
-    python bench/quality.py --size cpu     # 3 seeds at 64x64, within 40 min on 2 cores
+    python bench/quality.py --size cpu     # 3 seeds at 64x64, 12 epochs: ~30 min on 2 idle cores
     python bench/quality.py --size full    # 3 seeds at 128x128 on a GPU
 
 Results: bench/results/quality-<size>.{json,md} (quality.{json,md} for `cpu`).
@@ -47,7 +47,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "image": 64,
         "backbone": "resnet18",
         "samples_per_line": 40,
-        "epochs": 6,
+        "epochs": 12,
         "batch_size": 8,
     },
     "full": {
@@ -198,9 +198,20 @@ def summarise(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
                 if entry["arch"] != "stl"
                 else None
             )
+    per_seed = _per_seed_delta_m(rows, means.get("stl"), primary, directions)
+    ratios.update(per_seed)
     params = {r["arch"]: r["params"] for r in rows}
     if "stl" in params and "ctal" in params:
         ratios["ctal_params_over_stl"] = params["ctal"] / params["stl"]
+    if {"hps.delta_m_vs_stl", "ctal.delta_m_vs_stl"} <= set(ratios):
+        key = "delta_m_primary_pct_higher_better"
+        ratios["target_ctal_delta_m_above_hps"] = {
+            "ctal": ratios["ctal.delta_m_vs_stl"][key],
+            "hps": ratios["hps.delta_m_vs_stl"][key],
+            "holds": ratios["ctal.delta_m_vs_stl"][key] > ratios["hps.delta_m_vs_stl"][key],
+            "ctal_above_hps_seeds": per_seed.get("ctal_above_hps_seeds"),
+            "fewer_params_than_stl": ratios.get("ctal_params_over_stl", 2.0) < 1.0,
+        }
     columns = ["arch", "seeds", *keys, "Delta_m vs STL (%)", "params (M)", "GFLOPs"]
     size = rows[0]["size"] if rows else "?"
     markdown = (
@@ -208,7 +219,47 @@ def summarise(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
         f"{SIZES[size]['backbone']}, {SIZES[size]['epochs']} epochs; best validation metrics, "
         "mean [min, max] over seeds)\n\n" + markdown_table(table, columns)
     )
+    if "ctal_above_hps_seeds" in per_seed:
+        spread = {arch: per_seed[f"{arch}.delta_m_per_seed"] for arch in ("hps", "ctal")}
+        markdown += (
+            "\nDelta_m vs STL per seed (%): "
+            + "; ".join(
+                f"{arch.upper()} " + ", ".join(f"{v:+.2f}" for v in values)
+                for arch, values in spread.items()
+            )
+            + f". CTAL above HPS with the same seed in {per_seed['ctal_above_hps_seeds']} of "
+            f"{len(spread['ctal'])} seeds.\n"
+        )
     return ratios, markdown
+
+
+def _per_seed_delta_m(
+    rows: list[dict[str, Any]],
+    stl_means: dict[str, float] | None,
+    primary: dict[str, str],
+    directions: dict[str, str],
+) -> dict[str, Any]:
+    """Delta_m of each HPS and CTAL seed against the STL seed means, and how many seeds
+    (paired by seed: same initialisation seed and data order) put CTAL above HPS; the seed
+    means alone hide whether a gap is larger than the run-to-run spread."""
+    from cta_model.metrics import delta_m
+
+    if not stl_means:
+        return {}
+    key = "delta_m_primary_pct_higher_better"
+    by_seed: dict[str, dict[int, float]] = {}
+    for row in rows:
+        if row["arch"] in ("hps", "ctal"):
+            result = delta_m(row["metrics"], stl_means, primary, directions)
+            by_seed.setdefault(row["arch"], {})[row["seed"]] = result[key]
+    out: dict[str, Any] = {
+        f"{arch}.delta_m_per_seed": [values[s] for s in sorted(values)]
+        for arch, values in by_seed.items()
+    }
+    if {"hps", "ctal"} <= set(by_seed):
+        paired = sorted(set(by_seed["hps"]) & set(by_seed["ctal"]))
+        out["ctal_above_hps_seeds"] = sum(by_seed["ctal"][s] > by_seed["hps"][s] for s in paired)
+    return out
 
 
 if __name__ == "__main__":
