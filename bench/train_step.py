@@ -6,6 +6,11 @@ random tensors of the right shapes (data loading is measured in bench/data_loadi
 the T single-task networks in one module, so its step is the sum of the T single-task steps.
 Ratios CTAL/HPS and CTAL/STL-sum of time per step and of peak memory.
 
+Step times of identical processes differ by up to 20 % on the development VM (where the
+allocator's large blocks land, page reclaim), more than within one process. So each size runs
+PROCESSES[size] rounds of fresh processes, the architectures interleaved within a round; a row
+is one process's median step, and the table gives the median over processes with their range.
+
     python bench/train_step.py [--quick]      # -> bench/results/train_step.{json,md}
     python bench/train_step.py --config 128x128:ctal
 """
@@ -13,6 +18,7 @@ Ratios CTAL/HPS and CTAL/STL-sum of time per step and of peak memory.
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +36,8 @@ BATCH = 2
 # (size, repeats): fewer repeats where one step takes seconds.
 SIZES = {"128x128": 5, "288x384": 1}
 QUICK_SIZES = {"64x64": 2}
+# Fresh processes per (size, arch), interleaved; one where a step takes seconds.
+PROCESSES = {"128x128": 5}
 TARGET_CTAL_OVER_HPS = 1.3  # issue 8, at 128x128 on CPU
 
 
@@ -45,7 +53,13 @@ def backbone() -> str:
 
 
 def configs() -> list[str]:
-    return [f"{size}:{arch}" for size in sizes() for arch in ARCHS]
+    """`size:arch:round`, the architectures interleaved within each round of processes."""
+    return [
+        f"{size}:{arch}:{round_}"
+        for size in sizes()
+        for round_ in range(1 if quick() else PROCESSES.get(size, 1))
+        for arch in ARCHS
+    ]
 
 
 def build_step(
@@ -103,7 +117,7 @@ def build_step(
 def measure(key: str) -> dict[str, Any]:
     import torch
 
-    size_text, arch = key.split(":")
+    size_text, arch, round_ = key.split(":")
     size = tuple(int(s) for s in size_text.split("x"))
     model, step = build_step(arch, size, BATCH, backbone=backbone())
     baseline = peak_rss_mb()
@@ -113,6 +127,7 @@ def measure(key: str) -> dict[str, Any]:
         "config": key,
         "size": size_text,
         "arch": arch,
+        "round": int(round_),
         "backbone": backbone(),
         "batch": BATCH,
         "affinity_mode": (
@@ -132,15 +147,44 @@ def measure(key: str) -> dict[str, Any]:
     }
 
 
+def _over_processes(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One (size, arch): medians over its processes, with the range of the step times."""
+    steps = [r["step_s"] for r in rows]
+    return {
+        **rows[0],
+        "processes": len(rows),
+        "step_s": statistics.median(steps),
+        "step_range_s": [min(steps), max(steps)],
+        "step_cpu_s": statistics.median(r["step_cpu_s"] for r in rows),
+        "peak_mb": statistics.median(r["peak_mb"] for r in rows),
+    }
+
+
 def summarise(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
-    by_key = {(r["size"], r["arch"]): r for r in rows}
+    grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        grouped.setdefault((r["size"], r["arch"]), []).append(r)
+    by_key = {key: _over_processes(group) for key, group in grouped.items()}
     ratios: dict[str, Any] = {}
     table = []
     for size in sizes():
         ctal, hps, stl = (by_key[(size, a)] for a in ARCHS)
+        if ctal["processes"] > 1:
+            # Round by round (processes side by side in time), how far the ratio moves.
+            per_round = sorted(
+                c["step_s"] / h["step_s"]
+                for c, h in zip(grouped[(size, "ctal")], grouped[(size, "hps")], strict=True)
+            )
+            ratios[f"{size}.ctal_over_hps.time_per_round"] = per_round
         entry: dict[str, Any] = {"size": size, "batch": BATCH}
+        entry["processes"] = ctal["processes"]
         for arch, row in zip(ARCHS, (ctal, hps, stl), strict=True):
-            entry[f"{arch} s/step"] = row["step_s"]
+            low, high = row["step_range_s"]
+            entry[f"{arch} s/step"] = (
+                f"{row['step_s']:.4g} [{low:.4g}, {high:.4g}]"
+                if row["processes"] > 1
+                else row["step_s"]
+            )
             entry[f"{arch} MB"] = row["peak_mb"]
         for other, row in (("hps", hps), ("stl", stl)):
             time_ratio = ctal["step_s"] / row["step_s"]
@@ -163,17 +207,27 @@ def summarise(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
         }
     params = {a: by_key[(first, a)]["params"] for a in ARCHS}
     columns = [
-        "size", "batch", "ctal s/step", "hps s/step", "stl s/step", "CTAL/HPS time",
+        "size", "batch", "processes", "ctal s/step", "hps s/step", "stl s/step", "CTAL/HPS time",
         "CTAL/STL time", "CTAL/HPS CPU", "CTAL/STL CPU", "ctal MB", "hps MB", "stl MB",
         "CTAL/HPS mem", "CTAL/STL mem", "CTAL mode",
     ]  # fmt: skip
     markdown = (
         f"## Training step, forward+backward+Adam ({backbone()}, batch {BATCH}, 3 tasks)\n\n"
+        "Step times: median over fresh processes [min, max] of each process's median step; "
+        "ratios of the medians.\n\n"
         + markdown_table(table, columns)
         + "\nParameters: "
         + ", ".join(f"{a.upper()} {p / 1e6:.2f} M" for a, p in params.items())
         + " (STL = the 3 single-task networks together).\n"
     )
+    for key, values in ratios.items():
+        if key.endswith("time_per_round"):
+            size = key.split(".")[0]
+            markdown += (
+                f"\nCTAL/HPS time per round of processes at {size}: "
+                + ", ".join(f"{v:.3g}" for v in values)
+                + ".\n"
+            )
     return ratios, markdown
 
 
