@@ -3,13 +3,16 @@
 Each row is one (grid, mode) in a fresh subprocess (bench/common.py): time is the median of
 repeats after a warm-up, memory is the peak RSS above the child's baseline taken after imports,
 block construction and input creation. Ratios blocked/dense and pooled/dense per grid.
+ROUNDS rounds of such processes run the modes interleaved (identical processes differ by up
+to 2x on the development VM); the table gives medians over rounds.
 
     python bench/ctal_block.py            # all rows -> bench/results/ctal_block.{json,md}
-    python bench/ctal_block.py --config 72x96:blocked
+    python bench/ctal_block.py --config 72x96:blocked        # or 72x96:blocked:256 (rows)
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,10 +27,14 @@ GRIDS = ((16, 16), (32, 32), (48, 64), (72, 96))
 MODES = ("dense", "blocked", "pooled")
 POOL_FACTOR = 2
 REPEATS = 3
+ROUNDS = 3
 
 
 def configs() -> list[str]:
-    return [f"{h}x{w}:{mode}" for h, w in GRIDS for mode in MODES]
+    """`HxW:mode:rROUND`, the modes interleaved within each grid's rounds."""
+    return [
+        f"{h}x{w}:{mode}:r{round_}" for h, w in GRIDS for round_ in range(ROUNDS) for mode in MODES
+    ]
 
 
 def measure(key: str) -> dict[str, Any]:
@@ -35,7 +42,8 @@ def measure(key: str) -> dict[str, Any]:
 
     from cta_model.nn.ctal import CrossTaskAffinity
 
-    grid_text, mode, *rows = key.split(":")  # "HxW:mode" or "HxW:blocked:ROWS"
+    grid_text, mode, *extra = key.split(":")  # "HxW:mode[:ROWS][:rROUND]"
+    rows = [part for part in extra if not part.startswith("r")]
     grid = tuple(int(s) for s in grid_text.split("x"))
     torch.manual_seed(0)
     block = CrossTaskAffinity(
@@ -71,8 +79,22 @@ def measure(key: str) -> dict[str, Any]:
     }
 
 
+def _over_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    times = [r["time_s"] for r in rows]
+    return {
+        **rows[0],
+        "rounds": len(rows),
+        "time_s": statistics.median(times),
+        "time_range_s": [min(times), max(times)],
+        "peak_mb": statistics.median(r["peak_mb"] for r in rows),
+    }
+
+
 def summarise(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
-    by_key = {(r["grid"], r["mode"]): r for r in rows}
+    grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        grouped.setdefault((r["grid"], r["mode"]), []).append(r)
+    by_key = {key: _over_rounds(group) for key, group in grouped.items()}
     ratios: dict[str, Any] = {}
     table = []
     for h, w in GRIDS:
@@ -98,7 +120,8 @@ def summarise(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
     ]  # fmt: skip
     markdown = (
         "## CTAL block, forward+backward (C=128, T=3, batch 1, pooled factor "
-        f"{POOL_FACTOR})\n\n" + markdown_table(table, columns)
+        f"{POOL_FACTOR})\n\nTimes and memory: medians over {ROUNDS} rounds of fresh processes; "
+        "each time is that process's median of repeats.\n\n" + markdown_table(table, columns)
     )
     return ratios, markdown
 

@@ -117,7 +117,7 @@ def build_step(
 def measure(key: str) -> dict[str, Any]:
     import torch
 
-    size_text, arch, round_ = key.split(":")
+    size_text, arch, *round_ = key.split(":")  # "HxW:arch" or "HxW:arch:ROUND"
     size = tuple(int(s) for s in size_text.split("x"))
     model, step = build_step(arch, size, BATCH, backbone=backbone())
     baseline = peak_rss_mb()
@@ -127,7 +127,7 @@ def measure(key: str) -> dict[str, Any]:
         "config": key,
         "size": size_text,
         "arch": arch,
-        "round": int(round_),
+        "round": int(round_[0]) if round_ else 0,
         "backbone": backbone(),
         "batch": BATCH,
         "affinity_mode": (

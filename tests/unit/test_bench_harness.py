@@ -106,6 +106,64 @@ def test_train_step_summary_reports_ratios_and_the_target() -> None:
             )
     ratios, markdown = train_step.summarise(rows)
     assert ratios["128x128.ctal_over_hps.time"] == pytest.approx(1.2)
+    assert "128x128.ctal_over_hps.time_per_round" not in ratios  # one process per arch
     assert ratios["288x384.ctal_over_stl.time"] == pytest.approx(0.4)
     assert ratios["target_ctal_over_hps_128"]["holds"] is True
     assert "CTAL/HPS time" in markdown and "288x384" in markdown
+
+
+def test_train_step_summary_takes_medians_over_rounds_of_processes() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import train_step
+    finally:
+        sys.path.remove(str(BENCH))
+    rows = []
+    # Three rounds; round 2 is a slow outlier for CTAL only.
+    for round_, (ctal_s, hps_s) in enumerate(((1.2, 1.0), (1.3, 1.0), (3.0, 1.1))):
+        for size in train_step.SIZES:
+            for arch, seconds in (("ctal", ctal_s), ("hps", hps_s), ("stl", 3.0)):
+                rows.append(
+                    {
+                        "size": size,
+                        "arch": arch,
+                        "round": round_,
+                        "step_s": seconds,
+                        "step_cpu_s": seconds,
+                        "peak_mb": 100.0,
+                        "affinity_mode": None,
+                        "params": 5_000_000,
+                    }
+                )
+    ratios, markdown = train_step.summarise(rows)
+    assert ratios["128x128.ctal_over_hps.time"] == pytest.approx(1.3)  # medians 1.3 / 1.0
+    assert ratios["128x128.ctal_over_hps.time_per_round"] == pytest.approx([1.2, 1.3, 3.0 / 1.1])
+    assert "1.3 [1.2, 3]" in markdown  # median [min, max] of the CTAL step
+
+
+def test_ctal_block_summary_takes_medians_over_rounds() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import ctal_block
+    finally:
+        sys.path.remove(str(BENCH))
+    assert ctal_block.configs()[:3] == ["16x16:dense:r0", "16x16:blocked:r0", "16x16:pooled:r0"]
+    rows = []
+    for dense_s in (1.0, 4.0, 2.0):  # three rounds, one an outlier for dense
+        for h, w in ctal_block.GRIDS:
+            for mode, seconds, mb in (("dense", dense_s, 800.0), ("blocked", 1.5, 100.0)):
+                rows.append(
+                    {
+                        "grid": f"{h}x{w}",
+                        "positions": h * w,
+                        "mode": mode,
+                        "block_rows": 64 if mode == "blocked" else None,
+                        "time_s": seconds,
+                        "peak_mb": mb,
+                    }
+                )
+            rows.append({**rows[-1], "mode": "pooled", "time_s": 0.5, "peak_mb": 50.0})
+    ratios, markdown = ctal_block.summarise(rows)
+    assert ratios["72x96.blocked_over_dense.time"] == pytest.approx(0.75)  # 1.5 / median 2.0
+    assert ratios["72x96.blocked_over_dense.memory"] == pytest.approx(0.125)
+    assert "medians over 3 rounds" in markdown
