@@ -8,7 +8,7 @@ the STL models (cta_model.metrics.delta_m, seed means). `stl` trains one network
 one interface, so one run gives every task's single-task baseline.
 
     python bench/quality.py --size smoke   # ~2 min proof that it works (1 seed, 32x32)
-    python bench/quality.py --size cpu     # 3 seeds at 64x64, 12 epochs: ~30 min on 2 idle cores
+    python bench/quality.py --size cpu     # 3 seeds at 64x64, 12 epochs: ~15 min on 2 idle cores
     python bench/quality.py --size full    # 3 seeds at 128x128 on a GPU
 
 Results: bench/results/quality-<size>.{json,md} (quality.{json,md} for `cpu`).
