@@ -78,6 +78,20 @@ def timed_median(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> di
     }
 
 
+def median_over_processes(
+    rows: list[dict[str, Any]], time_key: str, other_keys: Iterable[str] = ()
+) -> dict[str, Any]:
+    """One configuration measured in several fresh processes -> one row: the median of
+    ``time_key`` (with its [min, max] under ``<time_key>_range``) and of every ``other_keys``,
+    the rest from the first row, and ``processes`` = how many there were."""
+    times = [r[time_key] for r in rows]
+    merged = {**rows[0], "processes": len(rows), time_key: statistics.median(times)}
+    merged[f"{time_key}_range"] = [min(times), max(times)]
+    for key in other_keys:
+        merged[key] = statistics.median(r[key] for r in rows)
+    return merged
+
+
 def machine() -> dict[str, Any]:
     import torch
 

@@ -12,14 +12,19 @@ to 2x on the development VM); the table gives medians over rounds.
 
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_main, markdown_table, peak_rss_mb, timed_median  # noqa: E402
+from common import (  # noqa: E402
+    bench_main,
+    markdown_table,
+    median_over_processes,
+    peak_rss_mb,
+    timed_median,
+)
 
 TASKS = ("semseg", "height", "normals")
 CHANNELS = 128
@@ -79,22 +84,13 @@ def measure(key: str) -> dict[str, Any]:
     }
 
 
-def _over_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    times = [r["time_s"] for r in rows]
-    return {
-        **rows[0],
-        "rounds": len(rows),
-        "time_s": statistics.median(times),
-        "time_range_s": [min(times), max(times)],
-        "peak_mb": statistics.median(r["peak_mb"] for r in rows),
-    }
-
-
 def summarise(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
     grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         grouped.setdefault((r["grid"], r["mode"]), []).append(r)
-    by_key = {key: _over_rounds(group) for key, group in grouped.items()}
+    by_key = {
+        key: median_over_processes(group, "time_s", ["peak_mb"]) for key, group in grouped.items()
+    }
     ratios: dict[str, Any] = {}
     table = []
     for h, w in GRIDS:

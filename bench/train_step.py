@@ -18,7 +18,6 @@ is one process's median step, and the table gives the median over processes with
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +25,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_main, markdown_table, peak_rss_mb, quick, timed_median  # noqa: E402
+from common import (  # noqa: E402
+    bench_main,
+    markdown_table,
+    median_over_processes,
+    peak_rss_mb,
+    quick,
+    timed_median,
+)
 
 TASKS = ("semseg", "height", "normals")
 NUM_CLASSES = 10
@@ -147,24 +153,14 @@ def measure(key: str) -> dict[str, Any]:
     }
 
 
-def _over_processes(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """One (size, arch): medians over its processes, with the range of the step times."""
-    steps = [r["step_s"] for r in rows]
-    return {
-        **rows[0],
-        "processes": len(rows),
-        "step_s": statistics.median(steps),
-        "step_range_s": [min(steps), max(steps)],
-        "step_cpu_s": statistics.median(r["step_cpu_s"] for r in rows),
-        "peak_mb": statistics.median(r["peak_mb"] for r in rows),
-    }
-
-
 def summarise(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
     grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         grouped.setdefault((r["size"], r["arch"]), []).append(r)
-    by_key = {key: _over_processes(group) for key, group in grouped.items()}
+    by_key = {
+        key: median_over_processes(group, "step_s", ["step_cpu_s", "peak_mb"])
+        for key, group in grouped.items()
+    }
     ratios: dict[str, Any] = {}
     table = []
     for size in sizes():
@@ -179,7 +175,7 @@ def summarise(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
         entry: dict[str, Any] = {"size": size, "batch": BATCH}
         entry["processes"] = ctal["processes"]
         for arch, row in zip(ARCHS, (ctal, hps, stl), strict=True):
-            low, high = row["step_range_s"]
+            low, high = row["step_s_range"]
             entry[f"{arch} s/step"] = (
                 f"{row['step_s']:.4g} [{low:.4g}, {high:.4g}]"
                 if row["processes"] > 1
