@@ -11,9 +11,9 @@ Shapes follow DESIGN 3.1. For each task t, P_t is (B, C, H, W) and N = H * W:
    refined_t = gamma * out_t + (1 - gamma) * P_t with gamma a fixed constant.
 
 Modes (DESIGN 3.2, docs/model.md "Affinity modes"):
-- `dense`: every A_t and G as full N x N tensors, differentiated by autograd; O(N^2) memory per
-  sample. The grouped fusion conv is computed as the equal depthwise conv over the T*N maps
-  summed over t (`_fuse_rows`), which has fast CPU kernels; `affinities`, `fused_affinity` and
+- `dense`: every A_t and G as full N x N tensors (one block), kept for backward; O(N^2) memory
+  per sample. Both exact modes run the grouped fusion conv as the equal channels-last depthwise
+  conv summed over t (`_fuse`), much faster on CPU; `affinities`, `fused_affinity` and
   `diffuse` keep the paper's steps literally (the grouped conv itself) for explaining and as the
   reference the fast paths are tested against.
 - `blocked`: the same numbers computed in blocks of rows i of G. Row i's fusion conv only reads
@@ -284,7 +284,6 @@ class _Diffusion(torch.autograd.Function):
         if block_rows >= n:
             columns, fused_t = ctx.saved_tensors[3:]
             _backward_block(unit, value, weight, grid, 0, n, columns, fused_t, grad_out, grads)
-            del columns, fused_t
         else:
             bias = ctx.saved_tensors[3]
             for start in range(0, n, block_rows):
@@ -418,9 +417,9 @@ class CrossTaskAffinity(nn.Module):
         """out_t of every task on the fusion grid, (B, C, h, w)."""
         for t in self.tasks:
             self._check_grid(features[t])
-        pooled = {t: self._to_fusion_grid(features[t]) for t in self.tasks}
+        on_grid = [self._to_fusion_grid(features[t]) for t in self.tasks]
         values = [self._to_fusion_grid(self.value_projection[t](features[t])) for t in self.tasks]
-        unit = torch.stack([F.normalize(pooled[t].flatten(2), dim=1) for t in self.tasks], 1)
+        unit = torch.stack([F.normalize(x.flatten(2), dim=1) for x in on_grid], 1)
         value = torch.stack([v.flatten(2) for v in values], 1)  # (B, T, C, N)
         weight, bias = self._stacked_fusion()
         batch = value.shape[0]
