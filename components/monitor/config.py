@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, NonNegativeFloat
 
 from cta_model.config import StrictModel, load_config
 
@@ -19,6 +20,15 @@ class MonitorConfig(StrictModel):
     min_samples: int = Field(default=20, ge=2)
     window_s: float = Field(default=60.0, gt=0)
     defect_rate_factor: float = Field(default=3.0, gt=1)
+    #: glob pattern over statistic names -> smallest |mean shift| that counts, in the
+    #: statistic's own unit (first matching pattern wins; unmatched statistics have no floor)
+    min_shift: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+
+    def shift_floor(self, statistic: str) -> float:
+        for pattern, floor in self.min_shift.items():
+            if fnmatch.fnmatchcase(statistic, pattern):
+                return floor
+        return 0.0
 
 
 def load_monitor_config(path: str | Path = DEFAULT_MONITOR_CONFIG) -> MonitorConfig:

@@ -112,9 +112,15 @@ def write_html(report: dict[str, Any], reference, recent, path: Path) -> Path:
     parts.append(
         "</table><h2>How this is decided</h2><p>A statistic moved when its population "
         f"stability index exceeds {t['psi_threshold']} and the two-sample Kolmogorov-Smirnov "
-        f"p-value is below {t['ks_alpha']} divided by the number of statistics compared; the "
+        f"p-value is below {t['ks_alpha']} divided by the number of statistics compared, and "
+        "its mean moved by at least its minimum shift where one is configured "
+        f"({html.escape(_shift_floors(t.get('min_shift') or {}))}); the "
         "line drifted when any statistic moved. The reference is the model's "
         "reference_stats.parquet (its validation images).</p></body></html>"
     )
     write_bytes_atomic(path, "\n".join(parts).encode())
     return path
+
+
+def _shift_floors(min_shift: dict[str, float]) -> str:
+    return ", ".join(f"{pattern} {floor:g}" for pattern, floor in min_shift.items()) or "none"

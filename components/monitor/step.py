@@ -4,7 +4,8 @@ Recent rows come from the line servers' statistics snapshots (``cta serve --stat
 components/serve/stats.py: ``stats-*.jsonl``, one row per served image); the reference is the
 ``reference_stats.parquet`` in the folder of the model the line runs (DESIGN 6.1), restricted
 to that line's rows when it has any. Each configured statistic gets a PSI and a KS test; it
-MOVED when PSI > threshold and the KS p-value < alpha / (number of statistics). The line
+MOVED when PSI > threshold, the KS p-value < alpha / (number of statistics) and its mean moved
+by at least the statistic's ``min_shift`` (none when unconfigured). The line
 DRIFTED when any statistic moved. The defect (reject) rate per time window is tracked against
 the line's production prevalence; with a QA replay (``qa``: the line's `qa` split sent
 through its server), agreement of the server's verdict with the QA labels is reported too.
@@ -65,14 +66,26 @@ def compare(reference, recent, config) -> dict[str, dict[str, Any]]:
         new = recent[column].to_numpy(dtype=float)
         value = psi(ref, new, config.psi_bins)
         statistic, p_value = ks_test(ref, new)
+        ref_mean = _finite(np.nanmean(ref)) if ref.size else None
+        new_mean = _finite(np.nanmean(new)) if new.size else None
+        floor = config.shift_floor(column)
+        # With a few dozen images PSI saturates and KS rejects on any clean separation, so a
+        # shift too small to matter (min_shift, in the statistic's unit) never counts.
+        material = floor == 0 or (
+            ref_mean is not None and new_mean is not None and abs(new_mean - ref_mean) >= floor
+        )
         result[column] = {
             "psi": _finite(value),
             "ks_statistic": statistic,
             "ks_p_value": p_value,
-            "reference_mean": _finite(np.nanmean(ref)) if ref.size else None,
-            "recent_mean": _finite(np.nanmean(new)) if new.size else None,
+            "reference_mean": ref_mean,
+            "recent_mean": new_mean,
+            "min_shift": floor,
             "moved": bool(
-                math.isfinite(value) and value > config.psi_threshold and p_value < alpha
+                math.isfinite(value)
+                and value > config.psi_threshold
+                and p_value < alpha
+                and material
             ),
         }
     return result
