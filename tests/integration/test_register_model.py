@@ -9,6 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from click.testing import CliRunner
+from dataset_refs import validated_dataset_ref
 from mlflow import MlflowClient
 
 from components.evaluate.step import run as evaluate
@@ -21,7 +22,6 @@ from components.register_model.step import (
 )
 from components.steps_cli import register_model as register_command
 from components.train.logged_model import log_model_folder
-from cta_model.data.line_dataset import MANIFEST_NAME, generate_dataset, sha256_hex
 from cta_model.errors import DataError
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("restore_mlflow_globals")]
@@ -36,26 +36,7 @@ def model_dir(tiny_model_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def dataset_ref(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("data")
-    root = generate_dataset(
-        folder / "lines",
-        n_lines=2,
-        samples_per_line=8,
-        height=32,
-        width=32,
-        seed=0,
-        progress=False,
-    )
-    ref = {
-        "uri": str(root),
-        "manifest_sha256": sha256_hex((root / MANIFEST_NAME).read_bytes()),
-        "dvc_rev": None,
-        "passed": True,
-        "quarantine": [],
-    }
-    path = folder / "dataset_ref.json"
-    path.write_text(json.dumps(ref))
-    return path
+    return validated_dataset_ref(tmp_path_factory.mktemp("data"), n_lines=2, samples_per_line=8)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -84,12 +85,17 @@ def test_bench_main_runs_each_config_in_its_own_process(tmp_path: Path, quick: b
     assert "| a |" in (folder / "fake.md").read_text()
 
 
-def test_train_step_summary_reports_ratios_and_the_target() -> None:
+def _bench_module(name: str):
+    """Import bench/<name>.py (it imports bench/common.py as a sibling)."""
     sys.path.insert(0, str(BENCH))
     try:
-        import train_step
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCH))
+
+
+def test_train_step_summary_reports_ratios_and_the_target() -> None:
+    train_step = _bench_module("train_step")
     rows = []
     for size in train_step.SIZES:
         for arch, seconds in (("ctal", 1.2), ("hps", 1.0), ("stl", 3.0)):
@@ -113,11 +119,7 @@ def test_train_step_summary_reports_ratios_and_the_target() -> None:
 
 
 def test_train_step_summary_takes_medians_over_rounds_of_processes() -> None:
-    sys.path.insert(0, str(BENCH))
-    try:
-        import train_step
-    finally:
-        sys.path.remove(str(BENCH))
+    train_step = _bench_module("train_step")
     rows = []
     # Three rounds; round 2 is a slow outlier for CTAL only.
     for round_, (ctal_s, hps_s) in enumerate(((1.2, 1.0), (1.3, 1.0), (3.0, 1.1))):
@@ -142,11 +144,7 @@ def test_train_step_summary_takes_medians_over_rounds_of_processes() -> None:
 
 
 def test_ctal_block_summary_takes_medians_over_rounds() -> None:
-    sys.path.insert(0, str(BENCH))
-    try:
-        import ctal_block
-    finally:
-        sys.path.remove(str(BENCH))
+    ctal_block = _bench_module("ctal_block")
     assert ctal_block.configs()[:3] == ["16x16:dense:r0", "16x16:blocked:r0", "16x16:pooled:r0"]
     rows = []
     for dense_s in (1.0, 4.0, 2.0):  # three rounds, one an outlier for dense
