@@ -1,4 +1,5 @@
-"""report.html (one self-contained file) and report.md of the ROI step.
+"""report.html (one self-contained file, from components/reporting/templates/roi_report.html.j2)
+and report.md of the ROI step.
 
 The HTML has inline CSS, charts as base64 PNG data URIs (matplotlib, no "Software" chunk) and
 the affinity-map images embedded the same way: nothing refers to a URL, no script runs. The
@@ -10,14 +11,14 @@ so the page and the JSON cannot disagree.
 from __future__ import annotations
 
 import base64
-import html
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from components.figures import new_figure, png_base64
+from components.reporting import render_template
+from components.reporting.figures import new_figure, png_base64
 
 from .config import INPUT_DOCS
 from .roi import cumulative_cash_flow, payback_label
@@ -25,35 +26,6 @@ from .roi import cumulative_cash_flow, payback_label
 EMBEDDED_IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 REGENERATE_COMMAND = "cta roi-report --evaluation EVALUATION_JSON --out OUT_DIR"
 TORNADO_ROWS = 12
-
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.2em auto;
-       max-width: 1100px; color: #1d2330; line-height: 1.4; padding: 0 1em; }
-h1 { font-size: 1.45em; margin: 0 0 0.3em 0; }
-h2 { font-size: 1.2em; margin-top: 1.8em; border-bottom: 1px solid #d5d9e0; }
-.summary { border: 2px solid #1d4ed8; border-radius: 6px; padding: 0.8em 1.2em;
-           background: #f5f8ff; }
-.summary p { margin: 0.4em 0; }
-.kpis { display: flex; flex-wrap: wrap; gap: 1em; margin: 0.6em 0; }
-.kpi { background: #fff; border: 1px solid #c7d2fe; border-radius: 6px; padding: 0.4em 0.9em; }
-.kpi .label { font-size: 0.8em; color: #4b5563; display: block; }
-.kpi .value { font-size: 1.35em; font-weight: 700; }
-.verdict { display: inline-block; padding: 0.15em 0.6em; border-radius: 4px; color: #fff;
-           font-weight: 600; }
-.go { background: #2e7d32; } .go-with-review { background: #b26a00; } .hold { background: #c62828; }
-table { border-collapse: collapse; width: 100%; font-size: 0.88em; margin: 0.5em 0; }
-th, td { border: 1px solid #d5d9e0; padding: 0.3em 0.5em; text-align: left; vertical-align: top; }
-td:first-child { white-space: nowrap; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-th { background: #f0f2f5; }
-.scroll { overflow-x: auto; }
-.figures img, .maps img { max-width: 100%; margin: 0.5em 0; border: 1px solid #e3e6eb; }
-.maps figure { display: inline-block; margin: 0.3em; max-width: 48%; vertical-align: top; }
-.maps img { min-width: 256px; image-rendering: pixelated; }
-.muted { color: #6b7280; }
-pre { background: #f6f7f9; padding: 0.6em; overflow-x: auto; font-size: 0.85em; }
-code { font-family: ui-monospace, monospace; font-size: 0.9em; }
-"""
 
 
 # ------------------------------------------------------------ the one formatting of figures
@@ -97,41 +69,47 @@ def render_html(
 ) -> str:
     """The report as one HTML document (UTF-8 text)."""
     model = roi.get("model") or {}
-    title = model.get("name") or model.get("model_id") or model.get("sha256", "")[:12]
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>ROI: {_e(title)}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>Return on investment: inspection model {_e(title)}</h1>",
-        _summary_section(roi),
-        _lines_section(roi),
-        _charts_section(roi, samples),
-        _stl_section(roi),
-        _quality_section(evaluation),
-        _explain_section(evaluation, evaluation_dir),
-        _inputs_section(roi),
-        _formulas_section(roi),
-        _provenance_section(roi),
-        "</body></html>",
-    ]
-    return "\n".join(part for part in parts if part)
-
-
-def _summary_section(roi: dict[str, Any]) -> str:
     cur = roi["currency"]
-    pilot, fleet = roi["pilot"], roi["fleet"]
-    line = roi["pilot_line"]
-    verdict = roi["recommendation"]["verdict"]
-    inputs = pilot["inputs"]
-    risk = (
-        f"P(ROI &gt; 0) = <span id='pilot-p-roi-positive'>"
-        f"{_e(format_probability(pilot['p_roi_positive']))}</span>, ROI over "
-        f"{roi['horizon_years']} years between {_e(format_pct(pilot['roi_pct_p10']))} (P10) and "
-        f"{_e(format_pct(pilot['roi_pct_p90']))} (P90), from the bootstrap of the test images"
+    charts = [
+        ("cumulative cash flow", _cash_flow_figure(roi)),
+        ("ROI distribution", _roi_distribution_figure(roi, samples)),
+        ("tornado", _tornado_figure(roi)),
+    ]
+    return render_template(
+        "roi_report.html.j2",
+        title=model.get("name") or model.get("model_id") or model.get("sha256", "")[:12],
+        roi=roi,
+        evaluation=evaluation,
+        quality_phrase=_quality_phrase(roi["pilot"]["inputs"]["quality_source"]),
+        kpis=_kpis(roi),
+        line_columns=[title for _, title, _ in _LINE_COLUMNS],
+        line_rows=[
+            (label, [_cell(entry[key], kind, cur) for key, _, kind in _LINE_COLUMNS], quality)
+            for label, entry, quality in _line_rows(roi)
+        ],
+        charts=[(title, png) for title, png in charts if png],
+        has_replicates=any(samples.get(key) is not None for key in ("pilot", "fleet")),
+        stl_columns=_stl_columns(roi["multitask_vs_stl"]),
+        stl_rows=[
+            *roi["multitask_vs_stl"]["per_line"].items(),
+            ("fleet", roi["multitask_vs_stl"]["fleet"]),
+        ],
+        quality_figure=_quality_figure(evaluation.get("vs_champion"), evaluation.get("delta_m")),
+        explain=_embedded_maps(evaluation, evaluation_dir),
+        input_rows=input_rows(roi),
+        regenerate_command=REGENERATE_COMMAND,
+        money=lambda value: format_money(value, cur),
+        payback=format_payback,
+        pct=format_pct,
+        probability=format_probability,
+        number=format_number,
     )
-    kpis = [
+
+
+def _kpis(roi: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(label, element id, value) of the figures on the first screen."""
+    cur, pilot, fleet = roi["currency"], roi["pilot"], roi["fleet"]
+    return [
         ("Pilot payback", "pilot-payback-months", format_payback(pilot["payback_months"])),
         (f"Pilot NPV ({roi['horizon_years']} y)", "pilot-npv", format_money(pilot["npv"], cur)),
         ("Pilot saving / year", "pilot-annual-saving", format_money(pilot["annual_saving"], cur)),
@@ -139,38 +117,6 @@ def _summary_section(roi: dict[str, Any]) -> str:
         ("Fleet NPV", "fleet-npv", format_money(fleet["npv"], cur)),
         ("Fleet payback", "fleet-payback-months", format_payback(fleet["payback_months"])),
     ]
-    kpi_html = "".join(
-        f'<div class="kpi"><span class="label">{_e(label)}</span>'
-        f'<span class="value" id="{element_id}">{_e(value)}</span></div>'
-        for label, element_id, value in kpis
-    )
-    fleet_text = (
-        f"Rolled out to all {len(roi['per_line'])} lines, the model saves "
-        f"{_e(format_money(fleet['annual_saving'], cur))} a year for an investment of "
-        f"{_e(format_money(fleet['investment'], cur))} (payback "
-        f"{_e(format_payback(fleet['payback_months']))}, NPV "
-        f"{_e(format_money(fleet['npv'], cur))}, P(ROI &gt; 0) "
-        f"{_e(format_probability(fleet['p_roi_positive']))})."
-    )
-    return (
-        '<section class="summary" id="executive-summary">'
-        f'<p><span class="verdict {_e(verdict)}" id="recommendation-verdict">{_e(verdict)}</span> '
-        f'<strong id="recommendation">{_e(roi["recommendation"]["text"])}</strong></p>'
-        f"<p>Pilot line <strong>{_e(line)}</strong> {_payback_phrase(pilot)}, NPV "
-        f"<strong>{_e(format_money(pilot['npv'], cur))}</strong> over "
-        f"{roi['horizon_years']} years at {100 * roi['discount_rate']:.0f} % discount, "
-        f"with defect recall {inputs['recall']:.1%} and false-reject rate {inputs['frr']:.1%} "
-        f"({_e(_quality_phrase(inputs['quality_source']))}). Risk: {risk}.</p>"
-        f'<div class="kpis">{kpi_html}</div>'
-        f"<p>{fleet_text}</p>"
-        "</section>"
-    )
-
-
-def _payback_phrase(entry: dict[str, Any]) -> str:
-    if entry["payback_months"] is None:
-        return "<strong>never</strong> pays back (the model costs more per year than it saves)"
-    return f"pays back in <strong>{_e(format_payback(entry['payback_months']))}</strong>"
 
 
 def _quality_phrase(source: str) -> str:
@@ -222,53 +168,8 @@ def _line_rows(roi: dict[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
     return rows
 
 
-def _lines_section(roi: dict[str, Any]) -> str:
-    cur = roi["currency"]
-    header = "".join(f"<th>{_e(title)}</th>" for _, title, _ in _LINE_COLUMNS)
-    body = "".join(
-        f"<tr><td>{_e(label)}</td>"
-        + "".join(
-            f'<td class="num">{_e(_cell(entry[key], kind, cur))}</td>'
-            for key, _, kind in _LINE_COLUMNS
-        )
-        + f"<td>{_e(quality)}</td></tr>"
-        for label, entry, quality in _line_rows(roi)
-    )
-    return (
-        "<h2>Per line</h2>"
-        "<p class='muted'>Each line as a stand-alone project (all four investment items); the "
-        "fleet counts training compute and the pilot once. Recall r and false-reject rate f are "
-        "the line's own test figures, or <em>pooled</em> over the evaluated lines where the "
-        "evaluation has none for the line.</p>"
-        f"<div class='scroll'><table id='per-line'><tr><th>line</th>{header}"
-        "<th>recall r, false-reject f</th></tr>"
-        f"{body}</table></div>"
-    )
-
-
-def _charts_section(roi: dict[str, Any], samples: dict[str, np.ndarray | None]) -> str:
-    figures = [
-        ("cumulative cash flow", _cash_flow_figure(roi)),
-        ("ROI distribution", _roi_distribution_figure(roi, samples)),
-        ("tornado", _tornado_figure(roi)),
-    ]
-    images = "".join(
-        f'<img alt="{_e(title)}" src="data:image/png;base64,{png}">'
-        for title, png in figures
-        if png
-    )
-    notes = ""
-    if all(samples.get(key) is None for key in ("pilot", "fleet")):
-        notes = (
-            "<p class='muted'>No bootstrap replicates in evaluation.json: no ROI distribution.</p>"
-        )
-    return f'<h2>Charts</h2><div class="figures">{images}</div>{notes}'
-
-
-def _stl_section(roi: dict[str, Any]) -> str:
-    comparison = roi["multitask_vs_stl"]
-    cur = roi["currency"]
-    keys = (
+def _stl_columns(comparison: dict[str, Any]) -> list[tuple[str, str]]:
+    return [
         ("cost_multitask", "cost / year, multitask"),
         ("cost_stl", f"cost / year, {comparison['n_tasks']} single-task"),
         ("hw_annual_multitask", "hardware / year, multitask"),
@@ -276,111 +177,24 @@ def _stl_section(roi: dict[str, Any]) -> str:
         ("ops_annual_multitask", "operations / year, multitask"),
         ("ops_annual_stl", "operations / year, single-task"),
         ("annual_saving_of_multitask", "saving / year of one multitask model"),
-    )
-    header = "".join(f"<th>{_e(title)}</th>" for _, title in keys)
-    rows = [*comparison["per_line"].items(), ("fleet", comparison["fleet"])]
-    body = "".join(
-        f"<tr><td>{_e(name)}</td>"
-        + "".join(f'<td class="num">{_e(format_money(entry[key], cur))}</td>' for key, _ in keys)
-        + "</tr>"
-        for name, entry in rows
-    )
-    return (
-        f"<h2>One multitask model vs {comparison['n_tasks']} single-task models</h2>"
-        f"<p>{_e(comparison['note'])}. Same inspection quality assumed (the single-task models'"
-        " defect figures are not measured).</p>"
-        f"<div class='scroll'><table id='multitask-vs-stl'><tr><th>line</th>{header}</tr>"
-        f"{body}</table></div>"
-    )
+    ]
 
 
-def _quality_section(evaluation: dict[str, Any]) -> str:
-    champion = evaluation.get("vs_champion")
-    delta_m = evaluation.get("delta_m")
-    parts = ["<h2>Quality vs the champion and the single-task baselines</h2>"]
-    if champion:
-        parts.append(
-            f"<p>Champion: {_e(champion.get('name'))} version {_e(champion.get('version'))}; "
-            "paired bootstrap of candidate minus champion on the same test images "
-            "(positive = candidate better).</p>"
-        )
-        rows = "".join(
-            f"<tr><td>{_e(task)}</td><td>{_e(item.get('metric'))}</td>"
-            + "".join(
-                f'<td class="num">{_e(format_number(item.get(key)))}</td>'
-                for key in ("candidate", "champion", "diff_higher_better", "p05", "p50", "p95")
-            )
-            + "</tr>"
-            for task, item in (champion.get("metrics") or {}).items()
-        )
-        parts.append(
-            "<table id='vs-champion'><tr><th>task</th><th>metric</th><th>candidate</th>"
-            "<th>champion</th><th>diff (higher = better)</th><th>P05</th><th>P50</th>"
-            f"<th>P95</th></tr>{rows}</table>"
-        )
-    else:
-        reason = evaluation.get("vs_champion_reason")
-        parts.append(
-            "<p id='no-champion'>No champion yet" + (f": {_e(reason)}" if reason else "") + ".</p>"
-        )
-    if delta_m:
-        per_task = delta_m.get("per_task_pct") or {}
-        rows = "".join(
-            f'<tr><td>{_e(task)}</td><td class="num">{_e(format_number(value))}</td></tr>'
-            for task, value in per_task.items()
-        )
-        parts.append(
-            "<p>Delta_m vs the single-task baselines (percent, higher = better): primary "
-            f"{_e(format_number(delta_m.get('delta_m_primary_pct_higher_better')))}, "
-            f"task-averaged {_e(format_number(delta_m.get('delta_m_task_avg_pct_higher_better')))}."
-            "</p>"
-            f"<table id='delta-m'><tr><th>task</th><th>vs STL, % (higher = better)</th></tr>"
-            f"{rows}</table>"
-        )
-    else:
-        reason = evaluation.get("delta_m_reason")
-        parts.append(
-            "<p id='no-baselines'>No baselines" + (f": {_e(reason)}" if reason else "") + ".</p>"
-        )
-    figure = _quality_figure(champion, delta_m)
-    if figure:
-        parts.append(
-            f'<div class="figures"><img alt="quality vs champion and STL" '
-            f'src="data:image/png;base64,{figure}"></div>'
-        )
-    return "".join(parts)
-
-
-def _explain_section(evaluation: dict[str, Any], evaluation_dir: Path) -> str:
+def _embedded_maps(evaluation: dict[str, Any], evaluation_dir: Path) -> dict[str, Any]:
+    """The affinity maps of evaluation.json: {paths, embedded: [(relative, mime, base64)],
+    missing: [relative], pixels: text}; a map that is not a PNG/JPEG file is listed as missing."""
     explain = evaluation.get("explain") or {}
     paths = explain.get("affinity_maps") or []
-    head = "<h2>Explainability: cross-task affinity maps</h2>"
-    if not paths:
-        return head + "<p id='no-affinity-maps'>No affinity maps in evaluation.json.</p>"
-    figures, missing = [], []
+    embedded, missing = [], []
     for relative in paths:
         path = evaluation_dir / relative
         mime = EMBEDDED_IMAGE_TYPES.get(path.suffix.lower())
         if mime is None or not path.is_file():
             missing.append(relative)
             continue
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
-        figures.append(
-            f'<figure><img alt="{_e(relative)}" src="data:{mime};base64,{data}">'
-            f"<figcaption class='muted'>{_e(relative)}</figcaption></figure>"
-        )
-    pixels = explain.get("pixels") or []
-    text = (
-        "<p>Where each task's prediction at a pixel draws from (per task and fused)"
-        + (f", for pixels {_e(', '.join(str(tuple(p)) for p in pixels))}" if pixels else "")
-        + ".</p>"
-    )
-    note = (
-        f"<p class='muted'>Not embedded (missing or not PNG/JPEG): {_e(', '.join(missing))}</p>"
-        if missing
-        else ""
-    )
-    return head + text + f'<div class="maps">{"".join(figures)}</div>' + note
+        embedded.append((relative, mime, base64.b64encode(path.read_bytes()).decode("ascii")))
+    pixels = ", ".join(str(tuple(p)) for p in explain.get("pixels") or [])
+    return {"paths": paths, "embedded": embedded, "missing": missing, "pixels": pixels}
 
 
 def input_rows(roi: dict[str, Any]) -> list[tuple[str, str, str, str, list[str]]]:
@@ -394,43 +208,6 @@ def input_rows(roi: dict[str, Any]) -> list[tuple[str, str, str, str, list[str]]
         values = [format_number(entry["inputs"][name]) for entry in roi["per_line"].values()]
         rows.append((name, unit.format(cur=cur), meaning, span, values))
     return rows
-
-
-def _inputs_section(roi: dict[str, Any]) -> str:
-    line_headers = "".join(f"<th>{_e(line_id)}</th>" for line_id in roi["per_line"])
-    body = "".join(
-        f"<tr><td><code>{_e(name)}</code></td><td>{_e(unit)}</td><td>{_e(meaning)}</td>"
-        f'<td class="num">{_e(span)}</td>'
-        + "".join(f'<td class="num">{_e(value)}</td>' for value in values)
-        + "</tr>"
-        for name, unit, meaning, span, values in input_rows(roi)
-    )
-    return (
-        "<h2>Inputs</h2>"
-        f"<p>Currency {_e(roi['currency'])}; flag action <code>{_e(roi.get('flag_action'))}</code>;"
-        f" inference device: {_e(roi.get('inference_device'))}; current process: "
-        f"{_e(roi.get('current_process'))}. Sources: configs/roi.yaml, configs/lines.yaml, "
-        "evaluation.json (recall, false-reject rate, latency).</p>"
-        "<div class='scroll'><table id='inputs'><tr><th>input</th><th>unit</th><th>meaning</th>"
-        f"<th>low - high (pilot, tornado)</th>{line_headers}</tr>{body}</table></div>"
-    )
-
-
-def _formulas_section(roi: dict[str, Any]) -> str:
-    text = "\n".join(f"{name}: {formula}" for name, formula in roi["formulas"].items())
-    return f"<h2>Formulas</h2><pre id='formulas'>{_e(text)}</pre>"
-
-
-def _provenance_section(roi: dict[str, Any]) -> str:
-    model = roi.get("model") or {}
-    data = roi.get("data") or {}
-    return (
-        "<h2>Provenance</h2><p class='muted'>"
-        f"model sha256 <code>{_e(model.get('sha256'))}</code>, model id "
-        f"<code>{_e(model.get('model_id'))}</code>, version {_e(model.get('version'))}; data "
-        f"manifest <code>{_e(data.get('manifest_sha256'))}</code>, split {_e(data.get('split'))}."
-        f" Regenerate: <code>{_e(REGENERATE_COMMAND)}</code>.</p>"
-    )
 
 
 # ------------------------------------------------------------------------------- charts
@@ -617,7 +394,3 @@ def render_markdown(roi: dict[str, Any]) -> str:
     lines += [f"{name}: {formula}" for name, formula in roi["formulas"].items()]
     lines += ["```", "", f"Regenerate: `{REGENERATE_COMMAND}`", ""]
     return "\n".join(lines)
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)

@@ -3,6 +3,7 @@ of one line's qa split is flagged as drift, an unshifted replay of the other is 
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import time
@@ -135,3 +136,32 @@ def test_too_few_images_is_never_called_drift(monitored, tmp_path):
     report = run("press-a", stats, tmp_path / "out", model_uri=str(monitored["model"]))
     assert report["enough_data"] is False and report["drifted"] is False
     assert "not enough recent images (1)" in report["summary"]
+
+
+def test_text_from_the_report_is_escaped(tmp_path):
+    import pandas as pd
+
+    from components.monitor.report import write_html
+
+    script = '<script>alert("monitor")</script>'
+    statistic = {"reference_mean": 1.0, "recent_mean": 2.0, "psi": 0.5, "ks_statistic": 0.4}
+    report = {
+        "line_id": script,
+        "summary": script,
+        "model": {"uri": script},
+        "recent": {"n_images": 30},
+        "reference": {"n_images": 60},
+        "enough_data": True,
+        "drifted": True,
+        "moved": [script],
+        "statistics": {script: statistic | {"ks_p_value": 1e-6, "moved": True}},
+        "windows": [],
+        "defect_rate": {"production_prevalence": 0.05},
+        "qa": {script: 0.5},
+        "thresholds": {"psi_threshold": 0.25, "ks_alpha": 0.01, "min_shift": {script: 1.0}},
+    }
+    text = write_html(report, pd.DataFrame(), pd.DataFrame(), tmp_path / "m.html").read_text()
+    assert "<script" not in text
+    # line (title, heading), summary, model, statistic row, QA sample, minimum shift.
+    assert html.unescape(text).count(script) == 7
+    assert '<tr class="moved">' in text  # the markup the template adds is not escaped

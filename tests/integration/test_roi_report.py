@@ -2,6 +2,7 @@
 self-contained and shows the pilot payback on the first screen (headless Chromium)."""
 
 import base64
+import html
 import io
 import json
 from pathlib import Path
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.integration
 
 N_REPLICATES = 200
 VIEWPORT = {"width": 1280, "height": 800}
+SCRIPT = '<script>alert("roi")</script>'
 
 
 def _inspection(recall: float, frr: float) -> dict:
@@ -316,3 +318,23 @@ def test_embedded_maps_are_the_files(report, tmp_path):
     encoded = text[start:].split("base64,", 1)[1].split('"', 1)[0]
     image = Image.open(io.BytesIO(base64.b64decode(encoded)))
     assert image.size == (32, 32)
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_text_from_the_evaluation_is_escaped(tmp_path, complete):
+    evaluation = write_evaluation(tmp_path / "evaluate", complete=complete)
+    data = json.loads(evaluation.read_text())
+    data["model"]["name"] = SCRIPT  # the page title and heading
+    if complete:
+        data["vs_champion"]["name"] = SCRIPT
+        data["vs_champion"]["metrics"]["semseg"]["metric"] = SCRIPT
+        data["explain"]["affinity_maps"].append(f"explain/{SCRIPT}.png")  # listed as missing
+        shown = 5
+    else:
+        data["vs_champion_reason"] = data["delta_m_reason"] = SCRIPT
+        shown = 4
+    evaluation.write_text(json.dumps(data))
+    run(evaluation, tmp_path / "report")
+    text = (tmp_path / "report" / HTML_NAME).read_text(encoding="utf-8")
+    assert "<script" not in text
+    assert html.unescape(text).count(SCRIPT) == shown

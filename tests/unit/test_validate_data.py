@@ -3,6 +3,7 @@ self-contained report; dataset_ref.json against its schema; the `cta validate-da
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import re
@@ -19,6 +20,8 @@ from PIL import Image
 
 from components import cli
 from components.artifacts import read_json, write_json_atomic
+from components.validate_data.expectations import ExpectationOutcome, SuiteOutcome
+from components.validate_data.report import ReportInputs, render_report
 from components.validate_data.step import (
     DATASET_REF_NAME,
     REPORT_NAME,
@@ -156,6 +159,43 @@ def test_report_is_self_contained(clean_run):
     assert re.search(r"<link|<script|@import|url\(", report) is None
     assert re.search(r'<img [^>]*src="data:image/png;base64,[A-Za-z0-9+/=]{100,}"', report)
     assert "PASSED" in report
+
+
+def test_text_from_the_data_is_escaped():
+    script = '<script>alert("validate")</script>'
+
+    def expectation(name: str, **result) -> ExpectationOutcome:
+        fields = {"table": "samples", "type": "t", "column": "c", "success": False}
+        fields |= {"unexpected_count": 0, "unexpected_ids": []}
+        return ExpectationOutcome(name=name, **(fields | result))
+
+    report = render_report(
+        ReportInputs(
+            uri=f"/data/{script}",
+            manifest_sha256="0" * 64,
+            passed=False,
+            # Every sample quarantined: no figures, the rest of the page in full.
+            statistics=pd.DataFrame(
+                {"sample_id": [script, "s2"], "line_id": ["press-a"] * 2, "quarantined": True}
+            ),
+            lines=pd.DataFrame({"line_id": ["press-a", script], "n_samples": [1, 1]}),
+            outcome=SuiteOutcome(
+                [
+                    expectation(script, unexpected_count=1, unexpected_ids=[script]),
+                    expectation("row count", table="lines", column=None, observed=script),
+                    expectation("schema", error=script),
+                ]
+            ),
+            quarantine=[script, "s2"],
+            bad_samples={script: [script, "unreadable"]},
+            bad_lines={script: [script]},
+        )
+    )
+    assert "<script" not in report
+    # uri (title, summary), lines (summary, table), expectation names (failed, all), its id,
+    # observed, error, bad sample and its reason, bad line and its reason, quarantine.
+    assert html.unescape(report).count(script) == 14
+    assert "<br>unreadable" in report  # the markup the template adds is not escaped
 
 
 def test_dvc_rev_comes_from_the_environment(dataset_root, tmp_path, monkeypatch):
