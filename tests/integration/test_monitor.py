@@ -7,6 +7,7 @@ import html
 import io
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,26 @@ from components.monitor.cli import monitor
 pytestmark = pytest.mark.integration
 
 LINES = ("press-a", "press-b")
+WINDOWS_DEADLINE_S = 30.0
+
+
+def wait_for_closed_windows(stats: Path, sent: dict[str, int]) -> None:
+    """Until the servers' closed statistics windows (the stats-*.jsonl files, written atomically
+    when a window ends) hold every image sent to each line; fails past the deadline."""
+    deadline = time.monotonic() + WINDOWS_DEADLINE_S
+    while True:
+        written = Counter(
+            json.loads(row)["line_id"]
+            for path in stats.glob("stats-*.jsonl")
+            for row in path.read_text().splitlines()
+        )
+        if all(written[line] >= n for line, n in sent.items()):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"after {WINDOWS_DEADLINE_S} s the closed windows hold {dict(written)} of {sent}"
+            )
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +110,8 @@ def test_relit_line_drifts_and_the_unshifted_line_does_not(monitored, tmp_path, 
         )
         plain = replay_qa(servers["press-b"].url, str(monitored["data"]), "press-b")
         assert shifted["n_errors"] == plain["n_errors"] == 0
-        time.sleep(2.5)  # let the servers close their statistics windows
+        # The servers' own window rotation, not their final flush on stop, writes the rows.
+        wait_for_closed_windows(stats, {"press-a": shifted["n_sent"], "press-b": plain["n_sent"]})
     finally:
         for server in servers.values():
             server.stop()
