@@ -4,18 +4,21 @@ The launcher uses the real (synchronous) ``kubernetes`` client; each call runs i
 so that the emulator, which serves from this test's event loop, can answer. The emulator stores
 objects and records every request; the test plays the Trainer controller by writing the
 TrainJob's status, and serves pod logs, which kmock does not emulate.
+
+The launcher's waits run on a fake clock (``clock``): its deadline counts the time it slept, so
+the tests assert when it polls and when it gives up, however slow the machine is.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from kmock import KubernetesError
 
+from components.train import trainjob
 from components.train.trainjob import (
     TrainJobConflict,
     TrainJobError,
@@ -58,6 +61,29 @@ def condition(kind: str, reason: str, message: str = "") -> dict[str, str]:
         "message": message,
         "lastTransitionTime": "2026-03-01T00:00:00Z",
     }
+
+
+class FakeClock:
+    """Stands in for the ``time`` module of components.train.trainjob: ``monotonic()`` is the
+    time slept so far, ``sleep`` returns at once, adding to it, and records the interval."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture(autouse=True)
+def clock(monkeypatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(trainjob, "time", fake)
+    return fake
 
 
 @pytest.fixture
@@ -143,7 +169,7 @@ def add_pod(kmock, jobset: str, completion_index: int) -> str:
     return name
 
 
-async def test_submit_wait_and_read_logs_in_order(kmock, launcher):
+async def test_submit_wait_and_read_logs_in_order(kmock, launcher, clock):
     play_controller(
         kmock,
         [
@@ -180,6 +206,7 @@ async def test_submit_wait_and_read_logs_in_order(kmock, launcher):
 
     assert submitted.created and submitted.name == NAME
     assert finished["status"]["conditions"][0]["type"] == "Complete"
+    assert clock.sleeps == [0.01, 0.01]  # one poll interval between the three polls
     assert kmock.objects[TRAINJOBS, NAMESPACE, NAME] >= manifest
     assert [(line.pod, line.line) for line in lines] == [
         (rank0, f"start {rank0}"),
@@ -210,7 +237,7 @@ async def test_submit_wait_and_read_logs_in_order(kmock, launcher):
     assert all("value" not in entry and "secretKeyRef" in entry["valueFrom"] for entry in env)
 
 
-async def test_failed_status_surfaces_the_reason_and_deletes_nothing(kmock, launcher):
+async def test_failed_status_surfaces_the_reason_and_deletes_nothing(kmock, launcher, clock):
     play_controller(
         kmock,
         [None, {"conditions": [condition("Failed", "DeadlineExceeded", "ran past 3600 s")]}],
@@ -226,26 +253,28 @@ async def test_failed_status_surfaces_the_reason_and_deletes_nothing(kmock, laun
         caught.value
     )
     assert [call[0] for call in calls(kmock)] == ["POST", "GET", "GET"]
+    assert clock.sleeps == [0.01]
     assert not kmock.objects[TRAINJOBS, NAMESPACE, NAME].deleted
 
 
-async def test_the_deadline_is_respected_and_the_job_left_running(kmock, launcher):
+async def test_the_deadline_is_respected_and_the_job_left_running(kmock, launcher, clock):
     play_controller(kmock, [None])  # never finishes
     await asyncio.to_thread(launcher.submit, trainjob_manifest())
 
-    started = time.monotonic()
-    with pytest.raises(TrainJobTimeout, match=r"did not finish within 0\.3 s .*left running"):
-        await asyncio.to_thread(launcher.wait, NAME, 0.3, 0.05)
-    elapsed = time.monotonic() - started
+    with pytest.raises(TrainJobTimeout, match=r"did not finish within 0\.3125 s .*left running"):
+        await asyncio.to_thread(launcher.wait, NAME, 0.3125, 0.125)
 
-    assert 0.3 <= elapsed < 2.0
+    # Polls at 0, 0.125, 0.25 and 0.3125: the last interval is cut to the deadline, and the
+    # wait gives up at the deadline, after one last poll (values exact in binary).
+    assert clock.sleeps == [0.125, 0.125, 0.0625]
+    assert clock.now == 0.3125
     polls = [call for call in calls(kmock) if call == ("GET", "trainjobs", NAME, None)]
-    assert 3 <= len(polls) <= 10
+    assert len(polls) == 4
     assert "DELETE" not in [call[0] for call in calls(kmock)]
     assert not kmock.objects[TRAINJOBS, NAMESPACE, NAME].deleted
 
 
-async def test_waiting_polls_through_a_transient_api_error(kmock, launcher):
+async def test_waiting_polls_through_a_transient_api_error(kmock, launcher, clock):
     unavailable = KubernetesError(status=503, reason="ServiceUnavailable", message="restarting")
     play_controller(kmock, [unavailable, {"conditions": [condition("Complete", "JobsCompleted")]}])
     await asyncio.to_thread(launcher.submit, trainjob_manifest())
@@ -254,9 +283,10 @@ async def test_waiting_polls_through_a_transient_api_error(kmock, launcher):
 
     assert finished["status"]["conditions"][0]["type"] == "Complete"
     assert [call[0] for call in calls(kmock)] == ["POST", "GET", "GET"]
+    assert clock.sleeps == [0.01]  # the 503 is waited out like a pending job
 
 
-async def test_a_refused_poll_ends_the_wait_at_once(kmock, launcher):
+async def test_a_refused_poll_ends_the_wait_at_once(kmock, launcher, clock):
     forbidden = KubernetesError(status=403, reason="Forbidden", message="trainjobs is forbidden")
     play_controller(kmock, [forbidden])
     await asyncio.to_thread(launcher.submit, trainjob_manifest())
@@ -264,6 +294,7 @@ async def test_a_refused_poll_ends_the_wait_at_once(kmock, launcher):
     with pytest.raises(TrainJobError, match="HTTP 403 Forbidden: trainjobs is forbidden"):
         await asyncio.to_thread(launcher.wait, NAME, 5.0, 0.01)
     assert [call[0] for call in calls(kmock)] == ["POST", "GET"]
+    assert clock.sleeps == []
 
 
 async def test_submitting_twice_creates_once(kmock, launcher):
@@ -297,13 +328,14 @@ async def test_a_different_spec_under_the_same_name_is_a_conflict(kmock, launche
     assert kmock.objects[TRAINJOBS, NAMESPACE, NAME]["spec"]["trainer"]["numNodes"] == 2
 
 
-async def test_delete_and_missing_jobs(kmock, launcher):
+async def test_delete_and_missing_jobs(kmock, launcher, clock):
     await asyncio.to_thread(launcher.submit, trainjob_manifest())
 
     assert await asyncio.to_thread(launcher.delete, NAME) is True
     assert await asyncio.to_thread(launcher.delete, NAME) is False
     with pytest.raises(TrainJobError, match=f"TrainJob {NAMESPACE}/{NAME} not found"):
         await asyncio.to_thread(launcher.wait, NAME, 1.0, 0.01)
+    assert clock.sleeps == []  # a missing TrainJob ends the wait at once
     deletes = [request for request in kmock if request.method.value == "DELETE"]
     assert len(deletes) == 2
     assert deletes[0].params["propagationPolicy"] == "Background"
