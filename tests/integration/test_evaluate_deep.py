@@ -17,6 +17,7 @@ from components.artifacts import read_json, validation_problems
 from components.evaluate.inspection import (
     bootstrap_replicates,
     choose_line_threshold,
+    compare_with_champion,
     inspection_figures,
     line_resamples,
 )
@@ -28,6 +29,7 @@ from cta_model.data.line_dataset import MANIFEST_NAME, generate_dataset, sha256_
 from cta_model.inspection import InspectionConfig, pr_curve, recall_and_frr
 from cta_model.model_folder import save_model_folder
 from cta_model.nn.models import ModelSpec, build_model
+from cta_model.tasks import get_task
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("restore_mlflow_globals")]
 
@@ -105,6 +107,61 @@ def test_bootstrap_replicates_are_paired_and_reproducible() -> None:
         expected_frr = (rejects & ok).sum() / ok.sum() if ok.any() else None
         assert replicates["recall"][k] == pytest.approx(expected_recall)
         assert replicates["frr"][k] == pytest.approx(expected_frr)
+
+
+def test_champion_comparison_by_hand_and_where_it_has_no_number() -> None:
+    nan = float("nan")
+
+    def line(ids, area, labelled, miou):
+        # No image has a height label (NaN per image) and no labelled part is defective.
+        return LineScores(
+            sample_ids=ids,
+            reject_area=area,
+            defective=[False] * len(ids),
+            labelled=labelled,
+            per_image={"semseg": miou, "height": [nan] * len(ids)},
+        )
+
+    candidate = {
+        "a": line(["a0", "a1", "a2"], [0, 5, 0], [True, True, False], [0.5, 0.7, nan]),
+        "b": line(["b0", "b1"], [0, 4], [True, True], [0.4, 0.6]),
+    }
+    champion = {
+        "a": line(["a0", "a1", "a2"], [5, 5, 5], [True, True, False], [0.4, 0.7, nan]),
+        "b": line(["b0", "b1"], [0, 0], [True, True], [0.5, 0.2]),
+    }
+    # Replicate 0: every image once; replicate 1: a0 three times, b1 twice.
+    resamples = {"a": np.array([[0, 1, 2], [0, 0, 0]]), "b": np.array([[0, 1], [1, 1]])}
+    comparison = compare_with_champion(
+        candidate,
+        champion,
+        {"semseg.miou": 0.55, "height.abs_err_mm": None},
+        {"semseg.miou": 0.45, "height.abs_err_mm": None},
+        {"a": 3, "b": 3},
+        {"a": 3, "b": 3},
+        resamples,
+    )
+    semseg = comparison["metrics"]["semseg"]
+    assert semseg["metric"] == "miou" and (semseg["candidate"], semseg["champion"]) == (0.55, 0.45)
+    assert semseg["diff_higher_better"] == pytest.approx(0.1)
+    # Per-image differences a: 0.1, 0, unscored; b: -0.1, 0.4. Replicate means: 0.1, 0.22.
+    assert [semseg["p05"], semseg["p50"], semseg["p95"]] == pytest.approx([0.106, 0.16, 0.214])
+    # No image has a height label: no overall value to subtract, no replicate to average.
+    assert comparison["metrics"]["height"] == {
+        "metric": "abs_err_mm",
+        "candidate": None,
+        "champion": None,
+        "diff_higher_better": None,
+        "p05": None,
+        "p50": None,
+        "p95": None,
+    }
+    # No defective part: recall is undefined in every replicate. False-reject rates (good
+    # parts a0, a1, b0, b1; a2 is unlabelled): replicate 0 both 2/4; replicate 1 candidate
+    # 2/5 (b1 twice), champion 3/5 (a0 three times): champion - candidate = 0, 0.2.
+    assert comparison["inspection"]["recall"] == {"p05": None, "p50": None, "p95": None}
+    frr = comparison["inspection"]["frr"]
+    assert [frr["p05"], frr["p50"], frr["p95"]] == pytest.approx([0.01, 0.1, 0.19])
 
 
 def test_boundary_mask_and_dimension_errors_by_hand() -> None:
@@ -266,7 +323,7 @@ def dataset_ref(dataset_root: Path, tmp_path_factory) -> Path:
 
 
 def test_delta_m_and_champion_from_the_registry(
-    tiny_model_dir: Path, dataset_ref: Path, mlflow_server: str, tmp_path: Path
+    tiny_model_dir: Path, dataset_root: Path, dataset_ref: Path, mlflow_server: str, tmp_path: Path
 ) -> None:
     name = f"cta-deep-{uuid.uuid4().hex[:8]}"
     kwargs = {"bootstrap_n": B, "latency_repeats": 1, "explain": False, "batch_size": 4}
@@ -320,14 +377,26 @@ def test_delta_m_and_champion_from_the_registry(
     assert per_task["height"] == pytest.approx(-(ours - height) / height * 100)
     assert after["latency"]["stl"]["n_models"] == 3
 
-    # The champion is the candidate itself: every paired difference is exactly 0.
+    # The champion is the candidate itself. The test split labels every task and holds
+    # defective and good parts, so every comparison exists and every difference is exactly 0
+    # (where one legitimately has no number: the hand-made champion comparison above).
+    manifest = pq.read_table(dataset_root / MANIFEST_NAME).to_pylist()
+    test_rows = [row for row in manifest if row["split"] == "test"]
+    inspection = after["overall"]["inspection"]
+    assert inspection["n_defective"] > 0 and inspection["n_good"] > 0
     versus = after["vs_champion"]
     assert versus["version"] == champion_version and versus["name"] == name
+    assert set(versus["metrics"]) == {"semseg", "height", "normals"}
     for task, entry in versus["metrics"].items():
-        assert entry["diff_higher_better"] in (0.0, None), task
-        assert {entry["p05"], entry["p50"], entry["p95"]} <= {0.0, None}, task
-    assert versus["inspection"]["recall"]["p50"] in (0.0, None)
-    assert versus["inspection"]["frr"]["p05"] in (0.0, None)
+        assert any(row[f"has_{task}"] for row in test_rows), task
+        assert entry["metric"] == get_task(task).primary_metric.name
+        overall = after["overall"]["metrics"][f"{task}.{entry['metric']}"]
+        assert isinstance(overall, float) and np.isfinite(overall), task
+        assert entry["candidate"] == entry["champion"] == overall, task
+        assert entry["diff_higher_better"] == 0.0, task
+        assert [entry["p05"], entry["p50"], entry["p95"]] == [0.0, 0.0, 0.0], task
+    for figure in ("recall", "frr"):
+        assert versus["inspection"][figure] == {"p05": 0.0, "p50": 0.0, "p95": 0.0}, figure
 
 
 def test_cli_passes_the_new_flags(tiny_model_dir: Path, dataset_root: Path, tmp_path: Path) -> None:
