@@ -20,7 +20,7 @@ help:
 	@echo "make test       all tests but 'slow' (unit, integration, e2e)"
 	@echo "make test-slow  the slow tier"
 	@echo "make test-load  load test of cta serve (32 clients, 2000 requests; bench/results/load_serve.json)"
-	@echo "make lint       ruff check + format check"
+	@echo "make lint       ruff check + format check + import layers (lint-imports)"
 	@echo "make bench-quality  STL/HPS/CTAL on the synthetic benchmark, 3 seeds (SIZE=cpu|full)"
 	@echo "make bench      every bench/*.py benchmark -> bench/results/ (BENCH_QUICK=1: smoke sizes)"
 	@echo "make image      build the project image (buildah, else docker; infra/images/README.md)"
@@ -46,9 +46,11 @@ test-slow: setup
 test-all: setup
 	$(VENV)/bin/python -m pytest --durations=15 $(PYTEST_ARGS)
 
+# lint-imports checks the layer contracts of [tool.importlinter] in pyproject.toml.
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

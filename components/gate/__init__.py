@@ -1,1 +1,2 @@
-"""The promotion gate (DESIGN 7): policy.py, step.py (run()), cli.py, component.py."""
+"""The promotion gate (DESIGN 7): policy.py, step.py (run()), component.py; `cta gate` is
+cta_cli/commands/gate.py."""

@@ -1,4 +1,5 @@
-"""Retraining trigger: run the training pipeline on the newest data, or skip and say why.
+"""Retraining trigger's decision: run the training pipeline on the newest data, or skip and say
+why (`cta retrain`, cta_cli/commands/retrain.py, starts the run).
 
 The newest data is what ``data_uri`` holds now (a folder or ``s3://`` prefix that the data
 team updates, e.g. by ``dvc pull`` of the latest revision). Its manifest sha256 is compared with

@@ -80,9 +80,12 @@ class ServerHandle:
 
 
 def serve_command(model_uri: str, port: int, **opts: Any) -> list[str]:
-    """The argv of ``python -m components.serve`` for these options (None values omitted;
-    ``True`` flags become bare flags; names use underscores: ``max_concurrency=2``)."""
-    argv = [sys.executable, "-m", "components.serve", "--model", model_uri, "--port", str(port)]
+    """The argv of ``python -m cta_cli serve`` for these options (None values omitted;
+    ``True`` flags become bare flags; names use underscores: ``max_concurrency=2``).
+
+    The server is the `cta serve` command run by name in a new process (as the TrainJob runs
+    `cta train`): this module never imports the command line above it."""
+    argv = [sys.executable, "-m", "cta_cli", "serve", "--model", model_uri, "--port", str(port)]
     for name, value in opts.items():
         if value is None or value is False:
             continue

@@ -118,7 +118,7 @@ def _run_under_torchrun(
         "--master_addr=127.0.0.1",
         f"--master_port={_free_loopback_port()}",
         "-m",
-        "components.cli",
+        "cta_cli",
         "train",
         "--config",
         str(resolved),

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from components.retrain.cli import retrain
+from cta_cli.commands.retrain import retrain
 from cta_model.data.line_dataset import MANIFEST_NAME, generate_dataset
 from pipelines.run import run_local
 from pipelines.summary import summary_lines

@@ -402,7 +402,7 @@ def test_delta_m_and_champion_from_the_registry(
 def test_cli_passes_the_new_flags(tiny_model_dir: Path, dataset_root: Path, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from components.steps_cli import evaluate as evaluate_command
+    from cta_cli.commands.evaluate import evaluate as evaluate_command
 
     config = tmp_path / "inspection.yaml"
     config.write_text("reject_classes: [6, 8]\ntarget_recall: 0.9\nmin_area_px: 3\n")

@@ -18,7 +18,6 @@ import yaml
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from components.gate.cli import gate as gate_command
 from components.gate.step import (
     CHAMPION_ALIAS,
     FAIL,
@@ -32,6 +31,7 @@ from components.gate.step import (
 from components.gate.step import run as gate
 from components.register_model.step import run as register
 from components.train.logged_model import log_model_folder
+from cta_cli.commands.gate import gate as gate_command
 from cta_model.errors import DataError
 from cta_model.model_folder import folder_sha256
 

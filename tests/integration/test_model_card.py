@@ -17,9 +17,9 @@ from test_gate import MANIFEST, base_policy, make_dataset_ref, make_evaluation, 
 
 from components.gate.step import run as gate
 from components.model_card.card import CARD_FILE, TAG_MODEL_CARD, read_card
-from components.model_card.cli import model_card as model_card_command
 from components.register_model.step import run as register
 from components.train.logged_model import log_model_folder
+from cta_cli.commands.model_card import model_card as model_card_command
 from cta_model.model_folder import folder_sha256
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("restore_mlflow_globals")]

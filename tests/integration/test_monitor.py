@@ -14,7 +14,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from components.monitor.cli import monitor
+from cta_cli.commands.monitor import monitor
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from kfp_standin import API, KfpStandIn
 
 from components.image import PROJECT_IMAGE
-from pipelines.cli import pipeline
+from cta_cli.commands.pipeline import pipeline
 from pipelines.remote import normalise_cron
 
 pytestmark = pytest.mark.integration

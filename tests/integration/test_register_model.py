@@ -20,8 +20,8 @@ from components.register_model.step import (
     complete_versions,
     run,
 )
-from components.steps_cli import register_model as register_command
 from components.train.logged_model import log_model_folder
+from cta_cli.commands.register_model import register_model as register_command
 from cta_model.errors import DataError
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("restore_mlflow_globals")]

@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from components.notify import notify
-from components.retrain.cli import retrain
 from components.retrain.step import decide, newest_manifest_sha256
+from cta_cli.commands.retrain import retrain
 
 pytestmark = pytest.mark.integration
 

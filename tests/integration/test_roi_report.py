@@ -13,7 +13,6 @@ from click.testing import CliRunner
 from PIL import Image
 
 from components.artifacts import validation_problems
-from components.roi_report.cli import roi_report
 from components.roi_report.report import format_money, format_payback
 from components.roi_report.step import (
     HTML_NAME,
@@ -23,6 +22,7 @@ from components.roi_report.step import (
     ROI_NAME,
     run,
 )
+from cta_cli.commands.roi_report import roi_report
 from cta_model.errors import DataError
 
 pytestmark = pytest.mark.integration

@@ -20,11 +20,11 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from components.register_model.step import run as register
-from components.rollout.cli import rollout
 from components.rollout.engine import line_key, rollout_key
 from components.rollout.registry import HISTORY_TAG
 from components.rollout.state import LocalStateStore, lock_holder
 from components.train.logged_model import log_model_folder
+from cta_cli.commands.rollout import rollout
 from cta_model.data.line_dataset import LineDataset, generate_dataset
 from cta_model.model_folder import load_model_folder, read_model_card, save_model_folder
 
@@ -292,7 +292,7 @@ def test_a_killed_start_is_completed_by_resume_without_a_stale_lock(
             [
                 sys.executable,
                 "-c",
-                "from components.rollout.cli import rollout; rollout()",
+                "from cta_cli.commands.rollout import rollout; rollout()",
                 "start",
                 "--model-name",
                 name,

@@ -371,7 +371,7 @@ def test_cli_kubeflow_backend_passes_the_spec_and_refuses_local_flags(monkeypatc
     from click.testing import CliRunner
 
     import components.train.remote as remote
-    from components.cli import main
+    from cta_cli.main import main
 
     seen: dict[str, Any] = {}
 

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from components import cli
+from cta_cli.main import main
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +33,7 @@ def _train(tmp_path, *extra, env=None):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [*SMALL, "--out", str(tmp_path / "run"), "--tracking-uri", uri, *extra]
     args += ["--set", f"data.cache_dir={tmp_path / 'cache'}"]
-    result = CliRunner().invoke(cli.main, ["train", *args], env=env, catch_exceptions=False)
+    result = CliRunner().invoke(main, ["train", *args], env=env, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return json.loads(result.output[result.output.index("{") :]), uri
 
@@ -55,7 +55,7 @@ def test_train_logs_a_run_and_a_model_and_flags_beat_env(tmp_path):
 
 def test_unknown_override_key_is_named(tmp_path):
     result = CliRunner().invoke(
-        cli.main, ["train", *SMALL, "--out", str(tmp_path), "--set", "optim.lrr=1"]
+        main, ["train", *SMALL, "--out", str(tmp_path), "--set", "optim.lrr=1"]
     )
     assert result.exit_code == 2
     assert "optim.lrr" in result.output

@@ -7,7 +7,8 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from components import cli
+from cta_cli.commands.model import ARCH_CHOICES, BACKBONE_CHOICES
+from cta_cli.main import main
 from cta_model.nn.backbones import BACKBONES
 from cta_model.nn.models import ARCHITECTURES
 
@@ -15,15 +16,15 @@ pytestmark = pytest.mark.unit
 
 
 def test_cli_choices_equal_the_registries():
-    assert list(ARCHITECTURES) == cli.ARCH_CHOICES
-    assert list(BACKBONES) == cli.BACKBONE_CHOICES
+    assert list(ARCHITECTURES) == ARCH_CHOICES
+    assert list(BACKBONES) == BACKBONE_CHOICES
 
 
 @pytest.mark.parametrize("arch", ["stl", "hps", "hps-light", "ctal"])
 def test_model_summary_json_for_every_architecture(arch):
     args = ["model", "summary", "--arch", arch, "--backbone", "resnet18", "--output-stride", "8"]
     args += ["--tasks", "semseg,height,normals", "--height", "32", "--width", "32", "--json"]
-    result = CliRunner().invoke(cli.main, args)
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["params"]["total"] == sum(summary["params"]["per_module"].values())
@@ -35,7 +36,7 @@ def test_stl_summary_is_the_sum_of_the_single_task_networks():
     def params(arch, tasks):
         args = ["model", "summary", "--arch", arch, "--tasks", tasks, "--backbone", "resnet18"]
         args += ["--height", "32", "--width", "32", "--json"]
-        return json.loads(CliRunner().invoke(cli.main, args).output)
+        return json.loads(CliRunner().invoke(main, args).output)
 
     stl = params("stl", "semseg,height")
     singles = [params("hps", "semseg"), params("hps", "height")]
@@ -46,16 +47,14 @@ def test_stl_summary_is_the_sum_of_the_single_task_networks():
 def test_ctal_block_flops_dominate_at_paper_resolution():
     # DESIGN 3.2: at 288x384 (N = 6912) CTAL costs ~133 GFLOPs, the block most of it.
     args = ["model", "summary", "--arch", "ctal", "--height", "288", "--width", "384", "--json"]
-    summary = json.loads(CliRunner().invoke(cli.main, args).output)
+    summary = json.loads(CliRunner().invoke(main, args).output)
     assert 120e9 < summary["flops"]["total"] < 145e9
     assert summary["flops"]["per_module"]["refinement"] > 0.5 * summary["flops"]["total"]
     assert summary["params"]["per_module"]["refinement"] == 193_536 + 3 * (128 * 128 * 9 + 128)
 
 
 def test_bad_input_is_one_clear_line_and_exit_code_2():
-    result = CliRunner().invoke(
-        cli.main, ["model", "summary", "--arch", "ctal", "--tasks", "height"]
-    )
+    result = CliRunner().invoke(main, ["model", "summary", "--arch", "ctal", "--tasks", "height"])
     assert result.exit_code == 2
     assert "needs at least 2 tasks" in result.output
     assert "Traceback" not in result.output

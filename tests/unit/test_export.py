@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from components.cli import main
+from cta_cli.main import main
 from cta_model.data.line_dataset import generate_dataset
 from cta_model.errors import ConfigError, DataError
 from cta_model.export import (

@@ -103,7 +103,7 @@ def test_project_source_never_unpickles():
 def test_servers_bind_loopback_unless_told_otherwise():
     from click.testing import CliRunner
 
-    from components.cli import main
+    from cta_cli.main import main
 
     help_text = CliRunner().invoke(main, ["serve", "--help"]).output
     assert "127.0.0.1" in help_text

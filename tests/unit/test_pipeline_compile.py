@@ -6,7 +6,7 @@ from click.testing import CliRunner
 from kfp.components import load_component_from_file
 
 from components.image import PROJECT_IMAGE
-from pipelines.cli import pipeline
+from cta_cli.commands.pipeline import pipeline
 from pipelines.run import compile_pipeline
 
 pytestmark = pytest.mark.unit

@@ -166,7 +166,7 @@ def test_an_expired_lock_or_a_dead_local_owner_is_taken_over(tmp_path: Path) -> 
 def test_pause_and_status_through_the_cli(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from components.rollout.cli import rollout
+    from cta_cli.commands.rollout import rollout
 
     store = LocalStateStore(tmp_path / "state")
     record = {

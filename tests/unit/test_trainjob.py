@@ -123,9 +123,9 @@ def test_minimal_spec_uses_the_documented_defaults():
 
 
 def test_command_and_args_override():
-    trainjob = manifest(command=["python", "-m", "components.cli"], args=["train", "--fast"])
+    trainjob = manifest(command=["python", "-m", "cta_cli"], args=["train", "--fast"])
     validate_trainjob(trainjob)
-    assert trainjob["spec"]["trainer"]["command"] == ["python", "-m", "components.cli"]
+    assert trainjob["spec"]["trainer"]["command"] == ["python", "-m", "cta_cli"]
     assert trainjob["spec"]["trainer"]["args"] == ["train", "--fast"]
 
 

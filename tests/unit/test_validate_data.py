@@ -18,7 +18,6 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from components import cli
 from components.artifacts import read_json, write_json_atomic
 from components.validate_data.expectations import ExpectationOutcome, SuiteOutcome
 from components.validate_data.report import ReportInputs, render_report
@@ -30,6 +29,7 @@ from components.validate_data.step import (
     ValidationFailed,
     run,
 )
+from cta_cli.main import main
 from cta_model.data.line_dataset import (
     MANIFEST_NAME,
     LineDataset,
@@ -345,14 +345,14 @@ def test_dataset_ref_schema_rejects_unknown_and_malformed_fields(tmp_path):
 
 def test_cli_exit_codes(dataset_root, copy_root, sample_ids, tmp_path):
     runner = CliRunner()
-    passed = runner.invoke(cli.main, ["validate-data", str(dataset_root), "--out", str(tmp_path)])
+    passed = runner.invoke(main, ["validate-data", str(dataset_root), "--out", str(tmp_path)])
     assert passed.exit_code == 0, passed.output
     assert f"report: {tmp_path / REPORT_NAME}" in passed.output
 
     sample_id = sample_ids[5]
     relative = _row(copy_root, sample_id)["image_path"]
     (copy_root / relative).write_bytes(b"not a png")
-    failed = runner.invoke(cli.main, ["validate-data", str(copy_root), "--out", str(tmp_path)])
+    failed = runner.invoke(main, ["validate-data", str(copy_root), "--out", str(tmp_path)])
     assert failed.exit_code == 1
     assert sample_id in failed.stderr and "files readable, checksums match" in failed.stderr
     assert "report:" in failed.stderr

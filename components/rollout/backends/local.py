@@ -33,7 +33,7 @@ def is_serve_process(pid: int) -> bool:
         return False
     if "\nState:\tZ" in state:
         return False
-    # `python -m components.serve --model ...` (start_server) or `cta serve --model ...`.
+    # `python -m cta_cli serve --model ...` (start_server) or `cta serve --model ...`.
     return b"--model" in argv and any(arg.endswith(b"serve") for arg in argv)
 
 

@@ -1,7 +1,4 @@
-"""`cta roi-report`: flag parsing only, calls components.roi_report.step.run().
-
-Registered in the `cta` group by components/cli.py (``main.add_command(roi_report)``).
-"""
+"""`cta roi-report`: flag parsing only, calls components.roi_report.step.run()."""
 
 from __future__ import annotations
 
@@ -34,7 +31,7 @@ import click
 def roi_report(evaluation, out_dir, roi_config, lines_config):
     """Price an evaluated model per line and for the fleet; write roi.json, report.html and
     report.md."""
-    from .step import HTML_NAME, ROI_NAME, run
+    from components.roi_report.step import HTML_NAME, ROI_NAME, run
 
     roi = run(evaluation, out_dir, roi_config=roi_config, lines_config=lines_config)
     pilot = roi["pilot"]

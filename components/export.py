@@ -1,4 +1,5 @@
-"""`cta model export`: resolve the model and calibration URIs, then `cta_model.export`."""
+"""Export a model for deployment (`cta model export`): resolve the model and calibration URIs
+(folder, registry, S3, dataset_ref), then `cta_model.export`."""
 
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ def run(
     overwrite: bool = False,
     tracking_uri: str | None = None,
 ) -> dict[str, Any]:
+    """Export the model at model_uri to out_dir in the comma-separated formats (pt2, onnx,
+    int8); returns the export.json content."""
     from cta_model.export import export_model, parse_formats
 
     chosen = parse_formats(formats)

@@ -1,11 +1,14 @@
 """`cta retrain`: run the training pipeline on the newest data unless it is the champion's.
 
-Prints the decision as JSON; exit 0 whether it ran or skipped (a skip is not an error).
+The decision is components.retrain.step.decide(); starting the pipeline (kfp.local or a KFP
+server) happens here, above pipelines/. Prints the decision as JSON; exit 0 whether it ran or
+skipped (a skip is not an error).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -63,41 +66,56 @@ def retrain(
             raise click.UsageError("give exactly one of --local or --host")
         if config_path is None:
             raise click.UsageError("--config is required to run the pipeline")
-        from pipelines.run import DEFAULT_GATE_POLICY, DEFAULT_ROLLOUT_PLAN
-
-        policy = gate_policy or DEFAULT_GATE_POLICY
-        plan = rollout_plan or DEFAULT_ROLLOUT_PLAN
         if work_dir is None:
             raise click.UsageError("--work-dir is required to run the pipeline")
-        if local:
-            from pipelines.run import run_local
-
-            result = run_local(
-                data_uri,
-                work_dir,
-                config_path,
-                tracking_uri,
-                model_name=model_name,
-                gate_policy=policy,
-                rollout_plan=plan,
-            )
-            decision["run_dir"] = result["run_dir"]
-        else:
-            import os
-
-            from pipelines.remote import submit_run
-
-            # On a cluster every path is as the pipeline's pods see it (docs/cluster.md).
-            params = {
-                "data_uri": data_uri,
-                "work_dir": str(work_dir),
-                "config_path": str(config_path),
-                "tracking_uri": tracking_uri,
-                "model_name": model_name,
-                "gate_policy": str(policy),
-                "rollout_plan": str(plan),
-                "rollout_state": os.environ.get("CTA_ROLLOUT_STATE", f"{work_dir}/rollout"),
-            }
-            decision["run_id"] = submit_run(host, params)["run_id"]
+        started = _start_pipeline(
+            data_uri,
+            model_name,
+            tracking_uri,
+            config_path,
+            work_dir,
+            host=None if local else host,
+            gate_policy=gate_policy,
+            rollout_plan=rollout_plan,
+        )
+        decision.update(started)
         notify("retrain", {"model_name": model_name, **decision})
     click.echo(json.dumps(decision, indent=2))
+
+
+def _start_pipeline(
+    data_uri, model_name, tracking_uri, config_path, work_dir, *, host, gate_policy, rollout_plan
+) -> dict:
+    """Run the training pipeline here through kfp.local (host None) or submit it to the KFP
+    server at host; returns {"run_dir": ...} or {"run_id": ...} for the decision."""
+    from pipelines.run import DEFAULT_GATE_POLICY, DEFAULT_ROLLOUT_PLAN
+
+    policy = gate_policy or DEFAULT_GATE_POLICY
+    plan = rollout_plan or DEFAULT_ROLLOUT_PLAN
+    if host is None:
+        from pipelines.run import run_local
+
+        result = run_local(
+            data_uri,
+            work_dir,
+            config_path,
+            tracking_uri,
+            model_name=model_name,
+            gate_policy=policy,
+            rollout_plan=plan,
+        )
+        return {"run_dir": result["run_dir"]}
+    from pipelines.remote import submit_run
+
+    # On a cluster every path is as the pipeline's pods see it (docs/cluster.md).
+    params = {
+        "data_uri": data_uri,
+        "work_dir": str(work_dir),
+        "config_path": str(config_path),
+        "tracking_uri": tracking_uri,
+        "model_name": model_name,
+        "gate_policy": str(policy),
+        "rollout_plan": str(plan),
+        "rollout_state": os.environ.get("CTA_ROLLOUT_STATE", f"{work_dir}/rollout"),
+    }
+    return {"run_id": submit_run(host, params)["run_id"]}

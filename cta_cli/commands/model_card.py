@@ -1,4 +1,5 @@
-"""`cta model-card`: render a registered version's card, attach it, optionally save a copy."""
+"""`cta model-card`: render a registered version's card (components.model_card.card.run()),
+attach it, optionally save a copy."""
 
 from __future__ import annotations
 
@@ -25,6 +26,3 @@ def model_card(model_name, version, out, tracking_uri):
     if out is None:
         click.echo(result["text"])
     click.echo(f"model card attached: {result['uri']}" + (f", written to {out}" if out else ""))
-
-
-__all__ = ["model_card"]

@@ -1,8 +1,7 @@
 """`cta pipeline ...`: compile the training pipeline, run it here through kfp.local, submit it
 to a Kubeflow Pipelines server, or schedule it there as a recurring run.
 
-Registered by components/cli.py (``main.add_command(pipeline)``); imports stay inside the
-commands so that ``cta --help`` stays fast.
+Imports stay inside the commands so that ``cta --help`` stays fast and loads no kfp.
 """
 
 from __future__ import annotations

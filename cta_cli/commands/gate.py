@@ -68,6 +68,3 @@ def gate(model_name, version, policy_path, approver, tracking_uri):
     click.echo(f"verdict: {result['verdict']} for {model_name} version {version}{moved}{known}")
     click.echo(json.dumps(result, indent=2))
     sys.exit(EXIT_CODES[result["verdict"]])
-
-
-__all__ = ["EXIT_CODES", "format_checks", "gate"]

@@ -1,0 +1,78 @@
+"""`cta serve` (also ``python -m cta_cli serve``, what start_server launches): flag parsing
+only; calls components.serve.server.run(), which verifies the model folder's sha256, then
+serves it over HTTP until stopped."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# Exit status when the model fails to load after the server started (2: refused before).
+EXIT_LOAD_FAILED = 3
+
+
+@click.command("serve")
+@click.option("--model", "model_uri", required=True, help="model folder, models:/NAME/V or @alias")
+@click.option("--port", required=True, type=click.IntRange(0, 65535))
+@click.option("--host", default="127.0.0.1", show_default=True, help="bind address")
+@click.option("--sha256", "expected_sha256", default=None, help="expected folder sha256")
+@click.option("--line", "line_id", default=None, help="production line this server is for")
+@click.option(
+    "--threshold-px",
+    type=click.IntRange(min=1),
+    default=None,
+    help="reject-area threshold (default: configs/inspection.yaml min_area_px)",
+)
+@click.option("--max-concurrency", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--tracking-uri", default=None, help="MLflow URI for models:/ (default: env)")
+@click.option(
+    "--max-pixels",
+    default=16_000_000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="largest image (H x W) accepted; a forward pass needs ~50 bytes per pixel",
+)
+@click.option("--max-body-mb", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--stats-window-s",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="serving-statistics window, seconds (0: statistics off)",
+)
+@click.option(
+    "--stats-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="write each window's per-image statistics here (JSON lines)",
+)
+@click.option("--model-cache", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option(
+    "--torch-threads",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="intra-op threads per forward pass",
+)
+@click.option(
+    "--inference-threads",
+    default=min(4, os.cpu_count() or 1),
+    show_default="min(4, cores)",
+    type=click.IntRange(min=1),
+    help="forward passes run at once",
+)
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
+@click.option("--debug-delay-ms", default=0, type=click.IntRange(min=0), hidden=True)
+def serve(**options):
+    """Serve one model over HTTP: /healthz, /readyz, /predict, /metrics, /stats."""
+    from components.serve.server import ServerFailed, run
+
+    try:
+        run(**options)
+    except ServerFailed as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_LOAD_FAILED)
