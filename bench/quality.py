@@ -4,7 +4,7 @@ Every (arch, seed) is one training run of `python -m cta_model.train` in a fresh
 (through bench/common.py), with the same recipe; its row holds the best validation metrics,
 parameters and forward FLOPs at the input size (cta_model/nn/summary.py). The parent reports
 per-task metrics as mean and spread (min, max) over seeds, and Delta_m of HPS and CTAL against
-the STL models (cta_model.metrics.delta_m, seed means). `stl` trains one network per task behind
+the STL models (cta_model.delta_m.delta_m, seed means). `stl` trains one network per task behind
 one interface, so one run gives every task's single-task baseline.
 
     python bench/quality.py --size smoke   # ~2 min proof that it works (1 seed, 32x32)
@@ -159,7 +159,7 @@ def _finite(values: list[float]) -> list[float]:
 
 
 def summarise(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
-    from cta_model.metrics import delta_m
+    from cta_model.delta_m import delta_m
     from cta_model.tasks import metric_directions, primary_metrics
 
     primary = primary_metrics(TASKS)
@@ -242,7 +242,7 @@ def _per_seed_delta_m(
     """Delta_m of each HPS and CTAL seed against the STL seed means, and how many seeds
     (paired by seed: same initialisation seed and data order) put CTAL above HPS; the seed
     means alone hide whether a gap is larger than the run-to-run spread."""
-    from cta_model.metrics import delta_m
+    from cta_model.delta_m import delta_m
 
     if not stl_means:
         return {}
