@@ -1,6 +1,6 @@
 """Quality benchmark (`make bench-quality`): STL, HPS and CTAL on the synthetic inspection scenes.
 
-Every (arch, seed) is one training run of `python -m cta_model.train` in a fresh subprocess
+Every (arch, seed) is one training run of `cta_model.training.train` in a fresh subprocess
 (through bench/common.py), with the same recipe; its row holds the best validation metrics,
 parameters and forward FLOPs at the input size (cta_model/nn/summary.py). The parent reports
 per-task metrics as mean and spread (min, max) over seeds, and Delta_m of HPS and CTAL against
@@ -33,6 +33,11 @@ from common import bench_main, markdown_table  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("semseg", "height", "normals")
 ARCHS = ("stl", "hps", "ctal")
+# The child's program: the config file as it is (no CTA_* environment overrides).
+_TRAIN_FROM_FILE = (
+    "import sys; from cta_model.train_config import load_train_config; "
+    "from cta_model.training import train; train(load_train_config(sys.argv[1]))"
+)
 SIZES: dict[str, dict[str, Any]] = {
     "smoke": {
         "seeds": 1,
@@ -127,7 +132,7 @@ def measure(key: str) -> dict[str, Any]:
         config_path.write_text(yaml.safe_dump(_train_config(size, arch, int(seed_text), run)))
         env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
         done = subprocess.run(
-            [sys.executable, "-m", "cta_model.train", "--config", str(config_path), "--no-env"],
+            [sys.executable, "-c", _TRAIN_FROM_FILE, str(config_path)],
             cwd=ROOT,
             env=env,
             capture_output=True,
