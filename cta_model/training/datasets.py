@@ -69,7 +69,7 @@ class Subset:
 def synthetic_cache_root(data: DataConfig) -> Path:
     """`<cache_dir>/synthetic/<hash>` of the generator parameters, the inventory's bytes and
     the generator's version (its format version and source), so any change regenerates."""
-    from cta_model.data import line_dataset, synthetic
+    from cta_model.data import line_dataset, synthetic, synthetic_defects, synthetic_parts
     from cta_model.data.lines import DEFAULT_LINES_CONFIG
 
     assert data.synthetic is not None
@@ -78,7 +78,7 @@ def synthetic_cache_root(data: DataConfig) -> Path:
         lines_sha = sha256_hex(lines_path.read_bytes())
     except OSError as exc:
         raise ConfigError(f"data.lines_config: cannot read {lines_path}: {exc}") from None
-    generator_sources = (synthetic, line_dataset)
+    generator_sources = (synthetic, synthetic_parts, synthetic_defects, line_dataset)
     generator_sha = sha256_hex(b"".join(Path(m.__file__).read_bytes() for m in generator_sources))
     key = {
         "params": data.synthetic.model_dump(mode="json"),
