@@ -37,6 +37,7 @@ from cta_model.data.line_dataset import (
 from cta_model.data.synthetic import CLASS_NAMES
 from cta_model.errors import ConfigError
 from cta_model.train_config import DataConfig, TrainConfig
+from cta_model.training.distributed import DistributedEnv, barrier
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,29 @@ def open_datasets(
         "sizes": {"train": len(train_set), "val": len(val_set)},
     }
     return DataBundle(train_set, val_set, class_names, False, lineage)
+
+
+def open_datasets_on_every_rank(
+    config: TrainConfig, env: DistributedEnv, opener_for: OpenerFor | None = None
+) -> DataBundle:
+    """`open_datasets` on every rank: rank 0 first (it generates a synthetic dataset once, and
+    logs the quarantine), the others once it is done."""
+    if env.is_main:
+        data = open_datasets(config, opener_for)
+        lineage = data.lineage
+        if lineage.get("quarantine_listed"):
+            skipped = lineage["quarantine_skipped"]
+            log.info(
+                "quarantine: skipped %d train and %d val samples (%d listed in %s)",
+                skipped["train"],
+                skipped["val"],
+                lineage["quarantine_listed"],
+                lineage["dataset_ref"],
+            )
+    barrier()
+    if not env.is_main:
+        data = open_datasets(config, opener_for, generate=False)
+    return data
 
 
 def _open_research_format(config: TrainConfig) -> DataBundle:

@@ -9,11 +9,33 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from cta_model.errors import ConfigError
+from cta_model.train_config import TrainConfig
 from cta_model.training.distributed import all_reduce_sum
+
+
+class RunLength(NamedTuple):
+    steps_per_epoch: int  # optimizer steps; a rank's last short micro-batch is dropped
+    total_steps: int  # epochs or max_steps, whichever comes first
+    num_epochs: int  # epochs begun, the last one possibly cut short by max_steps
+
+
+def run_length(config: TrainConfig, train_size: int, world_size: int) -> RunLength:
+    samples_per_rank = math.ceil(train_size / world_size)  # the sampler pads to equal shards
+    micro_batch = config.micro_batch_size(world_size)
+    steps_per_epoch = (samples_per_rank // micro_batch) // config.grad_accum_steps
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"batch_size {config.batch_size}: the train split ({train_size} "
+            f"samples over {world_size} process(es)) is smaller than one step"
+        )
+    by_epochs = config.epochs * steps_per_epoch if config.epochs else None
+    total_steps = min(s for s in (by_epochs, config.max_steps) if s is not None)
+    return RunLength(steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch))
 
 
 @dataclass

@@ -1,9 +1,6 @@
 """The training loop: builds a run from a TrainConfig, steps, validates, checkpoints, finishes.
 
-* a step: bf16 autocast on CUDA (precision bf16/auto), gradient accumulation with DDP
-  `no_sync` on the non-final micro-steps, channels_last, optional torch.compile, grad norm,
-  per-step LR schedule; partial labels through the batch's presence flags (and, with
-  `distill.enabled`, the EMA teacher's pseudo-labels for what a sample lacks);
+* a step (optimization.py): micro-batches with gradient accumulation, one optimizer and LR step;
 * each epoch: validation on `val_split` -> `<task>.<metric>` + `val_loss`, model selection and
   early stopping on val only, the best weights kept;
 * checkpoints every `checkpoint.every_steps` and at each epoch end; `resume="auto"` continues
@@ -31,7 +28,7 @@ from tqdm import tqdm
 from cta_model.atomic import write_bytes_atomic
 from cta_model.errors import ConfigError
 from cta_model.model_folder import WEIGHTS, InputContract, verify_checksums
-from cta_model.nn.models import ModelSpec, build_model
+from cta_model.nn.models import build_model
 from cta_model.train_config import VAL_LOSS, TrainConfig
 from cta_model.training.callbacks import TrainCallback
 from cta_model.training.checkpoints import (
@@ -45,7 +42,7 @@ from cta_model.training.checkpoints import (
     save_checkpoint_atomic,
     training_checkpoint,
 )
-from cta_model.training.datasets import OpenerFor, open_datasets
+from cta_model.training.datasets import OpenerFor, open_datasets_on_every_rank
 from cta_model.training.determinism import (
     enable_determinism,
     parameter_digest,
@@ -66,7 +63,7 @@ from cta_model.training.lineage import run_lineage
 from cta_model.training.loaders import build_loaders, build_transforms
 from cta_model.training.optimization import Optimization
 from cta_model.training.outputs import MODEL_DIR, TrainResult, write_model_folder, write_result
-from cta_model.training.progress import EpochAccumulator, RunState
+from cta_model.training.progress import EpochAccumulator, RunState, run_length
 from cta_model.training.validation import Validator
 
 log = logging.getLogger(__name__)
@@ -124,22 +121,7 @@ class Trainer:
 
     def _build_data(self, opener_for: OpenerFor | None) -> None:
         config = self.config
-        # Rank 0 generates a synthetic dataset once; the others wait for it.
-        if self.env.is_main:
-            self.data = open_datasets(config, opener_for)
-        barrier()
-        if not self.env.is_main:
-            self.data = open_datasets(config, opener_for, generate=False)
-        lineage = self.data.lineage
-        if lineage.get("quarantine_listed"):
-            skipped = lineage["quarantine_skipped"]
-            self._info(
-                "quarantine: skipped %d train and %d val samples (%d listed in %s)",
-                skipped["train"],
-                skipped["val"],
-                lineage["quarantine_listed"],
-                lineage["dataset_ref"],
-            )
+        self.data = open_datasets_on_every_rank(config, self.env, opener_for)
         self.contract = InputContract()
         self.loaders = build_loaders(
             config,
@@ -151,17 +133,9 @@ class Trainer:
             eval_batch=self.eval_batch,
             pin_memory=self.device.type == "cuda",
         )
-        self.steps_per_epoch = (self.loaders.sampler.num_samples // self.micro_batch) // (
-            config.grad_accum_steps
+        self.steps_per_epoch, self.total_steps, self.num_epochs = run_length(
+            config, len(self.data.train), self.env.world_size
         )
-        if self.steps_per_epoch < 1:
-            raise ConfigError(
-                f"batch_size {config.batch_size}: the train split ({len(self.data.train)} "
-                f"samples over {self.env.world_size} process(es)) is smaller than one step"
-            )
-        by_epochs = config.epochs * self.steps_per_epoch if config.epochs else None
-        self.total_steps = min(s for s in (by_epochs, config.max_steps) if s is not None)
-        self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
 
     def _build_model(self) -> None:
         config = self.config
@@ -174,27 +148,10 @@ class Trainer:
                 f"model.num_classes {num_classes} < the dataset's {len(self.class_names)} classes"
             )
         self.num_classes = num_classes
-        m = config.model
-        self.spec = ModelSpec(
-            arch=m.arch,
-            tasks=m.tasks,
-            input_size=m.input_size,
-            backbone=m.backbone,
-            num_classes=num_classes,
-            output_stride=m.output_stride,
-            backbone_weights=m.backbone_weights,
-            decoder_channels=m.decoder_channels,
-            affinity_channels=m.affinity_channels,
-            gamma=m.gamma,
-            fusion_kernel_size=m.fusion_kernel_size,
-            shared_fusion=m.shared_fusion,
-            affinity_mode=m.affinity_mode,
-            affinity_block_size=m.affinity_block_size,
-            affinity_pool_factor=m.affinity_pool_factor,
-        )
+        self.spec = config.model.spec(num_classes)
         self.model = build_model(self.spec)
-        if m.init_from:
-            self._load_initial_weights(m.init_from)
+        if config.model.init_from:
+            self._load_initial_weights(config.model.init_from)
         self.model.to(self.device)
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
