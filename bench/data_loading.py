@@ -39,8 +39,9 @@ def _train_loader(workers: int):
     from cta_model.data import transforms as T
     from cta_model.data.line_dataset import LineDataset
     from cta_model.model_folder import InputContract
-    from cta_model.train import _TrainView, build_transforms, ensure_synthetic_dataset
     from cta_model.train_config import DataConfig, load_train_config
+    from cta_model.training.datasets import ensure_synthetic_dataset
+    from cta_model.training.loaders import TrainView, build_transforms
 
     s = settings()
     data = DataConfig(
@@ -52,7 +53,7 @@ def _train_loader(workers: int):
         REPO_ROOT / "configs" / "demo.yaml", {"model.input_size": [s["size"], s["size"]]}
     )
     train_tf, _ = build_transforms(config, InputContract())
-    view = _TrainView(LineDataset(root, split="train"), train_tf, seed=0)
+    view = TrainView(LineDataset(root, split="train"), train_tf, seed=0)
     loader = DataLoader(
         view,
         batch_size=BATCH,

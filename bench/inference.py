@@ -71,8 +71,8 @@ def _paths() -> dict[str, Path]:
 
 
 def _dataset_root() -> Path:
-    from cta_model.train import ensure_synthetic_dataset
     from cta_model.train_config import DataConfig
+    from cta_model.training.datasets import ensure_synthetic_dataset
 
     s = settings()
     data = DataConfig(
@@ -125,8 +125,8 @@ def prepare() -> dict[str, Any]:
     from cta_model.export import export_model
     from cta_model.model_folder import save_model_folder
     from cta_model.nn.models import build_model
-    from cta_model.train import train
     from cta_model.train_config import load_train_config
+    from cta_model.training import train
 
     s = settings()
     paths = _paths()

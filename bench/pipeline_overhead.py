@@ -34,8 +34,8 @@ def _prepare(key: str) -> dict[str, Any]:
     """Tiny data (cached), a tiny train config and an empty work folder for this row."""
     import yaml
 
-    from cta_model.train import ensure_synthetic_dataset
     from cta_model.train_config import DataConfig
+    from cta_model.training.datasets import ensure_synthetic_dataset
 
     root = ensure_synthetic_dataset(
         DataConfig(

@@ -1,10 +1,10 @@
 """Quality benchmark (`make bench-quality`): STL, HPS and CTAL on the synthetic inspection scenes.
 
-Every (arch, seed) is one training run of `python -m cta_model.train` in a fresh subprocess
+Every (arch, seed) is one training run of `cta_model.training.train` in a fresh subprocess
 (through bench/common.py), with the same recipe; its row holds the best validation metrics,
 parameters and forward FLOPs at the input size (cta_model/nn/summary.py). The parent reports
 per-task metrics as mean and spread (min, max) over seeds, and Delta_m of HPS and CTAL against
-the STL models (cta_model.metrics.delta_m, seed means). `stl` trains one network per task behind
+the STL models (cta_model.delta_m.delta_m, seed means). `stl` trains one network per task behind
 one interface, so one run gives every task's single-task baseline.
 
     python bench/quality.py --size smoke   # ~2 min proof that it works (1 seed, 32x32)
@@ -33,6 +33,11 @@ from common import bench_main, markdown_table  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("semseg", "height", "normals")
 ARCHS = ("stl", "hps", "ctal")
+# The child's program: the config file as it is (no CTA_* environment overrides).
+_TRAIN_FROM_FILE = (
+    "import sys; from cta_model.train_config import load_train_config; "
+    "from cta_model.training import train; train(load_train_config(sys.argv[1]))"
+)
 SIZES: dict[str, dict[str, Any]] = {
     "smoke": {
         "seeds": 1,
@@ -127,7 +132,7 @@ def measure(key: str) -> dict[str, Any]:
         config_path.write_text(yaml.safe_dump(_train_config(size, arch, int(seed_text), run)))
         env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
         done = subprocess.run(
-            [sys.executable, "-m", "cta_model.train", "--config", str(config_path), "--no-env"],
+            [sys.executable, "-c", _TRAIN_FROM_FILE, str(config_path)],
             cwd=ROOT,
             env=env,
             capture_output=True,
@@ -159,7 +164,7 @@ def _finite(values: list[float]) -> list[float]:
 
 
 def summarise(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
-    from cta_model.metrics import delta_m
+    from cta_model.delta_m import delta_m
     from cta_model.tasks import metric_directions, primary_metrics
 
     primary = primary_metrics(TASKS)
@@ -242,7 +247,7 @@ def _per_seed_delta_m(
     """Delta_m of each HPS and CTAL seed against the STL seed means, and how many seeds
     (paired by seed: same initialisation seed and data order) put CTAL above HPS; the seed
     means alone hide whether a gap is larger than the run-to-run spread."""
-    from cta_model.metrics import delta_m
+    from cta_model.delta_m import delta_m
 
     if not stl_means:
         return {}

@@ -3,8 +3,8 @@
 One meter per task kind (DESIGN.md 4.1 and 5.1). Each meter is fed batch by batch with
 ``update(pred, target, present=None)`` and reports plain floats from ``compute()``; the first
 name in ``metric_names`` is the task's primary metric. Metric directions (higher / lower is
-better) belong to the task registry, which is why :func:`delta_m` takes them as an argument and
-why this module imports nothing from ``cta_model``.
+better) belong to the task registry; this module imports nothing from ``cta_model``. Comparing
+a model with single-task baselines (Delta_m) is ``cta_model/delta_m.py``.
 
 Tensor conventions (per batch):
 
@@ -48,7 +48,6 @@ depend on the order meters are merged in.
 from __future__ import annotations
 
 import math
-import statistics
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, get_args
@@ -59,11 +58,9 @@ import torch.nn.functional as F
 
 Reduction = Literal["pooled", "batch_mean"]
 MiouRule = Literal["nanmean_union", "strict", "zero_union_as_0"]
-Direction = Literal["higher", "lower"]
 
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 MIOU_RULES: tuple[str, ...] = get_args(MiouRule)
-DIRECTIONS: tuple[str, ...] = get_args(Direction)
 
 #: Depth predictions are clamped to at least this before any error, as CTAL's code does.
 DEPTH_MIN_PREDICTION = 1e-9
@@ -71,14 +68,7 @@ DEPTH_MIN_PREDICTION = 1e-9
 NORMALS_THRESHOLDS_DEG: tuple[float, ...] = (11.25, 22.5, 30.0)
 NORMALS_WITHIN_NAMES: tuple[str, ...] = ("within_11.25", "within_22.5", "within_30")
 
-DELTA_PRIMARY_KEY = "delta_m_primary_pct_higher_better"
-DELTA_TASK_AVG_KEY = "delta_m_task_avg_pct_higher_better"
-DELTA_ALL_METRICS_KEY = "delta_m_all_metrics_pct_lower_better"
-
 __all__ = [
-    "DELTA_ALL_METRICS_KEY",
-    "DELTA_PRIMARY_KEY",
-    "DELTA_TASK_AVG_KEY",
     "DEPTH_MIN_PREDICTION",
     "MIOU_RULES",
     "NORMALS_THRESHOLDS_DEG",
@@ -88,8 +78,6 @@ __all__ = [
     "Meter",
     "NormalsMeter",
     "SegmentationMeter",
-    "delta_m",
-    "relative_improvements",
 ]
 
 
@@ -678,125 +666,3 @@ def _histogram_median(hist: torch.Tensor, count: int, bins: int) -> float:
     below = int(cumulative[k - 1]) if k > 0 else 0
     fraction = (half - below) / int(hist[k])
     return (k + fraction) * 180.0 / bins
-
-
-# -- Delta_m ------------------------------------------------------------------------------------
-
-
-def _task_of(key: str) -> str:
-    task, dot, metric = key.partition(".")
-    if not dot or not task or not metric:
-        raise ValueError(f"metric key {key!r} is not of the form '<task>.<metric>'")
-    return task
-
-
-def _direction_sign(key: str, direction: str) -> float:
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction of {key!r} is {direction!r}; choose one of {list(DIRECTIONS)}")
-    return 1.0 if direction == "higher" else -1.0
-
-
-def relative_improvements(
-    candidate: Mapping[str, float],
-    baseline: Mapping[str, float],
-    directions: Mapping[str, str],
-) -> dict[str, float]:
-    """Signed relative improvement in percent per "<task>.<metric>" key, positive = better.
-
-    (-1)^{l} (M - B) / B * 100 with l = 1 when lower is better, for every key that has a
-    direction and is in both dicts. Keys whose baseline is 0 or not finite are left out; a
-    non-finite candidate value gives a non-finite improvement (so the caller sees it).
-    """
-    improvements: dict[str, float] = {}
-    for key, direction in directions.items():
-        sign = _direction_sign(key, direction)
-        if key not in candidate or key not in baseline:
-            continue
-        base = float(baseline[key])
-        if base == 0.0 or not math.isfinite(base):
-            continue
-        improvements[key] = sign * (float(candidate[key]) - base) / base * 100.0
-    return improvements
-
-
-def delta_m(
-    candidate: Mapping[str, float],
-    baseline: Mapping[str, float],
-    primary: Mapping[str, str],
-    directions: Mapping[str, str],
-) -> dict[str, float | str | None]:
-    """Multi-task Delta_m (percent) of ``candidate`` against single-task ``baseline`` metrics.
-
-    ``candidate`` and ``baseline`` are flat "<task>.<metric>" -> value dicts, ``primary`` maps
-    each task to its primary metric name and ``directions`` maps "<task>.<metric>" to "higher"
-    or "lower". With r_k = (-1)^{l_k} (M_k - B_k) / B_k * 100 (l_k = 1 when lower is better;
-    see :func:`relative_improvements`) and T = the tasks of ``primary`` that have at least one
-    metric in the baseline (a task missing from the baseline is skipped):
-
-    * ``delta_m_primary_pct_higher_better`` = mean over t in T of r_{primary(t)}
-      (positive = better; the DESIGN.md 5.1 figure);
-    * ``delta_m_task_avg_pct_higher_better`` = mean over t in T of (mean of r_k over t's
-      metrics in both dicts) (LibMTL; positive = better);
-    * ``delta_m_all_metrics_pct_lower_better`` = -(mean of r_k over all those metrics)
-      (lower = better, as papers that report it that way).
-
-    A metric whose baseline is 0 or not finite is skipped. A variant is None when it cannot be
-    computed honestly: the primary one when a task's primary metric is missing from either
-    dict or has an unusable baseline; any one that would use a non-finite candidate value; all
-    of them when no metric is comparable. Then, and only then, a ``reason`` string is added.
-    """
-    for key in primary.values():
-        if not isinstance(key, str):
-            raise TypeError(f"primary metric names must be strings, got {key!r}")
-    improvements = relative_improvements(candidate, baseline, directions)
-    # run-level entries without a "<task>." prefix (epoch, loss, ...) say nothing about tasks
-    baseline_tasks = {key.partition(".")[0] for key in baseline if "." in key}
-    tasks = [task for task in primary if task in baseline_tasks]
-    reasons: list[str] = []
-
-    primary_values: list[float] = []
-    for task in tasks:
-        key = f"{task}.{primary[task]}"
-        if key not in directions:
-            raise ValueError(f"no direction given for primary metric {key!r}")
-        if key not in candidate:
-            reasons.append(f"primary metric {key!r} missing from the candidate")
-        elif key not in baseline:
-            reasons.append(f"primary metric {key!r} missing from the baseline")
-        elif key not in improvements:
-            reasons.append(f"baseline {key} = {baseline[key]!r} is 0 or not finite")
-        elif not math.isfinite(improvements[key]):
-            reasons.append(f"candidate {key} = {candidate[key]!r} is not finite")
-        else:
-            primary_values.append(improvements[key])
-    primary_delta: float | None = None
-    if not tasks:
-        reasons.append("no task of `primary` has metrics in the baseline")
-    elif len(primary_values) == len(tasks):
-        primary_delta = statistics.fmean(primary_values)
-
-    used = {key: value for key, value in improvements.items() if _task_of(key) in tasks}
-    nonfinite = sorted(key for key, value in used.items() if not math.isfinite(value))
-    task_avg: float | None = None
-    all_metrics: float | None = None
-    if nonfinite:
-        reasons.append(f"candidate metrics not finite: {', '.join(nonfinite)}")
-    elif used:
-        per_task = [
-            statistics.fmean(value for key, value in used.items() if _task_of(key) == task)
-            for task in tasks
-            if any(_task_of(key) == task for key in used)
-        ]
-        task_avg = statistics.fmean(per_task)
-        all_metrics = -statistics.fmean(used.values())
-    elif tasks:
-        reasons.append("no metric is comparable between candidate and baseline")
-
-    result: dict[str, float | str | None] = {
-        DELTA_PRIMARY_KEY: primary_delta,
-        DELTA_TASK_AVG_KEY: task_avg,
-        DELTA_ALL_METRICS_KEY: all_metrics,
-    }
-    if None in (primary_delta, task_avg, all_metrics):
-        result["reason"] = "; ".join(dict.fromkeys(reasons))
-    return result

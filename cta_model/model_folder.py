@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +207,7 @@ def load_model_folder(
         verify_checksums(folder)
     card = read_model_card(folder)
     # The weights replace any initial values, so a backbone checkpoint is not needed here.
-    model = build_model(replace(card.spec, backbone_weights=None))
+    model = build_model(card.spec.replace(backbone_weights=None))
     state = load_file(folder / WEIGHTS)
     try:
         model.load_state_dict(state, strict=True)

@@ -57,10 +57,9 @@ from pydantic import Field, field_validator, model_validator
 
 from cta_model.config import StrictModel, read_yaml, set_dotted, validate_config
 from cta_model.errors import ConfigError
-from cta_model.tasks import metric_directions, parse_tasks
+from cta_model.nn.models import ModelSpec, NetworkSettings
+from cta_model.tasks import metric_directions
 
-Arch = Literal["stl", "hps", "hps-light", "ctal"]
-Backbone = Literal["resnet18", "resnet34", "resnet50", "hrnet-w18-small-v2"]
 DataFormat = Literal["line", "nyuv2", "cityscapes", "mvtec-ad", "mvtec-3d-ad"]
 VAL_LOSS = "val_loss"
 
@@ -75,52 +74,16 @@ ENV_OVERRIDES: dict[str, str] = {
 _DATA_SOURCES = ("path", "dataset_ref", "synthetic")
 
 
-class ModelConfig(StrictModel):
-    arch: Arch = "ctal"
-    backbone: Backbone = "hrnet-w18-small-v2"
-    tasks: tuple[str, ...] = ("semseg", "height", "normals")
-    input_size: tuple[int, int] = (128, 128)
-    output_stride: Literal[8, 16, 32] | None = None
-    backbone_weights: str | None = None
+class ModelConfig(NetworkSettings):
+    """The network's settings (defaults and checks in `NetworkSettings`) plus where its
+    initial weights come from."""
+
     init_from: str | None = None
-    num_classes: int | None = Field(default=None, ge=2)
-    decoder_channels: int = Field(default=256, ge=8)
-    affinity_channels: int = Field(default=128, ge=1)
-    gamma: float = Field(default=0.05, ge=0, le=1)
-    fusion_kernel_size: int = Field(default=3, ge=1)
-    shared_fusion: bool = True
-    affinity_mode: Literal["auto", "dense", "blocked", "pooled"] = "auto"
-    affinity_block_size: int | None = Field(default=None, ge=1)
-    affinity_pool_factor: int = Field(default=2, ge=1)
 
-    @field_validator("tasks", mode="before")
-    @classmethod
-    def _parse_tasks(cls, value: Any) -> tuple[str, ...]:
-        if isinstance(value, str | list | tuple):
-            return parse_tasks(value)  # ConfigError is a ValueError: pydantic names the key
-        return value
-
-    @field_validator("input_size")
-    @classmethod
-    def _check_size(cls, value: tuple[int, int]) -> tuple[int, int]:
-        if min(value) < 8:
-            raise ValueError(f"must be [height, width] >= 8, got {list(value)}")
-        return value
-
-    @field_validator("backbone_weights")
-    @classmethod
-    def _local_weights(cls, value: str | None) -> str | None:
-        if value is not None and "://" in value:
-            raise ValueError("must be a local file (weights are never downloaded)")
-        return value
-
-    @model_validator(mode="after")
-    def _check_arch(self) -> ModelConfig:
-        if self.arch == "ctal" and len(self.tasks) < 2:
-            raise ValueError(f"arch 'ctal' needs at least 2 tasks, got {list(self.tasks)}")
-        if self.output_stride is not None and not self.backbone.startswith("resnet"):
-            raise ValueError(f"output_stride applies to ResNet backbones only, not {self.backbone}")
-        return self
+    def spec(self, num_classes: int | None) -> ModelSpec:
+        """The network to train, with `num_classes` resolved from the dataset."""
+        settings = self.model_dump(exclude={"init_from"})
+        return ModelSpec(**{**settings, "num_classes": num_classes})
 
 
 class LossConfig(StrictModel):

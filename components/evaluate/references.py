@@ -104,7 +104,7 @@ def delta_m_section(
     ``baselines``: {task: {name, version, metrics: {"<task>.<metric>": value|None}}}; only the
     baseline's own task's metrics are used.
     """
-    from cta_model.metrics import delta_m, relative_improvements
+    from cta_model.delta_m import delta_m, relative_improvements
     from cta_model.tasks import metric_directions, metric_key, primary_metrics
 
     def as_float(values: Mapping[str, float | None]) -> dict[str, float]:

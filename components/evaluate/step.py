@@ -6,7 +6,7 @@
   preprocessing and output decoding are the ones serving uses (DESIGN 6.1).
 - ``data_uri`` is a dataset root (folder, ``file://`` or ``s3://``) or a ``dataset_ref.json``:
   then its ``uri`` is read, its ``quarantine`` skipped and its ``manifest_sha256`` must still
-  match the manifest.
+  match the manifest (the rules of ``cta_model/data/dataset_ref.py``, shared with training).
 - Predictions (at the image resolution) go into the task registry's meters (pooled, DESIGN 5.1)
   per line and over the whole split; absent labels are skipped through the presence flags and
   invalid pixels by each task's invalid marker.
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from components.evaluate.scoring import meter_inputs
-from cta_model.errors import ConfigError, DataError
+from cta_model.errors import ConfigError
 
 EVALUATION_NAME = "evaluation.json"
 SCHEMA_NAME = "evaluation"
@@ -280,6 +280,7 @@ def run(
     from components.evaluate.latency import measure_latency
     from components.evaluate.scoring import read_features
     from components.storage import opener_for
+    from cta_model.data.dataset_ref import check_manifest, quarantined_ids, refuse_empty_split
     from cta_model.data.line_dataset import MANIFEST_NAME, LineDataset, sha256_hex
     from cta_model.inspection import DEFAULT_INSPECTION_CONFIG, load_inspection_config
     from cta_model.model_folder import folder_sha256
@@ -303,18 +304,13 @@ def run(
     root = _dataset_root(uri)
     opener = opener_for(root)
     manifest_sha256 = sha256_hex(opener(MANIFEST_NAME))
-    if ref is not None and ref["manifest_sha256"] != manifest_sha256:
-        raise DataError(
-            f"{root}/{MANIFEST_NAME}: sha256 {manifest_sha256} differs from the validated "
-            f"manifest_sha256 {ref['manifest_sha256']} in {data_uri}; validate the data again"
-        )
-    quarantine = set(ref["quarantine"]) if ref is not None else set()
+    check_manifest(ref, manifest_sha256, root=root, ref_path=data_uri)
+    quarantine = quarantined_ids(ref)
     # All splits in one dataset: thresholds are chosen on val (scoring val chooses on val too).
     dataset = LineDataset(root, lines_config, opener=opener, include_height_clean=True)
     test = _Split(dataset, split, quarantine)
     n_images = sum(len(indices) for indices in test.by_line.values())
-    if n_images == 0:
-        raise DataError(f"{root}: split {split!r} has no samples outside the quarantine")
+    refuse_empty_split(n_images, root=root, split=split)
     val = _Split(dataset, "val", quarantine)
     settings = {
         "batch_size": batch_size,

@@ -150,7 +150,7 @@ def run(
     from components.monitor.report import write_html
     from components.registry_models import fetch_model_folder
     from cta_model.data.lines import load_lines_config
-    from cta_model.train import REFERENCE_STATS_FILE
+    from cta_model.training import REFERENCE_STATS_FILE
 
     config = load_monitor_config(config_path or DEFAULT_MONITOR_CONFIG)
     lines = load_lines_config(lines_config) if lines_config else load_lines_config()

@@ -1,5 +1,5 @@
 """Serving statistics (issue 10): per served image, the statistics `reference_stats.parquet`
-holds (cta_model/train.py `reference_statistics`), aggregated per time window.
+holds (cta_model/training/reference_stats.py `reference_statistics`), aggregated per time window.
 
 Per image (one row; the column names are those of reference_stats.parquet so monitoring
 compares like with like): ``brightness``, ``contrast``, ``ratio_rg``, ``ratio_bg`` (the

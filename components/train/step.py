@@ -56,7 +56,7 @@ def run(
     # Imported here: mlflow and torch are slow to import and `cta --help` must stay fast.
     from components.storage import opener_for
     from components.train.tracking import MlflowTracker
-    from cta_model.train import train
+    from cta_model.training import train
 
     tracker = MlflowTracker(
         tracking_uri=tracking_uri,

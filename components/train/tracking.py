@@ -7,7 +7,7 @@ the trainer): ``on_train_start(trainer)``, ``on_step_end(step, logs)``,
 crash ends the run FAILED::
 
     with MlflowTracker(None, "cta", "ctal-r18", config.model_dump(mode="json"), {}) as tracker:
-        cta_model.train.train(config, callbacks=[tracker])
+        cta_model.training.train(config, callbacks=[tracker])
 
 What a run holds:
 - params: the config flattened to dotted keys (``optim.lr``), values cut to MLflow's limits;
@@ -362,7 +362,7 @@ class MlflowTracker:
         self.start()
         lineage = getattr(trainer, "lineage", None)
         if self.active and callable(lineage):
-            # cta_model.train.Trainer knows the data's digest and the commit: fill what the
+            # cta_model.training.Trainer knows the data's digest and the commit: fill what the
             # caller's lineage lacked.
             try:
                 self._adopt_lineage(lineage())

@@ -13,6 +13,9 @@ the tasks are genuinely related:
   saturation, small random blobs), at the line's configured rate on average.
 * ``semseg``: one class per pixel (``CLASS_NAMES``); defects labelled with their class.
 
+This module lays out and shades a scene; the parts (geometry, dimensions, pose, machining
+marks) are in ``synthetic_parts.py`` and the defects in ``synthetic_defects.py``.
+
 Conventions (DESIGN 4.1): x = image right (columns), y = image down (rows), z towards the camera;
 a pixel's centre is at ((col + 0.5) * pitch, (row + 0.5) * pitch) mm. Attached shadows only
 (max(0, n.l)); no cast shadows or inter-reflections, so photometric stereo is exact up to
@@ -34,11 +37,21 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from cta_model.data.synthetic_defects import DEFECT_APPLIERS, DEFECT_SIZE, Canvas, defect_centre
+from cta_model.data.synthetic_parts import (
+    MAX_ROTATION,
+    PART_BUILDERS,
+    Dimensions,
+    FeatureGeometry,
+    Part,
+    Pose,
+    machining_texture,
+)
 
 if TYPE_CHECKING:
     from cta_model.data.lines import LineSpec, SyntheticLineSpec
@@ -68,14 +81,7 @@ _EXPOSURE = 0.8
 # Share of the drop-out budget spent on random blobs; the rest goes to the steepest and most
 # saturated pixels, the places where a triangulation sensor really loses the surface.
 _BLOB_SHARE = 0.25
-_OUT_OF_TOLERANCE_RATE = 0.05
 _CONVEYOR_ALBEDO = np.array([0.30, 0.34, 0.32])
-_METAL_ALBEDO = {
-    "bracket": np.array([0.60, 0.62, 0.66]),
-    "flange": np.array([0.72, 0.71, 0.69]),
-    "plate": np.array([0.56, 0.60, 0.62]),
-}
-_STAIN_COLOR = np.array([0.55, 0.42, 0.28])
 
 
 @dataclass(frozen=True)
@@ -186,282 +192,6 @@ def normals_from_height(height_mm: np.ndarray, pitch_mm_per_px: float) -> np.nda
     return normals.astype(np.float32)
 
 
-# --- signed distance functions (mm, negative inside) in part-local coordinates u, v ---
-
-Sdf = Callable[[np.ndarray, np.ndarray], np.ndarray]
-
-
-def _circle(cu: float, cv: float, radius: float) -> Sdf:
-    return lambda u, v: np.hypot(u - cu, v - cv) - radius
-
-
-def _capsule(a: tuple[float, float], b: tuple[float, float], radius: float) -> Sdf:
-    def sdf(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-        return _distance_to_segment(u, v, a, b) - radius
-
-    return sdf
-
-
-def _rounded_box(cu: float, cv: float, half_u: float, half_v: float, radius: float) -> Sdf:
-    def sdf(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-        qu = np.abs(u - cu) - (half_u - radius)
-        qv = np.abs(v - cv) - (half_v - radius)
-        outside = np.hypot(np.maximum(qu, 0), np.maximum(qv, 0))
-        return outside + np.minimum(np.maximum(qu, qv), 0) - radius
-
-    return sdf
-
-
-def _union(*parts: Sdf) -> Sdf:
-    return lambda u, v: np.minimum.reduce([part(u, v) for part in parts])
-
-
-def _distance_to_segment(
-    u: np.ndarray, v: np.ndarray, a: tuple[float, float], b: tuple[float, float]
-) -> np.ndarray:
-    du, dv = b[0] - a[0], b[1] - a[1]
-    length_sq = du * du + dv * dv
-    t = ((u - a[0]) * du + (v - a[1]) * dv) / max(length_sq, 1e-12)
-    t = np.clip(t, 0.0, 1.0)
-    return np.hypot(u - (a[0] + t * du), v - (a[1] + t * dv))
-
-
-def _distance_to_polyline(u: np.ndarray, v: np.ndarray, points: list[tuple[float, float]]):
-    return np.minimum.reduce(
-        [_distance_to_segment(u, v, points[i], points[i + 1]) for i in range(len(points) - 1)]
-    )
-
-
-# --- part designs ---
-
-
-@dataclass
-class _Boss:
-    sdf: Sdf
-    height_mm: float
-    chamfer_mm: float
-
-
-@dataclass
-class _Cut:
-    kind: str  # "hole" | "slot"
-    sdf: Sdf
-    top_mm: float  # surface height the cut starts from
-    depth_mm: float | None  # None: through to the conveyor
-    countersink_mm: float
-
-
-@dataclass
-class _FeatureGeometry:
-    feature_id: str
-    type: str
-    extent: list[tuple[float, float, float]]  # (u, v, radius) discs whose union bounds it
-    nominal_mm: float
-    actual_mm: float
-    tolerance_mm: float
-
-
-@dataclass
-class _Part:
-    footprint: Sdf
-    half_extent: tuple[float, float]  # local bounding box half sizes, for defect placement
-    thickness_mm: float
-    chamfer_mm: float
-    bosses: list[_Boss]
-    cuts: list[_Cut]
-    features: list[_FeatureGeometry]
-    texture: str  # "linear" | "turned"
-    texture_angle: float
-    metal_albedo: np.ndarray
-
-
-class _Dimensions:
-    """Draws actual dimensions around nominal ones and records them as features."""
-
-    def __init__(self, rng: np.random.Generator) -> None:
-        self.rng = rng
-        self.features: list[_FeatureGeometry] = []
-
-    def actual(self, nominal: float, tolerance: float) -> float:
-        if self.rng.random() < _OUT_OF_TOLERANCE_RATE:
-            deviation = self.rng.choice([-1.0, 1.0]) * self.rng.uniform(1.2, 2.5) * tolerance
-        else:
-            deviation = float(np.clip(self.rng.normal(0, tolerance / 2.5), -tolerance, tolerance))
-        return nominal + deviation
-
-    def record(
-        self,
-        feature_id: str,
-        feature_type: str,
-        extent: list[tuple[float, float, float]],
-        nominal: float,
-        actual: float,
-        tolerance: float,
-    ) -> None:
-        self.features.append(
-            _FeatureGeometry(feature_id, feature_type, extent, nominal, actual, tolerance)
-        )
-
-    def hole(
-        self,
-        index: int,
-        cu: float,
-        cv: float,
-        diameter: float,
-        top: float,
-        depth: float | None,
-        countersink: float,
-    ) -> _Cut:
-        actual_diameter = self.actual(diameter, 0.2)
-        extent = [(cu, cv, actual_diameter / 2)]
-        self.record(
-            f"hole-{index}-diameter", "hole_diameter", extent, diameter, actual_diameter, 0.2
-        )
-        actual_depth = None
-        if depth is not None:
-            actual_depth = self.actual(depth, 0.2)
-            self.record(f"hole-{index}-depth", "hole_depth", extent, depth, actual_depth, 0.2)
-        return _Cut("hole", _circle(cu, cv, actual_diameter / 2), top, actual_depth, countersink)
-
-    def slot(
-        self,
-        index: int,
-        a: tuple[float, float],
-        b: tuple[float, float],
-        width: float,
-        top: float,
-        depth: float | None,
-    ) -> _Cut:
-        actual_width = self.actual(width, 0.2)
-        extent = [(a[0], a[1], actual_width / 2), (b[0], b[1], actual_width / 2)]
-        self.record(f"slot-{index}-width", "slot_width", extent, width, actual_width, 0.2)
-        return _Cut("slot", _capsule(a, b, actual_width / 2), top, depth, 0.3)
-
-    def boss(self, index: int, cu: float, cv: float, radius: float, height: float) -> _Boss:
-        actual_height = self.actual(height, 0.15)
-        self.record(
-            f"boss-{index}-height", "boss_height", [(cu, cv, radius)], height, actual_height, 0.15
-        )
-        return _Boss(_circle(cu, cv, radius), actual_height, 0.5)
-
-
-def _mm(fraction: float, fov: float) -> float:
-    """A nominal drawing dimension: a fraction of the field of view, rounded to 0.1 mm."""
-    return round(fraction * fov, 1)
-
-
-def _plate(fov: float, dims: _Dimensions) -> _Part:
-    thickness = dims.actual(6.0, 0.2)
-    half_u, half_v = _mm(0.34, fov), _mm(0.24, fov)
-    cuts = []
-    for index, (su, sv) in enumerate([(-1, -1), (1, -1), (1, 1), (-1, 1)], start=1):
-        cu, cv = su * _mm(0.26, fov), sv * _mm(0.16, fov)
-        cuts.append(dims.hole(index, cu, cv, _mm(0.07, fov), thickness, None, 0.4))
-    cuts.append(dims.hole(5, -_mm(0.12, fov), 0.0, _mm(0.09, fov), thickness, 3.0, 0.4))
-    cuts.append(
-        dims.slot(1, (_mm(0.04, fov), 0.0), (_mm(0.2, fov), 0.0), _mm(0.06, fov), thickness, 2.5)
-    )
-    return _Part(
-        footprint=_rounded_box(0, 0, half_u, half_v, _mm(0.05, fov)),
-        half_extent=(half_u, half_v),
-        thickness_mm=thickness,
-        chamfer_mm=0.8,
-        bosses=[],
-        cuts=cuts,
-        features=dims.features,
-        texture="linear",
-        texture_angle=0.0,
-        metal_albedo=_METAL_ALBEDO["plate"],
-    )
-
-
-def _bracket(fov: float, dims: _Dimensions) -> _Part:
-    thickness = dims.actual(10.0, 0.2)
-    corner = _mm(0.03, fov)
-    # An L: a long arm along u and a short arm along v, centred on the local origin.
-    long_arm = _rounded_box(0.0, _mm(0.16, fov), _mm(0.36, fov), _mm(0.12, fov), corner)
-    short_arm = _rounded_box(-_mm(0.24, fov), 0.0, _mm(0.12, fov), _mm(0.28, fov), corner)
-    bosses, cuts = [], []
-    boss_centres = [(_mm(0.22, fov), _mm(0.16, fov)), (-_mm(0.24, fov), -_mm(0.14, fov))]
-    for index, (cu, cv) in enumerate(boss_centres, start=1):
-        boss = dims.boss(index, cu, cv, _mm(0.075, fov), 4.0)
-        bosses.append(boss)
-        top = thickness + boss.height_mm
-        cuts.append(dims.hole(index, cu, cv, _mm(0.06, fov), top, None, 0.3))
-    slot_v = _mm(0.16, fov)
-    cuts.append(
-        dims.slot(
-            1, (-_mm(0.04, fov), slot_v), (_mm(0.08, fov), slot_v), _mm(0.06, fov), thickness, None
-        )
-    )
-    return _Part(
-        footprint=_union(long_arm, short_arm),
-        half_extent=(_mm(0.36, fov), _mm(0.28, fov)),
-        thickness_mm=thickness,
-        chamfer_mm=1.2,
-        bosses=bosses,
-        cuts=cuts,
-        features=dims.features,
-        texture="linear",
-        texture_angle=math.pi / 2,
-        metal_albedo=_METAL_ALBEDO["bracket"],
-    )
-
-
-def _flange(fov: float, dims: _Dimensions) -> _Part:
-    thickness = dims.actual(8.0, 0.2)
-    hub = dims.boss(1, 0.0, 0.0, _mm(0.19, fov), 3.0)
-    hub_top = thickness + hub.height_mm
-    cuts = [dims.hole(1, 0.0, 0.0, _mm(0.2, fov), hub_top, None, 0.5)]
-    bolt_radius = _mm(0.29, fov)
-    for index in range(6):
-        angle = index * math.pi / 3
-        cu, cv = bolt_radius * math.cos(angle), bolt_radius * math.sin(angle)
-        cuts.append(dims.hole(index + 2, cu, cv, _mm(0.055, fov), thickness, None, 0.3))
-    # Keyway: a notch in the bore.
-    cuts.append(
-        dims.slot(1, (_mm(0.09, fov), 0.0), (_mm(0.125, fov), 0.0), _mm(0.035, fov), hub_top, None)
-    )
-    radius = _mm(0.38, fov)
-    return _Part(
-        footprint=_circle(0.0, 0.0, radius),
-        half_extent=(radius, radius),
-        thickness_mm=thickness,
-        chamfer_mm=1.0,
-        bosses=[hub],
-        cuts=cuts,
-        features=dims.features,
-        texture="turned",
-        texture_angle=0.0,
-        metal_albedo=_METAL_ALBEDO["flange"],
-    )
-
-
-_PART_BUILDERS: dict[str, Callable[[float, _Dimensions], _Part]] = {
-    "bracket": _bracket,
-    "flange": _flange,
-    "plate": _plate,
-}
-_MAX_ROTATION = {"bracket": math.radians(10), "plate": math.radians(8), "flange": math.pi}
-
-
-@dataclass
-class _Pose:
-    centre: tuple[float, float]  # mm, image coordinates
-    angle: float  # radians, local u axis measured from +x towards +y
-    mirror: float  # +1 or -1 on the local u axis
-
-    def to_local(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        dx, dy = x - self.centre[0], y - self.centre[1]
-        cos, sin = math.cos(self.angle), math.sin(self.angle)
-        return self.mirror * (cos * dx + sin * dy), -sin * dx + cos * dy
-
-    def to_image(self, u: float, v: float) -> tuple[float, float]:
-        u = self.mirror * u
-        cos, sin = math.cos(self.angle), math.sin(self.angle)
-        return self.centre[0] + cos * u - sin * v, self.centre[1] + sin * u + cos * v
-
-
 # --- rendering ---
 
 
@@ -492,25 +222,25 @@ def render_sample(
     y = (np.arange(height, dtype=np.float64) + 0.5) * pitch
     x, y = np.meshgrid(x, y)
 
-    dims = _Dimensions(scene_rng)
-    part = _PART_BUILDERS[spec.part_type](fov, dims)
-    pose = _Pose(
+    dims = Dimensions(scene_rng)
+    part = PART_BUILDERS[spec.part_type](fov, dims)
+    pose = Pose(
         centre=(
             width * pitch / 2 + scene_rng.uniform(-0.04, 0.04) * fov,
             height * pitch / 2 + scene_rng.uniform(-0.04, 0.04) * fov,
         ),
-        angle=scene_rng.uniform(-1, 1) * _MAX_ROTATION[spec.part_type],
+        angle=scene_rng.uniform(-1, 1) * MAX_ROTATION[spec.part_type],
         mirror=1.0 if spec.part_type == "flange" or scene_rng.random() < 0.5 else -1.0,
     )
     metal = part.metal_albedo * scene_rng.uniform(0.95, 1.05)
     texture_phase = scene_rng.uniform(0, 2 * math.pi, size=2)
     u, v = pose.to_local(x, y)
     height_mm, classes, albedo, plateau = _rasterise_part(part, u, v, x, y, pitch, metal)
-    height_mm += _machining_texture(part, u, v, pitch, texture_phase) * plateau
+    height_mm += machining_texture(part, u, v, pitch, texture_phase) * plateau
 
     # Defects damage the top faces only; holes and slots keep their labels.
     surface = (classes == CLASS_IDS["part_surface"]) | (classes == CLASS_IDS["boss_top"])
-    canvas = _Canvas(u, v, fov, pitch, height_mm, albedo, surface)
+    canvas = Canvas(u, v, fov, pitch, height_mm, albedo, surface)
     defects = _place_defects(spec, part, canvas, classes, defect_rng)
     normals = normals_from_height(height_mm, pitch)
 
@@ -554,7 +284,7 @@ def render_sample(
 
 
 def _rasterise_part(
-    part: _Part,
+    part: Part,
     u: np.ndarray,
     v: np.ndarray,
     x: np.ndarray,
@@ -605,53 +335,10 @@ def _rasterise_part(
     return height, classes, albedo, plateau
 
 
-def _machining_texture(
-    part: _Part, u: np.ndarray, v: np.ndarray, pitch: float, phase: np.ndarray
-) -> np.ndarray:
-    """Milling or turning marks: sinusoids whose slope (about 1 degree) is resolution-free."""
-    wavelength = max(1.5, 4 * pitch)  # never finer than 4 px, so it does not alias
-    amplitude = 0.018 * wavelength / (2 * math.pi)
-    if part.texture == "turned":
-        along = np.hypot(u, v)
-        across = np.arctan2(v, u) * 20 * wavelength / (2 * math.pi)
-    else:
-        cos, sin = math.cos(part.texture_angle), math.sin(part.texture_angle)
-        along, across = cos * u + sin * v, -sin * u + cos * v
-    return amplitude * np.sin(2 * math.pi * along / wavelength + phase[0]) + (
-        amplitude / 3
-    ) * np.sin(2 * math.pi * across / (2.7 * wavelength) + phase[1])
-
-
-def _surface_clearance(part: _Part, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Distance (mm) from each point to the nearest edge of a flat top surface (<= 0: none)."""
-    clearance = -part.footprint(u, v) - part.chamfer_mm
-    for boss in part.bosses:
-        clearance = np.minimum(clearance, np.abs(boss.sdf(u, v)) - boss.chamfer_mm)
-    for cut in part.cuts:
-        clearance = np.minimum(clearance, cut.sdf(u, v) - cut.countersink_mm)
-    return clearance
-
-
-@dataclass
-class _Canvas:
-    """What a defect draws on: part-local pixel coordinates and the arrays it edits in place."""
-
-    u: np.ndarray
-    v: np.ndarray
-    fov: float
-    pitch: float
-    height: np.ndarray
-    albedo: np.ndarray
-    surface: np.ndarray  # bool: top faces, the only pixels a defect may change
-
-    def distance_to(self, centre: tuple[float, float]) -> np.ndarray:
-        return np.hypot(self.u - centre[0], self.v - centre[1])
-
-
 def _place_defects(
     spec: SyntheticLineSpec,
-    part: _Part,
-    canvas: _Canvas,
+    part: Part,
+    canvas: Canvas,
     classes: np.ndarray,
     rng: np.random.Generator,
 ) -> list[str]:
@@ -663,142 +350,11 @@ def _place_defects(
     count = 1 + min(int(rng.poisson(0.6)), 3)
     names = [DEFECT_CLASSES[int(rng.choice(len(DEFECT_CLASSES), p=weights))] for _ in range(count)]
     for name in names:
-        size = _DEFECT_SIZE[name](canvas.fov, canvas.pitch, rng)
-        centre = _defect_centre(part, size, rng)
-        mask = _DEFECT_APPLIERS[name](canvas, centre, size, rng)
+        size = DEFECT_SIZE[name](canvas.fov, canvas.pitch, rng)
+        centre = defect_centre(part, size, rng)
+        mask = DEFECT_APPLIERS[name](canvas, centre, size, rng)
         classes[mask & canvas.surface] = CLASS_IDS[name]
     return names
-
-
-def _defect_centre(part: _Part, margin: float, rng: np.random.Generator) -> tuple[float, float]:
-    """A point on a flat top surface at least ``margin`` from its edges (or the best of 64)."""
-    half_u, half_v = part.half_extent
-    cu = rng.uniform(-half_u, half_u, size=64)
-    cv = rng.uniform(-half_v, half_v, size=64)
-    clearance = _surface_clearance(part, cu, cv)
-    good = np.flatnonzero(clearance > margin)
-    index = int(good[0]) if good.size else int(np.argmax(clearance))
-    return float(cu[index]), float(cv[index])
-
-
-# Each size is the defect's placement margin (mm): about its radius.
-_DEFECT_SIZE: dict[str, Callable[[float, float, np.random.Generator], float]] = {
-    "scratch": lambda fov, pitch, rng: max(0.03 * fov, 3 * pitch),
-    "dent": lambda fov, pitch, rng: max(rng.uniform(0.025, 0.05) * fov, 2.5 * pitch),
-    "bump": lambda fov, pitch, rng: max(rng.uniform(0.015, 0.035) * fov, 2.0 * pitch),
-    "crack": lambda fov, pitch, rng: max(0.03 * fov, 3 * pitch),
-    "stain": lambda fov, pitch, rng: max(rng.uniform(0.03, 0.06) * fov, 2.5 * pitch),
-}
-Point = tuple[float, float]
-
-
-def _apply_scratch(
-    canvas: _Canvas, centre: Point, size: float, rng: np.random.Generator
-) -> np.ndarray:
-    """A narrow groove with a parabolic profile along a slightly bent line."""
-    half_width = max(0.006 * canvas.fov, 0.8 * canvas.pitch)
-    depth = half_width * rng.uniform(0.15, 0.35)
-    length = rng.uniform(0.1, 0.25) * canvas.fov
-    angle = rng.uniform(0, math.pi)
-    bend = rng.uniform(-0.15, 0.15)
-    direction = np.array([math.cos(angle), math.sin(angle)])
-    normal = np.array([-direction[1], direction[0]])
-    start = np.asarray(centre)
-    points = [
-        tuple(start + t * length / 2 * direction + bend * length * (1 - t * t) * normal)
-        for t in (-1.0, 0.0, 1.0)
-    ]
-    distance = _distance_to_polyline(canvas.u, canvas.v, points)
-    profile = np.clip(1 - (distance / half_width) ** 2, 0, None)
-    canvas.height -= depth * profile * canvas.surface
-    return distance < half_width
-
-
-def _apply_crack(
-    canvas: _Canvas, centre: Point, size: float, rng: np.random.Generator
-) -> np.ndarray:
-    """A thin, deep V-groove along a random walk with one or two branches."""
-    half_width = max(0.004 * canvas.fov, 0.6 * canvas.pitch)
-    depth = half_width * rng.uniform(0.8, 1.5)
-    step = max(0.018 * canvas.fov, 1.5 * canvas.pitch)
-    angle = rng.uniform(0, 2 * math.pi)
-    main = [centre]
-    for _ in range(int(rng.integers(5, 9))):
-        angle += rng.uniform(-0.45, 0.45)
-        main.append((main[-1][0] + step * math.cos(angle), main[-1][1] + step * math.sin(angle)))
-    paths = [main]
-    for _ in range(int(rng.integers(1, 3))):
-        branch = [main[int(rng.integers(1, len(main) - 1))]]
-        branch_angle = angle + rng.choice([-1, 1]) * rng.uniform(0.5, 1.1)
-        for _ in range(int(rng.integers(2, 5))):
-            branch_angle += rng.uniform(-0.4, 0.4)
-            branch.append(
-                (
-                    branch[-1][0] + 0.8 * step * math.cos(branch_angle),
-                    branch[-1][1] + 0.8 * step * math.sin(branch_angle),
-                )
-            )
-        paths.append(branch)
-    distance = np.minimum.reduce(
-        [_distance_to_polyline(canvas.u, canvas.v, path) for path in paths]
-    )
-    profile = np.clip(1 - distance / half_width, 0, None)
-    canvas.height -= depth * profile * canvas.surface
-    return distance < half_width
-
-
-def _smooth_blob(
-    canvas: _Canvas,
-    centre: Point,
-    radius: float,
-    sign: float,
-    aspect_range: tuple[float, float],
-    rng: np.random.Generator,
-) -> np.ndarray:
-    """Raised-cosine change of height; its depth scales with its radius (resolution-free slope)."""
-    amount = radius * rng.uniform(*aspect_range)
-    r = canvas.distance_to(centre) / radius
-    profile = np.where(r < 1, 0.5 * (1 + np.cos(math.pi * np.minimum(r, 1))), 0.0)
-    canvas.height += sign * amount * profile * canvas.surface
-    return r < 0.75  # where the change exceeds ~15 % of its peak
-
-
-def _apply_dent(
-    canvas: _Canvas, centre: Point, size: float, rng: np.random.Generator
-) -> np.ndarray:
-    """A smooth depression."""
-    return _smooth_blob(canvas, centre, size, -1.0, (0.06, 0.12), rng)
-
-
-def _apply_bump(
-    canvas: _Canvas, centre: Point, size: float, rng: np.random.Generator
-) -> np.ndarray:
-    """A smooth raise: a burr or weld spatter."""
-    return _smooth_blob(canvas, centre, size, 1.0, (0.10, 0.20), rng)
-
-
-def _apply_stain(
-    canvas: _Canvas, centre: Point, size: float, rng: np.random.Generator
-) -> np.ndarray:
-    """Albedo only (oil, rust): no height change."""
-    field = np.zeros_like(canvas.u)
-    for _ in range(int(rng.integers(3, 6))):
-        offset = rng.uniform(-0.5, 0.5, size=2) * size
-        sigma = size * rng.uniform(0.4, 0.7)
-        shifted = (centre[0] + offset[0], centre[1] + offset[1])
-        field += np.exp(-(canvas.distance_to(shifted) ** 2) / (2 * sigma * sigma))
-    darkening = rng.uniform(0.35, 0.6) * np.clip(field, 0, 1) * canvas.surface
-    canvas.albedo *= 1 - darkening[..., None] * (1 - _STAIN_COLOR)
-    return field > 0.5
-
-
-_DEFECT_APPLIERS: dict[str, Callable[[_Canvas, Point, float, np.random.Generator], np.ndarray]] = {
-    "scratch": _apply_scratch,
-    "dent": _apply_dent,
-    "bump": _apply_bump,
-    "crack": _apply_crack,
-    "stain": _apply_stain,
-}
 
 
 def _vignette(height: int, width: int, strength: float) -> np.ndarray:
@@ -860,7 +416,7 @@ def _dropout_mask(
 
 
 def _features_in_pixels(
-    features: list[_FeatureGeometry], pose: _Pose, pitch: float, height: int, width: int
+    features: list[FeatureGeometry], pose: Pose, pitch: float, height: int, width: int
 ) -> list[Feature]:
     result = []
     for feature in features:

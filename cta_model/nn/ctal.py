@@ -38,6 +38,13 @@ import torch.nn.functional as F
 from cta_model.errors import ConfigError
 
 AFFINITY_MODES = ("auto", "dense", "blocked", "pooled")
+# The block's defaults, also those of the model settings (ModelSpec): gamma is the paper's
+# fixed blend (step 4 above); one k x k fusion conv shared by all tasks, as the released code.
+DEFAULT_GAMMA = 0.05
+DEFAULT_KERNEL_SIZE = 3
+DEFAULT_SHARED_FUSION = True
+DEFAULT_MODE = "auto"
+DEFAULT_POOL_FACTOR = 2  # pooled mode: the feature grid is average-pooled by this factor
 #: `auto` picks blocked above this many grid positions (a 64x64 grid); below it dense is faster.
 AUTO_BLOCKED_MIN_POSITIONS = 4096
 #: ... or when the dense N x N tensors would take more than this fraction of the free memory.
@@ -315,12 +322,12 @@ class CrossTaskAffinity(nn.Module):
         tasks: Sequence[str],
         channels: int,
         grid: tuple[int, int],
-        gamma: float = 0.05,
-        kernel_size: int = 3,
-        shared_fusion: bool = True,
-        mode: str = "auto",
+        gamma: float = DEFAULT_GAMMA,
+        kernel_size: int = DEFAULT_KERNEL_SIZE,
+        shared_fusion: bool = DEFAULT_SHARED_FUSION,
+        mode: str = DEFAULT_MODE,
         block_size: int | None = None,
-        pool_factor: int = 2,
+        pool_factor: int = DEFAULT_POOL_FACTOR,
     ) -> None:
         super().__init__()
         if len(tasks) < 2:

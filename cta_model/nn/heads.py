@@ -46,10 +46,11 @@ def bottleneck_stack(in_channels: int, out_channels: int) -> nn.Sequential:
 
 
 class InitialTaskDecoders(nn.Module):
-    """Per task: two bottlenecks -> 256-channel features, and a 1x1 conv -> initial prediction."""
+    """Per task: two bottlenecks -> `feature_channels` features (the spec's decoder_channels,
+    256 in the paper), and a 1x1 conv -> initial prediction."""
 
     def __init__(
-        self, in_channels: int, out_channels: Mapping[str, int], feature_channels: int = 256
+        self, in_channels: int, out_channels: Mapping[str, int], feature_channels: int
     ) -> None:
         super().__init__()
         self.decoders = nn.ModuleDict(

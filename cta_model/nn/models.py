@@ -4,23 +4,34 @@ Every model maps an image batch (B, 3, H, W) to `MultiTaskOutput(final, initial)
 {task: (B, out_channels, H, W)} at the input resolution. `initial` holds the deep-supervision
 predictions (empty for models without them). Architectures are chosen by name from
 `ARCHITECTURES`; a `ModelSpec` is everything needed to rebuild a model (it goes to model.yaml).
+Its settings (`NetworkSettings`) are defined once, with their defaults and checks; the train
+config's `model:` section extends them.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, Self
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from cta_model import tasks as task_registry
+from cta_model.config import StrictModel, format_validation_error
 from cta_model.errors import ConfigError
 from cta_model.nn.backbones import BACKBONES, build_backbone
-from cta_model.nn.ctal import AFFINITY_MODES, CrossTaskAffinity
+from cta_model.nn.ctal import (
+    AFFINITY_MODES,
+    DEFAULT_GAMMA,
+    DEFAULT_KERNEL_SIZE,
+    DEFAULT_MODE,
+    DEFAULT_POOL_FACTOR,
+    DEFAULT_SHARED_FUSION,
+    CrossTaskAffinity,
+)
 from cta_model.nn.heads import InitialTaskDecoders, LightTaskHead, TaskHead, Upsample2x
 
 
@@ -29,56 +40,106 @@ class MultiTaskOutput(NamedTuple):
     initial: dict[str, torch.Tensor]
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    arch: str
-    tasks: tuple[str, ...]
-    input_size: tuple[int, int]  # (H, W) the model is built for; CTAL's grid depends on it
+class NetworkSettings(StrictModel):
+    """The settings that decide a network's layers, with their defaults and checks, defined
+    once: `ModelSpec` (model.yaml) and the train config's `model:` section extend it."""
+
+    arch: str = "ctal"
+    tasks: tuple[str, ...] = ("semseg", "height", "normals")
+    input_size: tuple[int, int] = (128, 128)  # (H, W) the model is built for; CTAL's grid
     backbone: str = "hrnet-w18-small-v2"
-    num_classes: int | None = None  # semseg classes
-    output_stride: int | None = None  # ResNet: 8, 16 or 32
+    num_classes: int | None = Field(default=None, ge=2)  # semseg classes
+    output_stride: Literal[8, 16, 32] | None = None  # ResNet only
     backbone_weights: str | None = None  # a local checkpoint file; never downloaded
-    decoder_channels: int = 256
-    affinity_channels: int = 128  # C of DESIGN 3.1
-    gamma: float = 0.05
-    fusion_kernel_size: int = 3
-    shared_fusion: bool = True
+    decoder_channels: int = Field(default=256, ge=8)
+    affinity_channels: int = Field(default=128, ge=1)  # C of DESIGN 3.1
+    gamma: float = Field(default=DEFAULT_GAMMA, ge=0, le=1)
+    fusion_kernel_size: int = Field(default=DEFAULT_KERNEL_SIZE, ge=1)
+    shared_fusion: bool = DEFAULT_SHARED_FUSION
     # How CTAL computes the block (cta_model/nn/ctal.py): auto | dense | blocked | pooled.
     # dense/blocked/auto share state-dict keys and shapes; pooled sizes the fusion for the
     # pooled grid. Old model.yaml files without these keys load with the defaults.
-    affinity_mode: str = "auto"
-    affinity_block_size: int | None = None  # rows of G per block; None = sized by memory
-    affinity_pool_factor: int = 2  # pooled mode only
-    extra: dict[str, Any] = field(default_factory=dict)
+    affinity_mode: str = DEFAULT_MODE
+    affinity_block_size: int | None = Field(default=None, ge=1)  # None = sized by memory
+    affinity_pool_factor: int = Field(default=DEFAULT_POOL_FACTOR, ge=1)  # pooled mode only
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "tasks", task_registry.parse_tasks(self.tasks))
-        object.__setattr__(self, "input_size", tuple(int(s) for s in self.input_size))
-        if self.arch not in ARCHITECTURES:
-            raise ConfigError(
-                f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}"
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        if value not in ARCHITECTURES:
+            raise ValueError(f"unknown arch {value!r}; choose one of {', '.join(ARCHITECTURES)}")
+        return value
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _parse_tasks(cls, value: Any) -> Any:
+        if isinstance(value, str | list | tuple):
+            return task_registry.parse_tasks(value)  # ConfigError is a ValueError
+        return value
+
+    @field_validator("input_size")
+    @classmethod
+    def _check_size(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 8:
+            raise ValueError(f"must be [height, width] >= 8, got {list(value)}")
+        return value
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        if value not in BACKBONES:
+            raise ValueError(f"unknown backbone {value!r}; choose one of {', '.join(BACKBONES)}")
+        return value
+
+    @field_validator("backbone_weights")
+    @classmethod
+    def _local_weights(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value:
+            raise ValueError("must be a local file (weights are never downloaded)")
+        return value
+
+    @field_validator("affinity_mode")
+    @classmethod
+    def _known_mode(cls, value: str) -> str:
+        if value not in AFFINITY_MODES:
+            raise ValueError(
+                f"unknown affinity_mode {value!r}; choose one of {', '.join(AFFINITY_MODES)}"
             )
-        if self.backbone not in BACKBONES:
-            raise ConfigError(
-                f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}"
-            )
-        if len(self.input_size) != 2 or min(self.input_size) < 8:
-            raise ConfigError(f"input_size must be (height, width) >= 8, got {self.input_size}")
-        if self.affinity_mode not in AFFINITY_MODES:
-            raise ConfigError(
-                f"unknown affinity_mode {self.affinity_mode!r}; choose one of "
-                f"{', '.join(AFFINITY_MODES)}"
-            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_arch(self) -> Self:
+        if self.arch == "ctal" and len(self.tasks) < 2:
+            raise ValueError(f"arch 'ctal' needs at least 2 tasks, got {list(self.tasks)}")
+        if self.output_stride is not None and not self.backbone.startswith("resnet"):
+            raise ValueError(f"output_stride applies to ResNet backbones only, not {self.backbone}")
+        return self
+
+
+class ModelSpec(NetworkSettings):
+    """Everything needed to rebuild a model: the `model:` section of model.yaml.
+
+    Invalid settings raise ConfigError naming the key.
+    """
+
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    def __init__(self, **settings: Any) -> None:
+        try:
+            super().__init__(**settings)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error("model", exc)) from None
+
+    def replace(self, **changes: Any) -> ModelSpec:
+        """A checked copy with `changes` applied."""
+        return ModelSpec(**{**self.model_dump(), **changes})
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["tasks"] = list(self.tasks)
-        out["input_size"] = list(self.input_size)
-        return out
+        return self.model_dump(mode="json")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
-        known = {f.name for f in fields(cls)}
+        known = set(cls.model_fields)
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"unknown model keys {sorted(unknown)}; known: {sorted(known)}")
@@ -187,8 +248,6 @@ class CTALNet(DecoderNet):
     """HPS plus the Cross-Task Affinity block on the per-task C-channel features."""
 
     def __init__(self, spec: ModelSpec) -> None:
-        if len(spec.tasks) < 2:
-            raise ConfigError(f"arch 'ctal' needs at least 2 tasks, got {list(spec.tasks)}")
         super().__init__(
             spec,
             make_refinement=lambda grid: CrossTaskAffinity(
@@ -250,7 +309,7 @@ class STLNet(MultiTaskNet):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
         self.networks = nn.ModuleDict(
-            {t: HPSNet(replace(spec, arch="hps", tasks=(t,))) for t in self.tasks}
+            {t: HPSNet(spec.replace(arch="hps", tasks=(t,))) for t in self.tasks}
         )
 
     def forward(self, images: torch.Tensor) -> MultiTaskOutput:
@@ -285,7 +344,7 @@ def resize_model(
     weight is copied. The copy's spec carries the new input_size, so it saves and loads as a
     model folder for that size. Other architectures only get the new spec.
     """
-    spec = replace(model.spec, input_size=tuple(input_size))
+    spec = model.spec.replace(input_size=tuple(input_size))
     resized = build_model(spec)
     state = model.state_dict()
     if isinstance(model, CTALNet):

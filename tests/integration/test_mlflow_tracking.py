@@ -67,7 +67,7 @@ SYSTEM_METRICS_INTERVAL_S = 0.5
 @dataclass
 class FakeResult:
     model_dir: Path
-    best_epoch: int = 2  # 1-based, like cta_model.train
+    best_epoch: int = 2  # 1-based, like cta_model.training
     best_metrics: dict[str, float] = field(
         default_factory=lambda: {"semseg.miou": 0.2, "height.abs_err_mm": 0.5}
     )
@@ -109,7 +109,7 @@ def _val_miou(epoch: int) -> float:
 
 
 def _fake_training(tracker: MlflowTracker) -> None:
-    """The callback sequence of cta_model.train: steps and epochs count from 1."""
+    """The callback sequence of cta_model.training: steps and epochs count from 1."""
     tracker.on_train_start(object())
     step = 0
     for epoch in range(1, EPOCHS + 1):
@@ -270,7 +270,7 @@ def test_a_failing_training_ends_the_run_failed(tracking_uri: str):
 
 
 class FakeTrainer:
-    """What cta_model.train.Trainer.lineage() returns (the model folder's lineage.json)."""
+    """What cta_model.training.Trainer.lineage() returns (the model folder's lineage.json)."""
 
     def lineage(self) -> dict:
         return {

@@ -52,7 +52,7 @@ def monitored(tmp_path_factory):
     from cta_model.inference import Predictor
     from cta_model.model_folder import save_model_folder
     from cta_model.nn.models import ModelSpec, build_model
-    from cta_model.train import REFERENCE_STATS_FILE, reference_statistics
+    from cta_model.training.reference_stats import REFERENCE_STATS_FILE, reference_statistics
 
     root = tmp_path_factory.mktemp("monitor")
     data = generate_dataset(

@@ -313,7 +313,7 @@ def test_step_run_uploads_the_model_folder_on_rank_0(
     moto_s3, s3_bucket, monkeypatch, tmp_path, model_folder
 ):
     import components.train.tracking
-    import cta_model.train
+    import cta_model.training
     from components.train import step
 
     monkeypatch.setenv("CTA_S3_ENDPOINT_URL", moto_s3.endpoint_url)
@@ -337,7 +337,7 @@ def test_step_run_uploads_the_model_folder_on_rank_0(
         def __exit__(self, *exc):
             return False
 
-    monkeypatch.setattr(cta_model.train, "train", lambda *args, **kwargs: FakeResult())
+    monkeypatch.setattr(cta_model.training, "train", lambda *args, **kwargs: FakeResult())
     monkeypatch.setattr(components.train.tracking, "MlflowTracker", FakeTracker)
     config = tmp_path / "train.yaml"
     config.write_text(

@@ -32,24 +32,18 @@ from cta_model.inference import Predictor
 from cta_model.model_folder import verify_checksums
 from cta_model.nn.models import ModelSpec, build_model
 from cta_model.tasks import metric_directions
-from cta_model.train import (
-    Callback,
-    EMATeacher,
-    ResumableDistributedSampler,
-    ShardSampler,
-    TrainResult,
-    ensure_synthetic_dataset,
-    list_checkpoints,
-    lr_factor,
-    open_datasets,
-    train,
-    validate,
-)
 from cta_model.train_config import validate_train_config
+from cta_model.training import Callback, TrainResult, train, validate
+from cta_model.training.checkpoints import list_checkpoints
+from cta_model.training.datasets import ensure_synthetic_dataset, open_datasets
+from cta_model.training.ema import EMATeacher
+from cta_model.training.loaders import ResumableDistributedSampler, ShardSampler
+from cta_model.training.optimization import lr_factor
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
+TRAIN_PROCESS = Path(__file__).with_name("train_process.py")  # calls train / validate
 TASKS = ("semseg", "height", "normals")
 # press-a and press-b have a height sensor, mill-c has none: partial labels from the start.
 LINES = 3
@@ -107,8 +101,8 @@ def write_config(path: Path, config: dict[str, Any]) -> Path:
     return path
 
 
-def train_command(config_file: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "cta_model.train", "--config", str(config_file), *extra]
+def train_command(config_file: Path) -> list[str]:
+    return [sys.executable, str(TRAIN_PROCESS), str(config_file)]
 
 
 def torchrun_command(config_file: Path, *extra: str, nproc: int = 2) -> list[str]:
@@ -120,9 +114,7 @@ def torchrun_command(config_file: Path, *extra: str, nproc: int = 2) -> list[str
         "127.0.0.1",
         "--master_port",
         str(free_port()),
-        "-m",
-        "cta_model.train",
-        "--config",
+        str(TRAIN_PROCESS),
         str(config_file),
         *extra,
     ]
@@ -214,12 +206,12 @@ def test_synthetic_dataset_is_generated_once_and_reused(tmp_path, monkeypatch):
     root = ensure_synthetic_dataset(config.data)
     assert (root / MANIFEST_NAME).is_file()
     assert root.parent == tmp_path / "cache" / "synthetic"
-    import cta_model.train as train_module
+    import cta_model.training.datasets as datasets_module
 
     def fail(*_, **__):
         raise AssertionError("regenerated a cached dataset")
 
-    monkeypatch.setattr(train_module, "generate_dataset", fail)
+    monkeypatch.setattr(datasets_module, "generate_dataset", fail)
     assert ensure_synthetic_dataset(config.data) == root
 
 
@@ -416,7 +408,7 @@ def test_pooled_val_metrics_equal_on_one_and_two_processes(short_run, tmp_path):
     one = validate(validate_train_config(eval_config))
     metrics_file = tmp_path / "metrics.json"
     config_file = write_config(tmp_path / "eval.yaml", eval_config)
-    run(torchrun_command(config_file, "--validate-only", "--metrics-out", str(metrics_file)))
+    run(torchrun_command(config_file, str(metrics_file)))  # validates into metrics_file
     two = json.loads(metrics_file.read_text())
     assert set(one) == set(two) == set(result.best_metrics)
     for key, value in one.items():

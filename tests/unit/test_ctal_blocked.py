@@ -2,7 +2,6 @@
 
 import copy
 import math
-from dataclasses import replace
 
 import pytest
 import torch
@@ -310,7 +309,7 @@ def test_resize_model_keeps_weights_and_runs_at_the_new_size():
     # The resized model saves and rebuilds from its own spec.
     rebuilt = build_model(ModelSpec.from_dict(bigger.spec.to_dict()))
     rebuilt.load_state_dict(bigger.state_dict())
-    hps = build_model(replace(_ctal_spec(), arch="hps"))
+    hps = build_model(_ctal_spec().replace(arch="hps"))
     assert resize_model(hps, (40, 40)).spec.input_size == (40, 40)
 
 

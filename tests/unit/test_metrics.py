@@ -15,10 +15,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cta_model.metrics import (
+from cta_model.delta_m import (
     DELTA_ALL_METRICS_KEY,
     DELTA_PRIMARY_KEY,
     DELTA_TASK_AVG_KEY,
+    delta_m,
+    relative_improvements,
+)
+from cta_model.metrics import (
     MIOU_RULES,
     REDUCTIONS,
     DepthMeter,
@@ -26,8 +30,6 @@ from cta_model.metrics import (
     Meter,
     NormalsMeter,
     SegmentationMeter,
-    delta_m,
-    relative_improvements,
 )
 
 pytestmark = pytest.mark.unit
