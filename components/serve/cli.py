@@ -110,7 +110,7 @@ def _serve(
 ) -> None:
     import uvicorn
 
-    from components.registry_models import CACHE_ENV, fetch_model
+    from components.registry.models import CACHE_ENV, fetch_model
     from components.serve.app import ServeApp, ServeSettings
     from cta_model.inspection import load_inspection_config
 

@@ -19,18 +19,16 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from components.gate.cli import gate as gate_command
-from components.gate.step import (
+from components.gate.step import FAIL, PASS, PENDING
+from components.gate.step import run as gate
+from components.register_model.step import run as register
+from components.registry.names import (
     CHAMPION_ALIAS,
-    FAIL,
-    PASS,
-    PENDING,
     TAG_POLICY,
     TAG_RECORD,
     TAG_SUPERSEDED_BY,
     TAG_VERDICT,
 )
-from components.gate.step import run as gate
-from components.register_model.step import run as register
 from components.train.logged_model import log_model_folder
 from cta_model.errors import DataError
 from cta_model.model_folder import folder_sha256

@@ -11,7 +11,7 @@ import yaml
 from components.gate.cli import format_checks
 from components.gate.policy import GatePolicy, load_policy
 from components.gate.step import FAIL, PASS, PENDING, evaluate_checks
-from components.register_model.attached import Registration
+from components.registry.attachments import Registration
 from cta_model.errors import ConfigError
 
 pytestmark = pytest.mark.unit
