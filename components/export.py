@@ -14,7 +14,7 @@ def resolve_model(uri: str, tracking_uri: str | None = None) -> Path:
     """A verified local model folder: a folder as is, `models:/NAME/<version>` or
     `models:/NAME@alias` downloaded from the registry."""
     if uri.startswith("models:/"):
-        from components.registry_models import fetch_model_folder
+        from components.registry.models import fetch_model_folder
 
         return fetch_model_folder(uri, tracking_uri=tracking_uri)
     folder = Path(uri)

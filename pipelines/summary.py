@@ -12,15 +12,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+from components.registry.names import CHALLENGER_ALIAS, TAG_VERDICT, evaluation_tag
+
 
 def _number(value: Any) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
 def _registered(tracking_uri: str, model_name: str, version: str) -> dict[str, str]:
-    from mlflow import MlflowClient
+    from components.registry.client import mlflow_client
 
-    return dict(MlflowClient(tracking_uri).get_model_version(model_name, version).tags or {})
+    return dict(mlflow_client(tracking_uri).get_model_version(model_name, version).tags or {})
 
 
 def _rollout_lines(state_uri: str) -> list[str]:
@@ -60,7 +62,7 @@ def summary_lines(
         overall = evaluation["overall"]
         lines.append(f"test metrics ({overall['n_images']} images):")
         for name, value in overall["metrics"].items():
-            registered = tags.get(f"cta.evaluation.{name}")
+            registered = tags.get(evaluation_tag(name))
             note = f"   (MLflow: {registered})" if registered else ""
             lines.append(f"  {name:<24} {_number(value)}{note}")
         inspection = overall.get("inspection")
@@ -93,12 +95,10 @@ def summary_lines(
             f"{roi['currency']} {pilot['npv']:,.0f}, P(ROI > 0) {_number(pilot['p_roi_positive'])}"
         )
     if version:
-        lines.append(f"registered: {model_name} version {version} (alias challenger)")
+        lines.append(f"registered: {model_name} version {version} (alias {CHALLENGER_ALIAS})")
     verdict = tasks.get(GATE_TASK, {}).get("outputs", {}).get("Output")
     if verdict:
-        lines.append(
-            f"gate: {verdict} (MLflow tag cta.gate.verdict={tags.get('cta.gate.verdict')})"
-        )
+        lines.append(f"gate: {verdict} (MLflow tag {TAG_VERDICT}={tags.get(TAG_VERDICT)})")
     if rollout_state and Path(rollout_state).exists():
         lines.append("lines:")
         lines += _rollout_lines(rollout_state)

@@ -5,7 +5,7 @@
   asked, ``cta.split``). Delta_m needs one per task of the candidate.
 - Champion: ``<model>@champion``, a complete registration only.
 
-Model folders come through ``components.registry_models.fetch_model_folder`` (checksums and
+Model folders come through ``components.registry.models.fetch_model_folder`` (checksums and
 the version's ``cta.model_sha256`` verified there).
 """
 
@@ -16,32 +16,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-BASELINE_ALIAS = "baseline"
-CHAMPION_ALIAS = "champion"
-TAG_COMPLETE = "cta.registration"
-COMPLETE = "complete"
-TAG_MANIFEST = "cta.data_manifest_sha256"
-TAG_SPLIT = "cta.split"
-
-
-def baseline_name(model_name: str, task: str) -> str:
-    return f"{model_name}-stl-{task}"
-
-
-def registry_client(tracking_uri: str) -> Any:
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-
-
-def version_by_alias(client: Any, name: str, alias: str) -> Any | None:
-    """The version ``name@alias``; None when the model or the alias does not exist."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+from components.registry.names import (
+    BASELINE_ALIAS,
+    CHAMPION_ALIAS,
+    TAG_MANIFEST,
+    TAG_SPLIT,
+    baseline_name,
+    version_uri,
+)
+from components.registry.versions import is_complete, version_by_alias
 
 
 def matching_baseline(
@@ -52,7 +35,7 @@ def matching_baseline(
     if version is None:
         return None
     tags = version.tags or {}
-    if tags.get(TAG_COMPLETE) != COMPLETE or tags.get(TAG_MANIFEST) != manifest_sha256:
+    if not is_complete(version) or tags.get(TAG_MANIFEST) != manifest_sha256:
         return None
     if split is not None and tags.get(TAG_SPLIT) != split:
         return None
@@ -79,7 +62,7 @@ def complete_champion(client: Any, model_name: str) -> tuple[Any | None, str | N
     version = version_by_alias(client, model_name, CHAMPION_ALIAS)
     if version is None:
         return None, f"no {model_name}@{CHAMPION_ALIAS} registered"
-    if (version.tags or {}).get(TAG_COMPLETE) != COMPLETE:
+    if not is_complete(version):
         return None, (
             f"{model_name}@{CHAMPION_ALIAS} (version {version.version}) is not a complete "
             "registration"
@@ -89,9 +72,9 @@ def complete_champion(client: Any, model_name: str) -> tuple[Any | None, str | N
 
 def fetch_version(name: str, version: str, dest: Path, tracking_uri: str) -> Path:
     """The verified model folder of ``models:/<name>/<version>`` under ``dest``."""
-    from components.registry_models import fetch_model_folder
+    from components.registry.models import fetch_model_folder  # imports torch
 
-    return fetch_model_folder(f"models:/{name}/{version}", dest=dest, tracking_uri=tracking_uri)
+    return fetch_model_folder(version_uri(name, version), dest=dest, tracking_uri=tracking_uri)
 
 
 def delta_m_section(
@@ -138,16 +121,9 @@ def delta_m_section(
 
 
 __all__ = [
-    "BASELINE_ALIAS",
-    "CHAMPION_ALIAS",
-    "TAG_MANIFEST",
-    "TAG_SPLIT",
-    "baseline_name",
     "complete_champion",
     "delta_m_section",
     "fetch_version",
     "find_baselines",
     "matching_baseline",
-    "registry_client",
-    "version_by_alias",
 ]

@@ -184,20 +184,22 @@ def _registry_sections(
 
     from components.evaluate import references
     from components.evaluate.inspection import compare_with_champion
+    from components.registry import names
+    from components.registry.client import mlflow_client
 
     tasks = tuple(candidate.predictor.tasks)
-    client = references.registry_client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     sections: dict[str, Any] = {}
     baseline_predictors: list[Any] = []
     with tempfile.TemporaryDirectory(prefix="cta-evaluate-") as staging:
         found, missing = references.find_baselines(client, model_name, tasks, manifest_sha256)
         if missing:
-            names = ", ".join(references.baseline_name(model_name, task) for task in missing)
+            missing_names = ", ".join(names.baseline_name(model_name, task) for task in missing)
             sections["delta_m"] = None
             sections["delta_m_reason"] = (
                 f"{DELTA_M_NO_BASELINES} for this data: no complete "
-                f"@{references.BASELINE_ALIAS} version of {names} with "
-                f"{references.TAG_MANIFEST}={manifest_sha256}"
+                f"@{names.BASELINE_ALIAS} version of {missing_names} with "
+                f"{names.TAG_MANIFEST}={manifest_sha256}"
             )
         else:
             baselines: dict[str, Any] = {}
@@ -242,7 +244,7 @@ def _registry_sections(
                 "name": model_name,
                 "version": str(champion.version),
                 "model_id": getattr(champion, "model_id", None)
-                or (champion.tags or {}).get("cta.model_id"),
+                or (champion.tags or {}).get(names.TAG_MODEL_ID),
                 **comparison,
             }
     return sections, baseline_predictors

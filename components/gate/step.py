@@ -22,28 +22,27 @@ import datetime as dt
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from components.gate.policy import INSPECTION_FIGURES, GatePolicy, load_policy
-from components.register_model.attached import (
-    Registration,
-    read_registration,
-    read_run_json,
+from components.model_card.card import publish_card
+from components.registry.attachments import Registration, read_registration
+from components.registry.client import mlflow_client
+from components.registry.names import (
+    CHAMPION_ALIAS,
+    TAG_MODEL_ID,
+    TAG_MODEL_SHA256,
+    TAG_POLICY,
+    TAG_RECORD,
+    TAG_SUPERSEDED_BY,
+    TAG_VERDICT,
+    TAG_VERDICT_ID,
 )
-from components.register_model.step import TAG_MODEL_ID, TAG_MODEL_SHA256
+from components.registry.records import gate_records, record_path, write_record
 
-CHAMPION_ALIAS = "champion"
-RECORD_DIR = "gate"
 RECORD_VERSION = 1
 PASS, FAIL, PENDING = "pass", "fail", "pending_approval"
-TAG_VERDICT = "cta.gate.verdict"
-TAG_VERDICT_ID = "cta.gate.verdict_id"
-TAG_POLICY = "cta.gate.policy_sha256"
-TAG_RECORD = "cta.gate.record"
-TAG_SUPERSEDED_BY = "cta.gate.superseded_by"
 APPROVAL_CHECK = "approval"
 _DELTA_M_KEYS = {
     "primary": "delta_m_primary_pct_higher_better",
@@ -283,19 +282,6 @@ def _inputs(
     }
 
 
-def gate_records(client: Any, reg: Registration) -> dict[str, dict[str, Any]]:
-    """verdict id -> audit record, for every record of this version (oldest first)."""
-    folder = f"{RECORD_DIR}/v{reg.version}"
-    records = [
-        read_run_json(client, reg.run_id, info.path)
-        for info in client.list_artifacts(reg.run_id, folder)
-        if info.path.endswith(".json")
-    ]
-    # The same source run could hold another name's version N (one LoggedModel, two names).
-    mine = [r for r in records if r["model"]["name"] == reg.name]
-    return {r["verdict_id"]: r for r in sorted(mine, key=lambda r: r["decided_at"])}
-
-
 class _SameInputs:
     """Compares a record's inputs with ours, ignoring the champion."""
 
@@ -332,14 +318,6 @@ def _champion_of(
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
-def _write_record(client: Any, run_id: str, version: str, record: Mapping[str, Any]) -> None:
-    from components.artifacts import write_json_atomic
-
-    with tempfile.TemporaryDirectory(prefix="cta-gate-") as staging:
-        path = write_json_atomic(Path(staging) / f"{record['verdict_id']}.json", record)
-        client.log_artifact(run_id, str(path), artifact_path=f"{RECORD_DIR}/v{version}")
 
 
 def _set_tag_if_changed(client: Any, name: str, version: Any, key: str, value: str) -> bool:
@@ -402,13 +380,10 @@ def run(
     ``{verdict_id, verdict, checks, model, champion_before, champion_moved, record_uri,
     written, approver}``; ``written`` is False when the record already existed.
     """
-    from components.model_card.card import publish_card
-    from components.register_model.attached import registry_client
-
     policy = load_policy(policy_path)
     policy_sha256 = policy.sha256()
     approver = (approver or "").strip() or None
-    client = registry_client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     reg = read_registration(client, model_name, version)
     records = gate_records(client, reg)
 
@@ -416,7 +391,6 @@ def run(
     champion = _champion_of(client, model_name, reg.version, records, same_inputs)
     inputs = _inputs(reg, champion, approver)
     verdict_id = _canonical_sha256({"policy_sha256": policy_sha256, "inputs": inputs})
-    record_path = f"{RECORD_DIR}/v{reg.version}/{verdict_id}.json"
     record = records.get(verdict_id)
     written = record is None
     if record is None:
@@ -437,10 +411,10 @@ def run(
             "approver": {"name": approver, "time": decided_at} if approver else None,
             "decided_at": decided_at,
         }
-        _write_record(client, reg.run_id, reg.version, record)
+        write_record(client, reg.run_id, reg.version, record)
         _notify_verdict(model_name, reg.version, record)
 
-    record_uri = f"runs:/{reg.run_id}/{record_path}"
+    record_uri = f"runs:/{reg.run_id}/{record_path(reg.version, verdict_id)}"
     changed = written
     for key, value in (
         (TAG_VERDICT, record["verdict"]),
@@ -465,16 +439,4 @@ def run(
     }
 
 
-__all__ = [
-    "CHAMPION_ALIAS",
-    "FAIL",
-    "PASS",
-    "PENDING",
-    "TAG_POLICY",
-    "TAG_RECORD",
-    "TAG_SUPERSEDED_BY",
-    "TAG_VERDICT",
-    "evaluate_checks",
-    "gate_records",
-    "run",
-]
+__all__ = ["FAIL", "PASS", "PENDING", "evaluate_checks", "run"]

@@ -19,12 +19,25 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from components.register_model.attached import Registration, quiet_downloads, read_registration
+from components.registry.attachments import (
+    Registration,
+    quiet_downloads,
+    read_registration,
+    run_of_version,
+)
+from components.registry.client import mlflow_client
+from components.registry.names import (
+    CARD_FILE,
+    TAG_MODEL_CARD,
+    TAG_MODEL_ID,
+    TAG_MODEL_SHA256,
+    TAG_ROLLOUT_HISTORY,
+    TAG_VERDICT,
+    line_of_alias,
+    registration_dir,
+)
+from components.registry.records import gate_records
 
-CARD_FILE = "model_card.md"
-TAG_MODEL_CARD = "cta.model_card"
-TAG_ROLLOUT_HISTORY = "cta.rollout.history"
-LINE_ALIAS_PREFIX = "line-"
 _INSPECTION_KEYS = ("threshold_px", "target_recall", "recall", "frr", "n_defective", "n_good")
 _DIMENSION_KEYS = ("n_features", "mae_mm", "p95_mm", "in_tol_acc")
 _ROI_KEYS = ("p_roi_positive", "npv", "payback_label", "roi_pct_p10", "roi_pct_p50", "roi_pct_p90")
@@ -186,8 +199,6 @@ def _known_limits(evaluation: Mapping[str, Any] | None, input_size: Any) -> list
 
 
 def _gate_section(client: Any, reg: Registration) -> list[str]:
-    from components.gate.step import gate_records
-
     out = ["## Gate verdicts", ""]
     records = list(gate_records(client, reg).values())
     if not records:
@@ -219,9 +230,7 @@ def _gate_section(client: Any, reg: Registration) -> list[str]:
 
 def _rollout_section(reg: Registration, aliases: Sequence[str]) -> list[str]:
     out = ["## Roll-out", ""]
-    lines = sorted(
-        a.removeprefix(LINE_ALIAS_PREFIX) for a in aliases if a.startswith(LINE_ALIAS_PREFIX)
-    )
+    lines = sorted(line for line in map(line_of_alias, aliases) if line is not None)
     raw = reg.tags.get(TAG_ROLLOUT_HISTORY)
     history: list[Any] = []
     if raw:
@@ -258,22 +267,22 @@ def _input_size(client: Any, source: str | None) -> Any:
     import mlflow
     import yaml
 
-    from components.train.logged_model import MODEL_DIR_ARTIFACT
+    from components.registry.models import model_dir_path  # imports torch: only when needed
 
-    def fetch(relative: str, staging: str) -> Any:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{source.rstrip('/')}/{relative}",
-            dst_path=staging,
-            tracking_uri=client.tracking_uri,
+    def fetch(relative: str, staging: str) -> Path:
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{source.rstrip('/')}/{relative}",
+                dst_path=staging,
+                tracking_uri=client.tracking_uri,
+            )
         )
-        return yaml.safe_load(Path(local).read_text(encoding="utf-8"))
 
     try:
         with tempfile.TemporaryDirectory(prefix="cta-card-") as staging, quiet_downloads():
-            mlmodel = fetch("MLmodel", staging)
-            artifacts = mlmodel["flavors"]["python_function"]["artifacts"]
-            folder = artifacts[MODEL_DIR_ARTIFACT]["path"]
-            return fetch(f"{folder}/model.yaml", staging)["model"]["input_size"]
+            folder = model_dir_path(fetch("MLmodel", staging).parent)
+            model_yaml = fetch(f"{folder}/model.yaml", staging).read_text(encoding="utf-8")
+            return yaml.safe_load(model_yaml)["model"]["input_size"]
     except Exception:  # noqa: BLE001 - the card says "n/a" rather than failing
         return None
 
@@ -288,11 +297,11 @@ def render_card(client: Any, model_name: str, version: str | int) -> str:
     out = [
         f"# Model card: {model_name} version {reg.version}",
         "",
-        f"- model id: `{reg.tags.get('cta.model_id')}`",
-        f"- model folder sha256: `{reg.tags.get('cta.model_sha256')}`",
+        f"- model id: `{reg.tags.get(TAG_MODEL_ID)}`",
+        f"- model folder sha256: `{reg.tags.get(TAG_MODEL_SHA256)}`",
         f"- registered: {created.isoformat(timespec='seconds')}; source run `{reg.run_id}`",
         f"- aliases: {', '.join(aliases) or 'none'}",
-        f"- gate verdict (latest): {reg.tags.get('cta.gate.verdict', 'not gated')}",
+        f"- gate verdict (latest): {reg.tags.get(TAG_VERDICT, 'not gated')}",
     ]
     if evaluation is not None:
         out.append(f"- tasks: {', '.join(evaluation['model'].get('tasks') or []) or 'n/a'}")
@@ -332,10 +341,8 @@ def publish_card(client: Any, model_name: str, version: str | int) -> str:
     text = render_card(client, model_name, version)
     reg_version = str(version)
     found = client.get_model_version(model_name, reg_version)
-    from components.register_model.attached import run_of_version
-
     run_id = run_of_version(found)
-    artifact_path = f"registration/v{reg_version}"
+    artifact_path = registration_dir(reg_version)
     with tempfile.TemporaryDirectory(prefix="cta-card-") as staging:
         path = Path(staging) / CARD_FILE
         path.write_text(text, encoding="utf-8")
@@ -353,10 +360,9 @@ def run(
     out: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Publish the card of a version (and write it to ``out`` too); returns {uri, path, text}."""
-    from components.register_model.attached import registry_client
     from cta_model.atomic import write_bytes_atomic
 
-    client = registry_client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     uri = publish_card(client, model_name, version)
     text = read_card(client, model_name, version)
     if out is not None:
@@ -374,4 +380,4 @@ def read_card(client: Any, model_name: str, version: str | int) -> str:
         return local.read_text(encoding="utf-8")
 
 
-__all__ = ["CARD_FILE", "TAG_MODEL_CARD", "publish_card", "read_card", "render_card", "run"]
+__all__ = ["publish_card", "read_card", "render_card", "run"]

@@ -17,21 +17,22 @@ DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "monitor-demo.ya
 
 def _model_uri(model_name: str, tracking_uri: str) -> str:
     """The champion, else the newest completely registered version."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from components.register_model.step import complete_versions
+    from components.registry.client import mlflow_client
+    from components.registry.names import CHAMPION_ALIAS, alias_uri, version_uri
+    from components.registry.versions import complete_versions
 
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     try:
-        client.get_model_version_by_alias(model_name, "champion")
-        return f"models:/{model_name}@champion"
+        client.get_model_version_by_alias(model_name, CHAMPION_ALIAS)
+        return alias_uri(model_name, CHAMPION_ALIAS)
     except MlflowException:
         versions = complete_versions(client, model_name)
         if not versions:
             raise SystemExit(f"no complete version of {model_name} in {tracking_uri}") from None
         newest = max(versions, key=lambda v: int(v.version))
-        return f"models:/{model_name}/{newest.version}"
+        return version_uri(model_name, newest.version)
 
 
 def main(argv: list[str] | None = None) -> int:

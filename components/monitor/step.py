@@ -148,7 +148,7 @@ def run(
     from components.artifacts import write_json_atomic
     from components.monitor.config import DEFAULT_MONITOR_CONFIG, load_monitor_config
     from components.monitor.report import write_html
-    from components.registry_models import fetch_model_folder
+    from components.registry.models import fetch_model_folder
     from cta_model.data.lines import load_lines_config
     from cta_model.training import REFERENCE_STATS_FILE
 

@@ -14,17 +14,16 @@ In order (DESIGN 6.1, 6.2 - aliases only, no stages):
    ``cta.data_uri``, ``cta.evaluation.split``, ``cta.evaluation.n_images`` and
    ``cta.evaluation.<task>.<primary metric>`` (overall; ``nan`` when not scorable);
 4. set the alias ``challenger`` to the version;
-5. only then tag ``cta.registration=complete``. Consumers (gate, promotion, serve) use
-   ``complete_versions()`` and ignore every version without that tag: a registration that died
+5. only then tag ``cta.registration=complete``. Consumers (gate, promotion, serve) go through
+   components/registry, which ignores every version without that tag: a registration that died
    half-way is invisible until a re-run completes it;
 6. render the version's model card (components/model_card) and attach it.
 
 Consistency checks before anything is registered: the evaluation's model_id and sha256 must
 be those of the LoggedModel, and the evaluation and dataset_ref must name the same manifest.
-Retries of transient MLflow errors are MLflow's own (its REST client retries with backoff),
-bounded by ``run()``: MLflow's defaults (7 retries, backoff factor 2, 120 s timeout) keep a step
-waiting about four minutes on a dead server, ``HTTP_RETRY_DEFAULTS`` fail it in about 15-20 s
-with an error naming the server's URL. A value already set in the environment wins.
+Retries of transient MLflow errors are MLflow's own, bounded by ``run()``
+(``components.registry.client.bounded_http_retries``: a dead server fails the step in about
+15-20 s with an error naming its URL, instead of about four minutes).
 Two registrations of the same model_id racing each other can still create two versions; the
 lowest version is then the one re-runs complete.
 """
@@ -34,92 +33,31 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from components.model_card.card import publish_card
+from components.registry.client import bounded_http_retries, mlflow_client
+from components.registry.names import (
+    CHALLENGER_ALIAS,
+    COMPLETE,
+    DATASET_REF_FILE,
+    EVALUATION_FILE,
+    ROI_FILE,
+    TAG_COMPLETE,
+    TAG_DATA_URI,
+    TAG_MANIFEST,
+    TAG_MODEL_ID,
+    TAG_MODEL_SHA256,
+    artifact_tag,
+    evaluation_tag,
+    registration_dir,
+)
+from components.registry.versions import find_version
 from cta_model.errors import ConfigError, DataError
 
-CHALLENGER_ALIAS = "challenger"
-TAG_COMPLETE = "cta.registration"
-COMPLETE = "complete"
-TAG_MODEL_ID = "cta.model_id"
-TAG_MODEL_SHA256 = "cta.model_sha256"
-TAG_MANIFEST = "cta.data_manifest_sha256"
-TAG_DATA_URI = "cta.data_uri"
-TAG_EVALUATION_PREFIX = "cta.evaluation."
-TAG_ARTIFACT_PREFIX = "cta.artifacts."
-ARTIFACT_DIR = "registration"
-EVALUATION_FILE = "evaluation.json"
-DATASET_REF_FILE = "dataset_ref.json"
-ROI_FILE = "roi.json"
 READY_TIMEOUT_S = 300.0
-# Read by MLflow's REST client on every request (mlflow/environment_variables.py, 3.17). With
-# urllib3's backoff (factor * 2**(n-1) after the n-th consecutive error, plus up to 1 s of
-# jitter) 4 retries wait about 2 + 4 + 8 s before the step fails.
-HTTP_RETRY_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-}
-
-
-@contextmanager
-def bounded_http_retries() -> Iterator[None]:
-    """Apply HTTP_RETRY_DEFAULTS where the environment does not set them, for the block only."""
-    added = [name for name in HTTP_RETRY_DEFAULTS if name not in os.environ]
-    os.environ.update({name: HTTP_RETRY_DEFAULTS[name] for name in added})
-    try:
-        yield
-    finally:
-        for name in added:
-            os.environ.pop(name, None)
-
-
-def _client(tracking_uri: str | None) -> Any:
-    from mlflow import MlflowClient
-
-    from components.train.tracking import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(tracking_uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def _name_filter(name: str) -> str:
-    if "'" in name or "\\" in name:
-        raise ConfigError(f"model name {name!r} must not contain quotes or backslashes")
-    return f"name = '{name}'"
-
-
-def _all_versions(client: Any, name: str) -> list[Any]:
-    versions: list[Any] = []
-    page_token = None
-    while True:
-        page = client.search_model_versions(_name_filter(name), page_token=page_token)
-        versions.extend(page)
-        page_token = page.token
-        if not page_token:
-            return sorted(versions, key=lambda v: int(v.version))
-
-
-def complete_versions(client: Any, name: str) -> list[Any]:
-    """Versions of ``name`` tagged ``cta.registration=complete``, oldest first.
-
-    The only versions consumers may use: one without the tag is a registration in progress or
-    one that failed half-way.
-    """
-    return [v for v in _all_versions(client, name) if v.tags.get(TAG_COMPLETE) == COMPLETE]
-
-
-def find_version(client: Any, name: str, model_id: str) -> Any | None:
-    """The lowest version of ``name`` registered from ``model_id``, None when there is none."""
-    for version in _all_versions(client, name):
-        if getattr(version, "model_id", None) == model_id or (
-            version.tags.get(TAG_MODEL_ID) == model_id
-        ):
-            return version
-    return None
 
 
 def _wait_ready(client: Any, name: str, version: str, timeout_s: float = READY_TIMEOUT_S) -> Any:
@@ -203,7 +141,7 @@ def _attach(
     """Log the artefacts to ``registration/v<version>/`` of ``run_id``; name -> runs:/ URI."""
     from components.artifacts import write_json_atomic
 
-    artifact_path = f"{ARTIFACT_DIR}/v{version}"
+    artifact_path = registration_dir(version)
     uris: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="cta-register-") as staging:
         if evaluation is not None:
@@ -246,22 +184,22 @@ def _version_tags(
         tags[TAG_MANIFEST] = data["manifest_sha256"]
         tags[TAG_DATA_URI] = data["uri"]
         overall = evaluation["overall"]
-        tags[f"{TAG_EVALUATION_PREFIX}split"] = data["split"]
-        tags[f"{TAG_EVALUATION_PREFIX}n_images"] = str(overall["n_images"])
+        tags[evaluation_tag("split")] = data["split"]
+        tags[evaluation_tag("n_images")] = str(overall["n_images"])
         tasks = evaluation["model"].get("tasks") or sorted(
             {key.split(".", 1)[0] for key in overall["metrics"]}
         )
         for task in tasks:
             key = metric_key(task, get_task(task).primary_metric.name)
             if key in overall["metrics"]:
-                tags[f"{TAG_EVALUATION_PREFIX}{key}"] = _format_metric(overall["metrics"][key])
+                tags[evaluation_tag(key)] = _format_metric(overall["metrics"][key])
     if dataset_ref is not None:
         tags[TAG_MANIFEST] = dataset_ref["manifest_sha256"]
         tags[TAG_DATA_URI] = dataset_ref["uri"]
     if model_sha:
         tags[TAG_MODEL_SHA256] = model_sha
     for artefact, uri in artifact_uris.items():
-        tags[f"{TAG_ARTIFACT_PREFIX}{artefact}"] = uri
+        tags[artifact_tag(artefact)] = uri
     return tags
 
 
@@ -304,7 +242,7 @@ def run(
     evaluation_data = read_json(evaluation, "evaluation") if evaluation else None
     ref_data = read_json(dataset_ref, "dataset_ref") if dataset_ref else None
     roi_data = read_json(roi, _roi_schema()) if roi else None
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     logged_model = client.get_logged_model(model_id)
     _check_consistency(model_id, logged_model, evaluation_data, ref_data)
 
@@ -337,8 +275,6 @@ def run(
     client.set_registered_model_alias(model_name, alias, version.version)
     # Last: from here on consumers see the version.
     client.set_model_version_tag(model_name, version.version, TAG_COMPLETE, COMPLETE)
-    from components.model_card.card import publish_card
-
     card_uri = publish_card(client, model_name, version.version)
     return {
         "name": model_name,
@@ -353,13 +289,4 @@ def run(
     }
 
 
-__all__ = [
-    "CHALLENGER_ALIAS",
-    "HTTP_RETRY_DEFAULTS",
-    "ROI_FILE",
-    "COMPLETE",
-    "TAG_COMPLETE",
-    "complete_versions",
-    "find_version",
-    "run",
-]
+__all__ = ["run"]

@@ -15,9 +15,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from components.registry.client import mlflow_client
+from components.registry.names import CHAMPION_ALIAS, TAG_MANIFEST
 from cta_model.errors import DataError
-
-CHAMPION_ALIAS = "champion"
 
 
 def newest_manifest_sha256(data_uri: str) -> str:
@@ -32,12 +32,9 @@ def newest_manifest_sha256(data_uri: str) -> str:
 
 def champion_manifest_sha256(model_name: str, tracking_uri: str | None) -> str | None:
     """The champion's data hash, or None when there is no champion (yet)."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from components.register_model.step import TAG_MANIFEST
-
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = mlflow_client(tracking_uri)
     try:
         version = client.get_model_version_by_alias(model_name, CHAMPION_ALIAS)
     except MlflowException as exc:

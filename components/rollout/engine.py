@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from components.registry.client import mlflow_client
 from components.rollout import registry
 from components.rollout.backends import Backend, ModelRef
 from components.rollout.health import describe, judge, load_qa_samples, replay
@@ -335,7 +336,7 @@ class Engine:
     def _advance_line(
         self, rollout_id: str, wave_index: int, wave: Wave, line_id: str, model: ModelRef
     ) -> str:
-        mlflow = registry.client(self.tracking_uri)
+        mlflow = mlflow_client(self.tracking_uri)
         entry = self.read(rollout_id)["lines"][line_id]
         if entry["state"] == PENDING:
             doc = self.line_doc(line_id) or {}
@@ -427,7 +428,7 @@ class Engine:
     ) -> list[str]:
         record = self.read(rollout_id)
         name, version = record["model"]["name"], record["model"]["version"]
-        mlflow = registry.client(self.tracking_uri)
+        mlflow = mlflow_client(self.tracking_uri)
         done = []
         for line_id in line_ids:
             entry = record["lines"][line_id]

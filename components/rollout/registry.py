@@ -5,34 +5,22 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from components.registry.names import TAG_MODEL_SHA256, TAG_ROLLOUT_HISTORY, line_alias, version_uri
 from components.rollout.backends import ModelRef
 from cta_model.errors import DataError
 
-HISTORY_TAG = "cta.rollout.history"
 # MLflow limits a tag value to 5000 characters (MAX_TAG_VAL_LENGTH); the oldest entries go first.
 _HISTORY_MAX_CHARS = 5000
 
 
-def line_alias(line_id: str) -> str:
-    return f"line-{line_id}"
-
-
-def client(tracking_uri: str | None) -> Any:
-    from mlflow import MlflowClient
-
-    from components.train.tracking import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(tracking_uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
 def pin_version(name: str, version: str, tracking_uri: str | None) -> ModelRef:
     """The complete registered version with its sha256 (refuses half-registered versions)."""
-    from components.registry_models import resolve_version
+    from components.registry.models import resolve_version  # imports torch
 
-    found = resolve_version(f"models:/{name}/{version}", tracking_uri)
+    uri = version_uri(name, version)
+    found = resolve_version(uri, tracking_uri)
     if not found["sha256"]:
-        raise DataError(f"models:/{name}/{version}: no cta.model_sha256 tag; cannot pin it")
+        raise DataError(f"{uri}: no {TAG_MODEL_SHA256} tag; cannot pin it")
     return ModelRef(name, str(found["version"]), str(found["sha256"]))
 
 
@@ -59,7 +47,7 @@ def append_history(
     """Add ``{line, action, time, decision}`` to the version's ``cta.rollout.history`` tag."""
     tags = mlflow_client.get_model_version(name, version).tags or {}
     try:
-        history = json.loads(tags.get(HISTORY_TAG, "[]"))
+        history = json.loads(tags.get(TAG_ROLLOUT_HISTORY, "[]"))
     except ValueError:
         history = []
     history.append(entry)
@@ -67,5 +55,5 @@ def append_history(
     while len(text) > _HISTORY_MAX_CHARS and len(history) > 1:
         history.pop(0)
         text = json.dumps(history, separators=(",", ":"))
-    mlflow_client.set_model_version_tag(name, version, HISTORY_TAG, text)
+    mlflow_client.set_model_version_tag(name, version, TAG_ROLLOUT_HISTORY, text)
     return history

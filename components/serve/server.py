@@ -50,7 +50,7 @@ def run(
         os.environ[name] = str(torch_threads)
     import uvicorn
 
-    from components.registry_models import CACHE_ENV, fetch_model
+    from components.registry.models import CACHE_ENV, fetch_model
     from components.serve.app import ServeApp, ServeSettings
     from cta_model.inspection import load_inspection_config
 

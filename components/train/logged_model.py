@@ -30,13 +30,11 @@ from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types.schema import Schema, TensorSpec
 
+from components.registry.names import MODEL_DIR_ARTIFACT, TAG_MODEL_SHA256
 from cta_model.inference import Predictor
 from cta_model.model_folder import folder_sha256, verify_checksums
 
 PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
-# The artifact name pyfunc_model.py reads; not imported from there, since importing that file
-# runs its set_model().
-MODEL_DIR_ARTIFACT = "model_dir"
 # The distributions the pyfunc imports (cta_model.inference and its imports); mlflow itself is
 # added by MLflow.
 RUNTIME_DISTRIBUTIONS = ("cta", "torch", "numpy", "safetensors", "pyyaml")
@@ -112,13 +110,12 @@ def log_model_folder(
         signature=build_signature(predictor, example),
         input_example=example,
         pip_requirements=pinned_requirements(),
-        tags={**(tags or {}), "cta.model_sha256": folder_sha256(model_dir)},
+        tags={**(tags or {}), TAG_MODEL_SHA256: folder_sha256(model_dir)},
     )
 
 
 __all__ = [
     "MAX_EXAMPLE_SIDE",
-    "MODEL_DIR_ARTIFACT",
     "PYFUNC_MODEL_FILE",
     "RUNTIME_DISTRIBUTIONS",
     "build_signature",

@@ -23,8 +23,7 @@ import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel
 
-# logged_model.py logs the model folder under this artifact name.
-MODEL_DIR_ARTIFACT = "model_dir"
+from components.registry.names import MODEL_DIR_ARTIFACT
 
 
 def as_uint8_images(model_input: Any) -> np.ndarray:

@@ -24,8 +24,8 @@ What a run holds:
   environment variable ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides it);
 - the LoggedModel (``log_model_folder``). Training never registers a model.
 
-Tracking URI: the argument, else ``MLFLOW_TRACKING_URI``, else
-``sqlite:///<cwd>/.cta/mlflow/mlflow.db`` (absolute; never MLflow's implicit ``./mlruns``). For a
+Tracking URI: ``components.registry.client.resolve_tracking_uri`` (the argument, else
+``MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/.cta/mlflow/mlflow.db``). For a
 sqlite store, experiments this tracker creates keep their artifacts next to the database
 (``<db dir>/artifacts/<experiment>``), because MLflow would otherwise put them in ``./mlruns``.
 The tracker sets the process-wide tracking URI (MLflow also exports it as
@@ -65,64 +65,43 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
+from components.registry.client import mlflow_client, resolve_tracking_uri, sqlite_path
+from components.registry.names import (
+    TAG_ARCH,
+    TAG_BEST_EPOCH,
+    TAG_DROPPED,
+    TAG_DVC_REV,
+    TAG_FAILURE,
+    TAG_GIT_COMMIT,
+    TAG_MANIFEST,
+    TAG_MODEL_ID,
+    TAG_TASKS,
+)
 from components.train.logged_model import log_model_folder
 from cta_model.model_folder import read_model_card
 
 _logger = logging.getLogger(__name__)
 
-DEFAULT_STORE_DIR = Path(".cta") / "mlflow"
 DEFAULT_SYSTEM_METRICS_INTERVAL_S = 10.0
-SQLITE_PREFIX = "sqlite:///"
 TRUNCATION_MARK = "...[truncated]"
 # MLflow's portable key alphabet (no colon: Windows rejects it).
 _INVALID_KEY_CHARS = re.compile(r"[^/\w.\- ]")
 
-TAG_MANIFEST = "cta.data_manifest_sha256"
-TAG_DVC_REV = "cta.dvc_rev"
-TAG_GIT_COMMIT = "cta.git_commit"
-TAG_ARCH = "cta.arch"
-TAG_TASKS = "cta.tasks"
-TAG_MODEL_ID = "cta.model_id"
-TAG_BEST_EPOCH = "cta.best_epoch"
-TAG_DROPPED = "cta.tracking_dropped_logs"
-TAG_FAILURE = "cta.failure"
 
-
-# --- tracking URI and experiment ---
-
-
-def default_tracking_uri() -> str:
-    return SQLITE_PREFIX + str((Path.cwd() / DEFAULT_STORE_DIR / "mlflow.db").resolve())
-
-
-def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
-    """The argument, else ``MLFLOW_TRACKING_URI``, else the absolute default sqlite store."""
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-    sqlite_path = _sqlite_path(uri)
-    if sqlite_path is not None:
-        # sqlite creates the file, not its folder.
-        sqlite_path.parent.mkdir(parents=True, exist_ok=True)
-    return uri
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    if not uri.startswith(SQLITE_PREFIX):
-        return None
-    path = uri[len(SQLITE_PREFIX) :].split("?", 1)[0]
-    return None if path in ("", ":memory:") else Path(path)
+# --- experiment ---
 
 
 def get_or_create_experiment(name: str, tracking_uri: str) -> str:
     """The experiment's id, creating it (with artifacts beside a sqlite store) when missing."""
-    client = mlflow.MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     artifact_location = None
-    sqlite_path = _sqlite_path(tracking_uri)
-    if sqlite_path is not None:
+    database = sqlite_path(tracking_uri)
+    if database is not None:
         slug = re.sub(r"[^\w.-]+", "_", name).strip("._") or "experiment"
-        artifact_location = (sqlite_path.parent / "artifacts" / slug).resolve().as_uri()
+        artifact_location = (database.parent / "artifacts" / slug).resolve().as_uri()
     try:
         return client.create_experiment(name, artifact_location=artifact_location)
     except MlflowException as exc:
@@ -339,7 +318,7 @@ class MlflowTracker:
                 mlflow.end_run(status)
             else:
                 # No longer the fluent active run (ended or stacked over elsewhere): by id.
-                mlflow.MlflowClient(self.tracking_uri).set_terminated(run_id, status)
+                mlflow_client(self.tracking_uri).set_terminated(run_id, status)
 
     def __enter__(self) -> MlflowTracker:
         self.start()
@@ -470,11 +449,9 @@ class MlflowTracker:
 __all__ = [
     "DEFAULT_SYSTEM_METRICS_INTERVAL_S",
     "MlflowTracker",
-    "default_tracking_uri",
     "flatten_params",
     "get_or_create_experiment",
     "lineage_tags",
     "numeric_metrics",
-    "resolve_tracking_uri",
     "sanitize_key",
 ]

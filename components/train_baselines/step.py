@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from components.registry.client import mlflow_client, resolve_tracking_uri
+from components.registry.names import BASELINE_ALIAS, TAG_SPLIT, baseline_name
 from cta_model.errors import ConfigError
 
 TRAIN_SPLIT = "train"
@@ -29,10 +31,9 @@ def missing_baselines(
     tracking_uri: str | None = None,
 ) -> list[str]:
     """The tasks without a matching registered STL baseline, in the order given."""
-    from components.evaluate.references import matching_baseline, registry_client
-    from components.train.tracking import resolve_tracking_uri
+    from components.evaluate.references import matching_baseline
 
-    client = registry_client(resolve_tracking_uri(tracking_uri))
+    client = mlflow_client(tracking_uri)
     return [
         task
         for task in tasks
@@ -78,10 +79,8 @@ def run(
     baseline (e.g. ``{"max_steps": 2}``); CTA_* environment overrides are ignored.
     """
     from components.artifacts import read_json, write_json_atomic
-    from components.evaluate.references import TAG_SPLIT, baseline_name
     from components.register_model.step import run as register
     from components.train.step import run as train
-    from components.train.tracking import resolve_tracking_uri
     from cta_model.train_config import load_train_config
 
     if not model_name:
@@ -115,7 +114,7 @@ def run(
             name,
             dataset_ref=dataset_ref,
             tracking_uri=tracking_uri,
-            alias="baseline",
+            alias=BASELINE_ALIAS,
             # Before `cta.registration=complete`, so a complete baseline always carries it.
             extra_tags={TAG_SPLIT: split},
         )

@@ -18,18 +18,16 @@ import yaml
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from components.gate.step import (
+from components.gate.step import FAIL, PASS, PENDING
+from components.gate.step import run as gate
+from components.register_model.step import run as register
+from components.registry.names import (
     CHAMPION_ALIAS,
-    FAIL,
-    PASS,
-    PENDING,
     TAG_POLICY,
     TAG_RECORD,
     TAG_SUPERSEDED_BY,
     TAG_VERDICT,
 )
-from components.gate.step import run as gate
-from components.register_model.step import run as register
 from components.train.logged_model import log_model_folder
 from cta_cli.commands.gate import gate as gate_command
 from cta_model.errors import DataError

@@ -27,13 +27,13 @@ from mlflow import MlflowClient
 from mlflow.pyfunc import scoring_server
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-from components.train.logged_model import MODEL_DIR_ARTIFACT, PYFUNC_MODEL_FILE
+from components.registry.client import resolve_tracking_uri
+from components.registry.names import MODEL_DIR_ARTIFACT, TAG_DROPPED
+from components.train.logged_model import PYFUNC_MODEL_FILE
 from components.train.tracking import (
-    TAG_DROPPED,
     TRUNCATION_MARK,
     MlflowTracker,
     flatten_params,
-    resolve_tracking_uri,
     sanitize_key,
 )
 from cta_model.model_folder import folder_sha256

@@ -16,8 +16,9 @@ from mlflow import MlflowClient
 from test_gate import MANIFEST, base_policy, make_dataset_ref, make_evaluation, make_roi
 
 from components.gate.step import run as gate
-from components.model_card.card import CARD_FILE, TAG_MODEL_CARD, read_card
+from components.model_card.card import read_card
 from components.register_model.step import run as register
+from components.registry.names import CARD_FILE, TAG_MODEL_CARD
 from components.train.logged_model import log_model_folder
 from cta_cli.commands.model_card import model_card as model_card_command
 from cta_model.model_folder import folder_sha256

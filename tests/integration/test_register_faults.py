@@ -31,14 +31,10 @@ from mlflow.exceptions import MlflowException
 from urllib3.util.retry import Retry
 
 from components.register_model import step
-from components.register_model.step import (
-    CHALLENGER_ALIAS,
-    COMPLETE,
-    HTTP_RETRY_DEFAULTS,
-    TAG_COMPLETE,
-    complete_versions,
-)
-from components.registry_models import fetch_model_folder
+from components.registry.client import HTTP_RETRY_DEFAULTS, bounded_http_retries
+from components.registry.models import fetch_model_folder
+from components.registry.names import CHALLENGER_ALIAS, COMPLETE, TAG_COMPLETE
+from components.registry.versions import complete_versions
 from components.train.logged_model import log_model_folder
 from cta_model.errors import DataError
 from cta_model.model_folder import folder_sha256
@@ -245,7 +241,7 @@ def test_retry_bounds_yield_to_the_environment_and_are_restored(
     for name in HTTP_RETRY_DEFAULTS:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "9")  # the user's choice
-    with step.bounded_http_retries():
+    with bounded_http_retries():
         assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 9
         assert MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get() == 1
         assert MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 30

@@ -13,13 +13,9 @@ from dataset_refs import validated_dataset_ref
 from mlflow import MlflowClient
 
 from components.evaluate.step import run as evaluate
-from components.register_model.step import (
-    CHALLENGER_ALIAS,
-    COMPLETE,
-    TAG_COMPLETE,
-    complete_versions,
-    run,
-)
+from components.register_model.step import run
+from components.registry.names import CHALLENGER_ALIAS, COMPLETE, TAG_COMPLETE
+from components.registry.versions import complete_versions
 from components.train.logged_model import log_model_folder
 from cta_cli.commands.register_model import register_model as register_command
 from cta_model.errors import DataError

@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from components.register_model.step import run as register
-from components.registry_models import fetch_model_folder, resolve_version
+from components.registry.models import fetch_model_folder, resolve_version
 from components.train.logged_model import log_model_folder
 from cta_model.errors import DataError
 from cta_model.model_folder import folder_sha256
@@ -139,7 +139,7 @@ def test_a_verified_folder_in_place_is_kept_not_replaced(
 ) -> None:
     """Two servers fetching the same digest at once: the second must not pull the folder
     from under the first one, which may be loading it."""
-    from components.registry_models import _move_into_place
+    from components.registry.models import _move_into_place
 
     digest = folder_sha256(tiny_model_dir)
     target = Path(shutil.copytree(tiny_model_dir, tmp_path / digest))

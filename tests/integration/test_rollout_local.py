@@ -20,8 +20,8 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from components.register_model.step import run as register
+from components.registry.names import TAG_ROLLOUT_HISTORY
 from components.rollout.engine import line_key, rollout_key
-from components.rollout.registry import HISTORY_TAG
 from components.rollout.state import LocalStateStore, lock_holder
 from components.train.logged_model import log_model_folder
 from cta_cli.commands.rollout import rollout
@@ -216,7 +216,7 @@ def test_shadow_passes_live_recall_fails_and_the_wave_rolls_back(
         assert readyz(server["url"])["model"]["version"] == base_version
     assert failed["candidate"] is None and not _alive(failed["retired_candidate"]["pid"])
     assert alias(client, name, "press-a") == zeroed_version  # wave 1 stays promoted
-    history = json.loads(client.get_model_version(name, zeroed_version).tags[HISTORY_TAG])
+    history = json.loads(client.get_model_version(name, zeroed_version).tags[TAG_ROLLOUT_HISTORY])
     assert [(h["line"], h["action"]) for h in history] == [
         ("press-a", "promoted"),
         ("press-b", "rolled_back"),
@@ -236,7 +236,7 @@ def test_shadow_passes_live_recall_fails_and_the_wave_rolls_back(
     restored = running(state, "press-a")
     assert readyz(restored["url"])["model"]["version"] == base_version
     assert not _alive(pilot["pid"])
-    history = json.loads(client.get_model_version(name, zeroed_version).tags[HISTORY_TAG])
+    history = json.loads(client.get_model_version(name, zeroed_version).tags[TAG_ROLLOUT_HISTORY])
     assert (history[-1]["line"], history[-1]["action"]) == ("press-a", "rollback")
 
 

@@ -10,7 +10,7 @@ import yaml
 
 from components.gate.policy import GatePolicy, load_policy
 from components.gate.step import FAIL, PASS, PENDING, evaluate_checks
-from components.register_model.attached import Registration
+from components.registry.attachments import Registration
 from cta_cli.commands.gate import format_checks
 from cta_model.errors import ConfigError
 

@@ -97,7 +97,7 @@ def aliases(monkeypatch) -> dict[str, str | None]:
     """An in-memory registry: alias -> version; history entries in aliases['history']."""
     table: dict[str, Any] = {"line-press-a": "1", "line-press-b": "1", "history": []}
     registry = engine_module.registry
-    monkeypatch.setattr(registry, "client", lambda uri: None)
+    monkeypatch.setattr(engine_module, "mlflow_client", lambda uri: None)
     monkeypatch.setattr(registry, "alias_version", lambda c, name, line: table.get(f"line-{line}"))
     monkeypatch.setattr(
         registry, "move_alias", lambda c, name, line, v: table.__setitem__(f"line-{line}", v)

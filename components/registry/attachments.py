@@ -1,7 +1,8 @@
 """Read back what register_model attached to a version: the registry is the only source.
 
 Used by the gate and the model card. The files live as artefacts of the version's source run
-under ``registration/v<N>/``; the version tags ``cta.artifacts.*`` name that run.
+under ``registration/v<N>/``; the version tags ``cta.artifacts.*`` name that run. Only
+complete registrations are read.
 """
 
 from __future__ import annotations
@@ -17,15 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from components.artifacts import read_json, schema_path
-from components.register_model.step import (
-    ARTIFACT_DIR,
-    COMPLETE,
+from components.registry.names import (
     DATASET_REF_FILE,
     EVALUATION_FILE,
     ROI_FILE,
     TAG_ARTIFACT_PREFIX,
-    TAG_COMPLETE,
+    registration_dir,
 )
+from components.registry.versions import get_complete_version
 from cta_model.errors import DataError
 
 #: file name -> schema it is checked against on read (roi only once its schema exists).
@@ -62,17 +62,6 @@ class Registration:
     #: file name -> sha256 of its bytes, None for a file that is not attached.
     sha256: dict[str, str | None] = field(default_factory=dict)
 
-    @property
-    def artifact_dir(self) -> str:
-        return f"{ARTIFACT_DIR}/v{self.version}"
-
-
-def registry_client(tracking_uri: str | None = None) -> Any:
-    """An MlflowClient on ``tracking_uri`` (default $MLFLOW_TRACKING_URI), registry included."""
-    from components.register_model.step import _client
-
-    return _client(tracking_uri)
-
 
 def run_of_version(version: Any) -> str:
     """The run holding the version's artefacts (named by its ``cta.artifacts.*`` tags)."""
@@ -86,22 +75,6 @@ def run_of_version(version: Any) -> str:
     )
 
 
-def get_complete_version(client: Any, name: str, version: str | int) -> Any:
-    """The model version, refused (DataError) unless tagged ``cta.registration=complete``."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        found = client.get_model_version(name, str(version))
-    except MlflowException as exc:
-        raise DataError(f"model {name!r} version {version}: not found in the registry") from exc
-    if found.tags.get(TAG_COMPLETE) != COMPLETE:
-        raise DataError(
-            f"model {name!r} version {version}: registration not complete (no tag "
-            f"{TAG_COMPLETE}={COMPLETE}); re-run register-model to complete it"
-        )
-    return found
-
-
 def _read(path: Path, file_name: str) -> dict[str, Any]:
     schema = _ATTACHED[file_name]
     return read_json(path, schema if schema_path(schema).is_file() else None)
@@ -111,7 +84,7 @@ def read_registration(client: Any, name: str, version: str | int) -> Registratio
     """The complete version ``name``/``version`` with its attached JSON files parsed."""
     found = get_complete_version(client, name, version)
     run_id = run_of_version(found)
-    folder = f"{ARTIFACT_DIR}/v{found.version}"
+    folder = registration_dir(found.version)
     present = {Path(info.path).name for info in client.list_artifacts(run_id, folder)}
     parsed: dict[str, dict[str, Any] | None] = {}
     digests: dict[str, str | None] = {}
@@ -148,10 +121,8 @@ def read_run_json(client: Any, run_id: str, artifact_path: str) -> dict[str, Any
 
 __all__ = [
     "Registration",
-    "get_complete_version",
     "quiet_downloads",
     "read_registration",
     "read_run_json",
-    "registry_client",
     "run_of_version",
 ]

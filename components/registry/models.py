@@ -29,14 +29,19 @@ from typing import Any
 
 import yaml
 
+from components.registry.client import mlflow_client, resolve_tracking_uri
+from components.registry.names import (
+    COMPLETE,
+    MODEL_DIR_ARTIFACT,
+    MODELS_SCHEME,
+    TAG_COMPLETE,
+    TAG_MODEL_ID,
+    TAG_MODEL_SHA256,
+)
+from components.registry.versions import is_complete
 from cta_model.errors import ConfigError, DataError
 from cta_model.model_folder import CHECKSUMS, folder_sha256, verify_checksums
 
-MODELS_SCHEME = "models:/"
-TAG_COMPLETE = "cta.registration"
-COMPLETE = "complete"
-TAG_MODEL_SHA256 = "cta.model_sha256"
-MODEL_DIR_ARTIFACT = "model_dir"
 CACHE_ENV = "CTA_MODEL_CACHE"
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "cta" / "models"
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -67,15 +72,6 @@ def is_registry_uri(uri: str) -> bool:
     return uri.startswith(MODELS_SCHEME)
 
 
-def _client(tracking_uri: str | None) -> Any:
-    from mlflow import MlflowClient
-
-    from components.train.tracking import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(tracking_uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
 def _lookup(uri: str, client: Any) -> _Registered:
     """The complete registered version ``uri`` names; DataError when missing or incomplete."""
     from mlflow.exceptions import MlflowException
@@ -93,12 +89,12 @@ def _lookup(uri: str, client: Any) -> _Registered:
     except MlflowException as exc:
         raise DataError(f"model URI {uri!r}: not found in the registry: {exc.message}") from exc
     tags = version.tags or {}
-    if tags.get(TAG_COMPLETE) != COMPLETE:
+    if not is_complete(version):
         raise DataError(
             f"model URI {uri!r}: version {version.version} is not tagged "
             f"{TAG_COMPLETE}={COMPLETE} (registration unfinished); refusing to use it"
         )
-    model_id = getattr(version, "model_id", None) or tags.get("cta.model_id")
+    model_id = getattr(version, "model_id", None) or tags.get(TAG_MODEL_ID)
     source = version.source
     if model_id:
         # The LoggedModel's own location: a version's source may be a models:/ URI that only
@@ -119,7 +115,7 @@ def resolve_version(uri: str, tracking_uri: str | None = None) -> dict[str, str 
     if not is_registry_uri(uri):
         folder = _local_folder(uri)
         return {"name": None, "version": None, "sha256": folder_sha256(folder), "model_id": None}
-    found = _lookup(uri, _client(tracking_uri))
+    found = _lookup(uri, mlflow_client(tracking_uri))
     return {
         "name": found.name,
         "version": found.version,
@@ -152,7 +148,7 @@ def _verify(folder: Path, uri: str, expected_sha256: str | None) -> str:
     return actual
 
 
-def _model_dir_path(model_root: Path) -> str:
+def model_dir_path(model_root: Path) -> str:
     """The model folder's path inside the LoggedModel, from its MLmodel file."""
     mlmodel = yaml.safe_load((model_root / "MLmodel").read_text()) or {}
     artifacts = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts", {})
@@ -165,8 +161,6 @@ def _model_dir_path(model_root: Path) -> str:
 def _download(found: _Registered, staging: Path, tracking_uri: str | None) -> Path:
     import mlflow
 
-    from components.train.tracking import resolve_tracking_uri
-
     tracking = resolve_tracking_uri(tracking_uri)
     source = found.source.rstrip("/")
     meta = Path(
@@ -174,7 +168,7 @@ def _download(found: _Registered, staging: Path, tracking_uri: str | None) -> Pa
             artifact_uri=f"{source}/MLmodel", dst_path=str(staging / "meta"), tracking_uri=tracking
         )
     ).parent
-    relative = _model_dir_path(meta)
+    relative = model_dir_path(meta)
     downloaded = Path(
         mlflow.artifacts.download_artifacts(
             artifact_uri=f"{source}/{relative}",
@@ -235,7 +229,7 @@ def fetch_model(
         folder = _local_folder(uri)
         return FetchedModel(folder, _verify(folder, uri, expected))
 
-    found = _lookup(uri, _client(tracking_uri))
+    found = _lookup(uri, mlflow_client(tracking_uri))
     if expected and found.sha256 and expected != found.sha256:
         raise DataError(
             f"model URI {uri!r}: expected sha256 {expected} but version {found.version} is "
@@ -286,5 +280,6 @@ __all__ = [
     "fetch_model",
     "fetch_model_folder",
     "is_registry_uri",
+    "model_dir_path",
     "resolve_version",
 ]
