@@ -2,7 +2,8 @@
 
 Prices ``evaluation`` (an evaluation.json path) and writes roi.json, report.html and report.md
 to ``out_dir``; returns the roi.json path (the register step attaches it). Empty
-``roi_config`` / ``lines_config`` mean configs/roi.yaml / configs/lines.yaml.
+``roi_config`` / ``lines_config`` mean configs/roi.yaml / configs/lines.yaml; an empty
+``model_version`` means the version evaluation.json names (null before registration).
 """
 
 from kfp import dsl
@@ -11,11 +12,23 @@ from components.image import PROJECT_IMAGE
 
 
 @dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
-def roi_report(evaluation: str, out_dir: str, roi_config: str = "", lines_config: str = "") -> str:
+def roi_report(
+    evaluation: str,
+    out_dir: str,
+    roi_config: str = "",
+    lines_config: str = "",
+    model_version: str = "",
+) -> str:
     """Write roi.json, report.html and report.md; returns the roi.json path."""
     from pathlib import Path
 
     from components.roi_report.step import ROI_NAME, run
 
-    run(evaluation, out_dir, roi_config=roi_config or None, lines_config=lines_config or None)
+    run(
+        evaluation,
+        out_dir,
+        roi_config=roi_config or None,
+        lines_config=lines_config or None,
+        model_version=model_version or None,
+    )
     return str(Path(out_dir) / ROI_NAME)

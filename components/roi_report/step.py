@@ -45,11 +45,17 @@ def run(
     out_dir: str | os.PathLike[str],
     roi_config: str | os.PathLike[str] | None = None,
     lines_config: str | os.PathLike[str] | None = None,
+    model_version: str | None = None,
 ) -> dict[str, Any]:
     """Price the evaluated model; write roi.json, report.html and report.md to ``out_dir``.
 
+    ``model_version``: the registry version of the model when the caller knows it (in the
+    training pipeline this step runs before registration, and evaluation.json's
+    ``model.version`` is null until then); the report's title names it.
+
     Returns the roi.json content. Raises ConfigError for bad configs and DataError for an
-    evaluation.json that breaks its schema or names a line outside the fleet inventory.
+    evaluation.json that breaks its schema, names a line outside the fleet inventory or
+    another version than ``model_version``.
     """
     from components.artifacts import read_json, write_json_atomic
     from cta_model.atomic import write_bytes_atomic
@@ -63,7 +69,9 @@ def run(
     config = load_roi_config(roi_config or DEFAULT_ROI_CONFIG, lines)
     print(f"roi_report: pricing {len(lines.ids)} lines from {evaluation_path}", flush=True)
 
-    result = compute(evaluation_data, config, lines, source=str(evaluation_path))
+    result = compute(
+        evaluation_data, config, lines, source=str(evaluation_path), model_version=model_version
+    )
     roi_data = result["roi"]
 
     out = Path(out_dir)
@@ -82,7 +90,11 @@ def run(
 
 
 def compute(
-    evaluation: dict[str, Any], config: RoiConfig, lines: Any, source: str = "evaluation.json"
+    evaluation: dict[str, Any],
+    config: RoiConfig,
+    lines: Any,
+    source: str = "evaluation.json",
+    model_version: str | None = None,
 ) -> dict[str, Any]:
     """``{"roi": roi.json content, "samples": {"pilot": ROI % array|None, "fleet": ...}}``."""
     unknown = sorted(set(evaluation.get("per_line", {})) - set(lines.ids))
@@ -130,8 +142,7 @@ def compute(
         "horizon_years": pilot_e.horizon_years,
         "discount_rate": pilot_e.discount_rate,
         "pilot_line": pilot_id,
-        "model": {key: evaluation["model"].get(key) for key in ("name", "version", "model_id")}
-        | {"sha256": evaluation["model"]["sha256"]},
+        "model": priced_model(evaluation["model"], model_version, source),
         "data": {
             "manifest_sha256": evaluation["data"]["manifest_sha256"],
             "split": evaluation["data"]["split"],
@@ -149,6 +160,22 @@ def compute(
     }
     roi_data["recommendation"] = recommendation(roi_data)
     return {"roi": roi_data, "samples": {"pilot": samples[pilot_id], "fleet": samples["fleet"]}}
+
+
+def priced_model(
+    model_entry: dict[str, Any], model_version: str | None, source: str
+) -> dict[str, Any]:
+    """roi.json's ``model``: evaluation.json's name, version, model id and sha256, the version
+    filled in from ``model_version`` where evaluation.json has none yet."""
+    priced = {key: model_entry.get(key) for key in ("name", "version", "model_id")}
+    if model_version:
+        if priced["version"] not in (None, model_version):
+            raise DataError(
+                f"{source}: model.version is {priced['version']!r}, but the model version "
+                f"given is {model_version!r}"
+            )
+        priced["version"] = model_version
+    return priced | {"sha256": model_entry["sha256"]}
 
 
 def line_quality(evaluation: dict[str, Any], line_id: str) -> tuple[float, float, str]:

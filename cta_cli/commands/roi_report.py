@@ -28,12 +28,24 @@ import click
     default=None,
     help="fleet inventory (default: configs/lines.yaml)",
 )
-def roi_report(evaluation, out_dir, roi_config, lines_config):
+@click.option(
+    "--model-version",
+    default=None,
+    help="registry version of the model, for the report's title (default: evaluation.json's; "
+    "unregistered when it has none)",
+)
+def roi_report(evaluation, out_dir, roi_config, lines_config, model_version):
     """Price an evaluated model per line and for the fleet; write roi.json, report.html and
     report.md."""
     from components.roi_report.step import HTML_NAME, ROI_NAME, run
 
-    roi = run(evaluation, out_dir, roi_config=roi_config, lines_config=lines_config)
+    roi = run(
+        evaluation,
+        out_dir,
+        roi_config=roi_config,
+        lines_config=lines_config,
+        model_version=model_version,
+    )
     pilot = roi["pilot"]
     click.echo(
         f"pilot {roi['pilot_line']}: payback {pilot['payback_label']}, "

@@ -13,10 +13,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from components.artifacts import validation_problems
-from components.roi_report.report import format_money, format_payback
+from components.roi_report.report import OWN_QUALITY_SOURCE, format_money, format_payback
 from components.roi_report.step import (
     HTML_NAME,
     MARKDOWN_NAME,
+    QUALITY_OWN,
     QUALITY_POOLED,
     QUALITY_WORST_CASE,
     ROI_NAME,
@@ -30,6 +31,10 @@ pytestmark = pytest.mark.integration
 N_REPLICATES = 200
 VIEWPORT = {"width": 1280, "height": 800}
 SCRIPT = '<script>alert("roi")</script>'
+# The per-line table fits the page: no column hidden behind a scroll bar.
+PER_LINE_TABLE_FITS = (
+    "(s => s.scrollWidth <= s.clientWidth)(document.querySelector('#per-line').parentElement)"
+)
 
 
 def _inspection(recall: float, frr: float) -> dict:
@@ -198,6 +203,12 @@ def test_roi_json_validates_and_prices_every_line(report):
     assert comparison["latency_ratio"] == pytest.approx(200.0 / 80.0)
     assert comparison["n_tasks"] == 3
     assert (out / MARKDOWN_NAME).read_text().startswith("# Return on investment")
+    # The per-line table notes only the lines priced without their own figures.
+    assert OWN_QUALITY_SOURCE == QUALITY_OWN
+    assert roi["per_line"]["press-a"]["inputs"]["quality_source"] == QUALITY_OWN
+    markdown_rows = (out / MARKDOWN_NAME).read_text().splitlines()
+    assert [row for row in markdown_rows if row.startswith("| mill-d ")][0].endswith("(pooled) |")
+    assert [row for row in markdown_rows if row.startswith("| press-b ")][0].endswith("% |")
 
 
 def test_report_is_self_contained(report):
@@ -234,6 +245,9 @@ def test_report_in_headless_chromium(report):
             images_loaded = page.evaluate(
                 "Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)"
             )
+            heading = page.locator("h1").inner_text()
+            identity = page.locator("#model-identity").inner_text()
+            table_fits = page.evaluate(PER_LINE_TABLE_FITS)
         finally:
             browser.close()
 
@@ -246,6 +260,68 @@ def test_report_in_headless_chromium(report):
     assert npv_text == format_money(roi["pilot"]["npv"], roi["currency"])
     assert box is not None and box["y"] + box["height"] < VIEWPORT["height"]
     assert images_loaded
+    # Named by the model's name; roi-report runs before registration, so no version yet.
+    assert heading == "Return on investment: cta-inspection"
+    assert identity.startswith("unregistered (model id m-0123)")
+    assert table_fits
+
+
+def test_losing_model_report_fits_the_page(tmp_path):
+    # Wide negative figures (ROI P10 / P50 / P90 of -20,000 %) wrap instead of pushing
+    # columns off the page.
+    evaluation = write_evaluation(tmp_path / "evaluate")
+    data = json.loads(evaluation.read_text())
+    data["per_line"]["press-a"]["inspection"] |= {"recall": 0.1, "frr": 0.6}
+    replicates = data["bootstrap"]["replicates"]["press-a"]
+    replicates["recall"] = [0.1 + (r - 0.92) / 2 for r in replicates["recall"]]
+    replicates["frr"] = [min(1.0, f + 0.56) for f in replicates["frr"]]
+    evaluation.write_text(json.dumps(data))
+    roi = run(evaluation, tmp_path / "report")
+    assert roi["recommendation"]["verdict"] == "hold" and roi["pilot"]["roi_pct_p90"] < -10_000
+
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path="/usr/bin/chromium", args=["--no-sandbox"]
+        )
+        try:
+            page = browser.new_page(viewport=VIEWPORT)
+            page.goto((tmp_path / "report" / HTML_NAME).as_uri(), wait_until="load")
+            table_fits = page.evaluate(PER_LINE_TABLE_FITS)
+            pilot_row = page.locator("#per-line tr").nth(1).inner_text()
+        finally:
+            browser.close()
+    assert table_fits
+    assert pilot_row.startswith("press-a (pilot)") and "never" in pilot_row
+
+
+def test_cli_model_version_names_the_registered_model(tmp_path):
+    evaluation = write_evaluation(tmp_path / "evaluate", complete=False)
+    out = tmp_path / "report"
+    result = CliRunner().invoke(
+        roi_report,
+        ["--evaluation", str(evaluation), "--out", str(out), "--model-version", "3"],
+    )
+    assert result.exit_code == 0, result.output
+    roi = json.loads((out / ROI_NAME).read_text())
+    assert roi["model"]["version"] == "3" and roi["model"]["model_id"] == "m-0123"
+    assert validation_problems(roi, "roi") == []
+    text = (out / HTML_NAME).read_text(encoding="utf-8")
+    assert "<title>ROI: cta-inspection v3</title>" in text
+    assert "<h1>Return on investment: cta-inspection v3</h1>" in text
+    assert "registered version 3, model id m-0123" in text
+    assert (out / MARKDOWN_NAME).read_text().startswith("# Return on investment: cta-inspection v3")
+
+
+def test_a_model_version_other_than_the_evaluated_one_is_refused(tmp_path):
+    evaluation = write_evaluation(tmp_path / "evaluate", complete=False)
+    data = json.loads(evaluation.read_text())
+    data["model"]["version"] = "2"
+    evaluation.write_text(json.dumps(data))
+    with pytest.raises(DataError, match="model.version is '2'.*'3'"):
+        run(evaluation, tmp_path / "report", model_version="3")
+    assert run(evaluation, tmp_path / "report", model_version="2")["model"]["version"] == "2"
 
 
 def test_missing_sections_are_said_not_hidden(tmp_path):
