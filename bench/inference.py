@@ -181,7 +181,7 @@ def prepare() -> dict[str, Any]:
 
 
 def _primary_metrics(predictor: Any, dataset: Any, batch_size: int = 8) -> dict[str, float]:
-    from components.evaluate.step import meter_inputs
+    from components.evaluate.scoring import meter_inputs
     from cta_model.tasks import get_task, make_meters
 
     tasks = predictor.tasks

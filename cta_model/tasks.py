@@ -1,19 +1,26 @@
 """The task registry: one declarative spec per dense task (DESIGN 4.1).
 
 Everything that differs between tasks lives here: units, the invalid-label rule, how flips and
-scale-crops transform a label, the file encoding, the loss, the metrics with their directions and
-the primary metric. Models, losses, meters, logging, model selection and Delta_m all iterate this
-registry; nothing else switches on task names. Adding a task means adding one entry to `TASKS`.
+scale-crops transform a label, how it is stored in a line dataset, the loss, the metrics with
+their directions and the primary metric, how a prediction is summarised for serving and which
+role (``kind``) the inspection figures give it. Models, losses, meters, the line-dataset format,
+evaluation, serving, logging, model selection and Delta_m all iterate this registry; nothing else
+switches on task names. Adding a task means adding one `TaskSpec`: to `TASKS` here, or from a
+plugin module named in ``$CTA_TASK_PLUGINS`` (see `load_task_plugins`).
 
-Shapes in memory: one sample's label is (H, W) for `semseg` and (C, H, W) for the others; a
-batch adds a leading B. Predictions are (B, out_channels, H, W).
+Layouts: a label in memory (torch) is (H, W) for class ids and (C, H, W) otherwise; a batch adds
+a leading B. The numpy layout (datasets, files, decoded predictions) is (H, W) for class ids and
+one-channel labels, (H, W, C) otherwise. Raw predictions are (B, out_channels, H, W).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import importlib
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -23,6 +30,20 @@ from cta_model import losses, metrics
 from cta_model.errors import ConfigError
 
 Direction = Literal["higher", "lower"]
+#: The role a task plays beyond its own metrics (at most one task of each but ``values``):
+#: ``classes`` gives the class ids ((H, W) int, -1 invalid) that the inspection verdict, the
+#: defect truth and the boundary bands read; ``surface_height`` the heights ((H, W) float mm,
+#: NaN invalid) that the dimension checks and the drop-out robustness read; ``values``: none.
+TaskKind = Literal["classes", "surface_height", "values"]
+Summary = Callable[[np.ndarray, Sequence[str]], dict[str, Any]]
+
+#: Environment variable naming plugin modules (comma-separated) whose TASK_SPECS are registered
+#: when this module is imported, in every process (training workers, `cta serve`, ...).
+TASK_PLUGINS_ENV = "CTA_TASK_PLUGINS"
+#: Invalid class id in semseg files (-1 in memory), by the file's integer width (DESIGN 4.1).
+SEMSEG_INVALID_UINT8 = 255
+SEMSEG_INVALID_UINT16 = 65535
+_TASK_NAME = re.compile(r"^[a-z][a-z0-9_]*$")  # a column stem, folder and metric-key prefix
 
 
 @dataclass(frozen=True)
@@ -30,6 +51,32 @@ class MetricSpec:
     name: str
     direction: Direction
     unit: str = ""
+
+
+def _identity_float32(array: np.ndarray) -> np.ndarray:
+    return np.asarray(array, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class LineFile:
+    """How a task's labels are stored in a line dataset (DESIGN 4.2).
+
+    Files: ``<task>/<line>/<sample_id><suffix>``, in the numpy layout; manifest columns
+    ``<task>_path``, ``has_<task>`` and ``sha256_<task>``. A ``.png`` holds integer ids (mode L
+    or I;16), a ``.npy`` float32. ``encode`` maps a label (numpy layout, invalid as in memory) to
+    the array written; ``decode`` maps the array read back. ``clean`` names a companion ``.npy``
+    (same layout, folder and columns named after it) with the label before sensor drop-out:
+    synthetic data carry it, evaluation scores drop-out robustness against it.
+    """
+
+    suffix: Literal[".png", ".npy"]
+    encode: Callable[[np.ndarray], np.ndarray] = _identity_float32
+    decode: Callable[[np.ndarray], np.ndarray] = _identity_float32
+    clean: str | None = None
+
+    @property
+    def companions(self) -> tuple[str, ...]:
+        return (self.clean,) if self.clean else ()
 
 
 @dataclass(frozen=True)
@@ -50,12 +97,31 @@ class TaskSpec:
     loss: str  # name in losses.PIXEL_LOSSES
     metrics: tuple[MetricSpec, ...]  # primary first
     make_meter: Callable[..., metrics.Meter]
+    # One image's decoded prediction (numpy layout) and the class names -> the JSON summary
+    # `cta serve` answers under "tasks".
+    summarize: Summary
     activation: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda x: x)
     fixed_out_channels: int | None = None  # None: depends on the dataset (number of classes)
+    kind: TaskKind = "values"
+    line_file: LineFile | None = None  # None: not stored in line datasets (research formats)
+    sensor: str | None = None  # the line sensor whose data give the label (None: annotated)
 
     @property
     def primary_metric(self) -> MetricSpec:
         return self.metrics[0]
+
+    @property
+    def needs_num_classes(self) -> bool:
+        return self.fixed_out_channels is None
+
+    # ---- the numpy layout: one sample (H, W) / (H, W, C) ----
+    def numpy_shape(self, height: int, width: int) -> tuple[int, ...]:
+        return (height, width) if self.label_channels <= 1 else (height, width, self.label_channels)
+
+    def absent_label(self, height: int, width: int) -> np.ndarray:
+        """The label of a sample without one: every pixel invalid (numpy layout)."""
+        dtype = np.int64 if self.label_channels == 0 else np.float32
+        return np.full(self.numpy_shape(height, width), self.fill_value, dtype=dtype)
 
     def out_channels(self, num_classes: int | None = None) -> int:
         if self.fixed_out_channels is not None:
@@ -108,35 +174,53 @@ class TaskSpec:
             return raw[:, 0]
         return self.activation(raw).permute(0, 2, 3, 1)
 
-    # ---- file encoding (DESIGN 4.1: semseg invalid is 255 in uint8 and 65535 in uint16) ----
-    def decode_file_array(self, array: np.ndarray) -> np.ndarray:
-        return _DECODERS.get(self.name, _identity_float32)(array)
+    # ---- scoring: numpy-layout batches -> the meter's tensors ----
+    def label_batch(self, labels: Sequence[np.ndarray]) -> torch.Tensor:
+        """Per-sample labels (numpy layout) -> one batch in the memory layout."""
+        return self._memory_layout(np.stack(labels))
 
-    def encode_file_array(self, array: np.ndarray) -> np.ndarray:
-        return _ENCODERS.get(self.name, _identity_float32)(array)
+    def meter_prediction(self, decoded: np.ndarray, num_classes: int | None) -> torch.Tensor:
+        """A decoded prediction batch (numpy layout, as the Predictor returns it) -> the meter's
+        prediction. The meter of class ids takes scores and their argmax, so ids become a
+        one-hot (uint8) score map whose argmax is the id itself."""
+        if self.label_channels != 0:
+            return self._memory_layout(decoded)
+        if not num_classes:
+            raise ConfigError(f"the model card has no num_classes for {self.name}")
+        ids = torch.from_numpy(np.ascontiguousarray(decoded)).to(torch.int64)
+        scores = torch.zeros((ids.shape[0], num_classes, *ids.shape[1:]), dtype=torch.uint8)
+        return scores.scatter_(1, ids.unsqueeze(1), 1)
 
+    def mask_label(self, label: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """A label batch (memory layout) with the pixels outside ``keep`` (B, H, W) invalid."""
+        keep = keep if self.label_channels == 0 else keep.unsqueeze(1)
+        return torch.where(keep, label, torch.full_like(label, self.fill_value))
 
-def _identity_float32(array: np.ndarray) -> np.ndarray:
-    return np.asarray(array, dtype=np.float32)
+    def _memory_layout(self, batch: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(batch))
+        if self.label_channels == 0:
+            return tensor.to(self.label_dtype)
+        if self.label_channels == 1:
+            return tensor.unsqueeze(1)
+        return tensor.permute(0, 3, 1, 2)
 
 
 def _decode_semseg(array: np.ndarray) -> np.ndarray:
-    invalid = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}.get(array.dtype)
+    invalid = {np.dtype(np.uint8): SEMSEG_INVALID_UINT8, np.dtype(np.uint16): SEMSEG_INVALID_UINT16}
     out = array.astype(np.int64)
-    if invalid is not None:
-        out[array == invalid] = -1
+    marker = invalid.get(array.dtype)
+    if marker is not None:
+        out[array == marker] = -1
     return out
 
 
 def _encode_semseg(array: np.ndarray) -> np.ndarray:
     array = np.asarray(array)
-    wide = array.max(initial=0) >= 255
-    dtype, invalid = (np.uint16, 65535) if wide else (np.uint8, 255)
+    wide = array.max(initial=0) >= SEMSEG_INVALID_UINT8
+    dtype, invalid = (
+        (np.uint16, SEMSEG_INVALID_UINT16) if wide else (np.uint8, SEMSEG_INVALID_UINT8)
+    )
     return np.where(array < 0, invalid, array).astype(dtype)
-
-
-_DECODERS = {"semseg": _decode_semseg}
-_ENCODERS = {"semseg": _encode_semseg}
 
 
 def _semseg_valid(label: torch.Tensor) -> torch.Tensor:
@@ -157,6 +241,37 @@ def _normals_valid(label: torch.Tensor) -> torch.Tensor:
 
 def _unit_vectors(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=1)
+
+
+# ---- what `cta serve` answers per task for one image (decoded prediction, numpy layout) ----
+def _summarize_classes(ids: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    counts = np.bincount(ids.ravel(), minlength=len(class_names))
+    return {
+        "class_names": list(class_names),
+        "class_fractions": (counts / counts.sum()).round(6).tolist(),
+    }
+
+
+def _summarize_height(height: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    return {
+        "mean_mm": float(height.mean()),
+        "std_mm": float(height.std()),
+        "p95_mm": float(np.percentile(height, 95)),
+    }
+
+
+def _summarize_depth(depth: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    return {"mean": float(depth.mean())}
+
+
+def _summarize_normals(normals: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    z = np.clip(normals[..., 2], -1.0, 1.0)
+    tilt = np.degrees(np.arccos(z))
+    return {
+        "z_mean": float(z.mean()),
+        "tilt_deg_mean": float(tilt.mean()),
+        "tilt_deg_p95": float(np.percentile(tilt, 95)),
+    }
 
 
 _ANGLE_METRICS = (
@@ -186,6 +301,10 @@ TASKS: dict[str, TaskSpec] = {
         make_meter=lambda num_classes=None, miou_rule="nanmean_union", reduction="pooled": (
             metrics.SegmentationMeter(num_classes, miou_rule=miou_rule, reduction=reduction)
         ),
+        summarize=_summarize_classes,
+        kind="classes",
+        # DESIGN 4.1: invalid is 255 in uint8 files and 65535 in uint16 files.
+        line_file=LineFile(".png", encode=_encode_semseg, decode=_decode_semseg),
     ),
     "height": TaskSpec(
         name="height",
@@ -202,7 +321,11 @@ TASKS: dict[str, TaskSpec] = {
         loss="masked_l1_nan_invalid",
         metrics=(MetricSpec("abs_err_mm", "lower", "mm"), MetricSpec("rmse_mm", "lower", "mm")),
         make_meter=lambda reduction="pooled", **_: metrics.HeightMeter(reduction=reduction),
+        summarize=_summarize_height,
         fixed_out_channels=1,
+        kind="surface_height",
+        line_file=LineFile(".npy", clean="height_clean"),
+        sensor="height",
     ),
     "depth": TaskSpec(
         name="depth",
@@ -219,6 +342,7 @@ TASKS: dict[str, TaskSpec] = {
         loss="masked_l1_zero_invalid",
         metrics=(MetricSpec("abs_err", "lower", "m"), MetricSpec("rel_err", "lower")),
         make_meter=lambda reduction="pooled", **_: metrics.DepthMeter(reduction=reduction),
+        summarize=_summarize_depth,
         fixed_out_channels=1,
     ),
     "normals": TaskSpec(
@@ -236,10 +360,46 @@ TASKS: dict[str, TaskSpec] = {
         loss="cosine",
         metrics=_ANGLE_METRICS,
         make_meter=lambda reduction="pooled", **_: metrics.NormalsMeter(reduction=reduction),
+        summarize=_summarize_normals,
         activation=_unit_vectors,
         fixed_out_channels=3,
+        line_file=LineFile(".npy"),
+        sensor="height",  # computed from the height sensor's surface
     ),
 }
+
+
+def register_task(spec: TaskSpec) -> None:
+    """Add ``spec`` to the registry (a plugin's task; the built-in ones are listed above)."""
+    if not _TASK_NAME.fullmatch(spec.name):
+        raise ConfigError(f"task name {spec.name!r} must match {_TASK_NAME.pattern}")
+    if spec.name in TASKS:
+        raise ConfigError(f"task {spec.name!r} is already registered")
+    if spec.kind != "values" and task_of_kind(spec.kind) is not None:
+        raise ConfigError(
+            f"task {spec.name!r}: kind {spec.kind!r} is taken by {task_of_kind(spec.kind)!r}"
+        )
+    TASKS[spec.name] = spec
+
+
+def load_task_plugins(modules: str | Iterable[str]) -> tuple[str, ...]:
+    """Import each module ('a.b,c.d' or a list) and register the TaskSpecs of its ``TASK_SPECS``;
+    returns the names registered. Runs at import for ``$CTA_TASK_PLUGINS``, so every process
+    that imports the registry (data-loader workers, ``cta serve``) knows the same tasks."""
+    names = [m.strip() for m in modules.split(",")] if isinstance(modules, str) else modules
+    registered = []
+    for module_name in filter(None, names):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ConfigError(f"task plugin {module_name!r} cannot be imported: {exc}") from None
+        specs = getattr(module, "TASK_SPECS", None)
+        if specs is None:
+            raise ConfigError(f"task plugin {module_name!r} defines no TASK_SPECS")
+        for spec in specs:
+            register_task(spec)
+            registered.append(spec.name)
+    return tuple(registered)
 
 
 def get_task(name: str) -> TaskSpec:
@@ -297,3 +457,19 @@ def flatten_metrics(per_task: Mapping[str, Mapping[str, float]]) -> dict[str, fl
 
 def pixel_loss(task: str) -> losses.PixelLoss:
     return losses.PIXEL_LOSSES[get_task(task).loss]
+
+
+def task_of_kind(kind: TaskKind, tasks: Iterable[str] | None = None) -> str | None:
+    """The one task of ``kind`` among ``tasks`` (default: every registered task), else None."""
+    found = [t for t in (TASKS if tasks is None else tasks) if get_task(t).kind == kind]
+    if len(found) > 1:
+        raise ConfigError(f"tasks {', '.join(found)} are all of kind {kind!r}; at most one may be")
+    return found[0] if found else None
+
+
+def line_dataset_tasks() -> tuple[str, ...]:
+    """The registered tasks a line dataset can carry, in registry order."""
+    return tuple(name for name, spec in TASKS.items() if spec.line_file is not None)
+
+
+load_task_plugins(os.environ.get(TASK_PLUGINS_ENV, ""))

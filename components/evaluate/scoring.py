@@ -5,11 +5,15 @@
 - the task registry's pooled meters (``metrics``);
 - per image: the predicted reject area (``cta_model.inspection.reject_area`` of the predicted
   class ids), whether the TARGET shows a defect (>= 1 reject-class pixel; only for images with
-  a semseg label) and each task's primary metric on that image alone (for paired bootstraps);
+  a label of the ``classes`` task) and each task's primary metric on that image alone (for
+  paired bootstraps);
 - with ``deep``: meters restricted to pixels within ``boundary_px`` of a label boundary (a pixel
-  whose (2k+1)^2 neighbourhood in the target semseg holds more than one value), a height meter
-  on sensor drop-out pixels (height label NaN where ``height_clean`` is known, scored against
-  ``height_clean``), and dimension errors of ``features.parquet`` (see ``dimension_errors``).
+  whose (2k+1)^2 neighbourhood in the target class ids holds more than one value), a meter of
+  the ``surface_height`` task on sensor drop-out pixels (label invalid where its clean
+  companion, ``height_clean``, is known; scored against the companion), and dimension errors of
+  ``features.parquet`` (see ``dimension_errors``).
+
+Which task plays which part is the registry's ``TaskSpec.kind``; no task is named here.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from cta_model.errors import ConfigError, DataError
+from cta_model.errors import DataError
 
 log = logging.getLogger("cta.evaluate")
 
@@ -36,29 +40,17 @@ def json_number(value: float) -> float | None:
 def meter_inputs(
     task: str, prediction: Any, samples: list[Mapping[str, Any]], num_classes: int | None
 ) -> tuple[Any, Any, Any]:
-    """(pred, target, present) tensors in the layouts the task's meter expects.
-
-    The Predictor returns class ids for semseg; the SegmentationMeter takes logits and takes
-    their argmax, so the ids become a one-hot (uint8) score map whose argmax is the id itself.
-    """
+    """(pred, target, present) tensors in the layouts the task's meter expects, from the
+    Predictor's decoded batch and the samples' labels (``TaskSpec.meter_prediction`` /
+    ``label_batch``)."""
     import torch
 
+    from cta_model.tasks import get_task
+
+    spec = get_task(task)
     present = torch.tensor([bool(s["present"][task]) for s in samples], dtype=torch.bool)
-    if task == "semseg":
-        if not num_classes:
-            raise ConfigError("the model card has no num_classes for semseg")
-        ids = torch.from_numpy(np.ascontiguousarray(prediction)).to(torch.int64)
-        pred = torch.zeros((ids.shape[0], num_classes, *ids.shape[1:]), dtype=torch.uint8)
-        pred.scatter_(1, ids.unsqueeze(1), 1)
-        target = torch.from_numpy(np.stack([s["semseg"] for s in samples])).to(torch.int64)
-    elif task == "height":
-        pred = torch.from_numpy(np.ascontiguousarray(prediction)).unsqueeze(1)
-        target = torch.from_numpy(np.stack([s["height"] for s in samples])).unsqueeze(1)
-    elif task == "normals":
-        pred = torch.from_numpy(np.ascontiguousarray(prediction)).permute(0, 3, 1, 2)
-        target = torch.from_numpy(np.stack([s["normals"] for s in samples])).permute(0, 3, 1, 2)
-    else:
-        raise ConfigError(f"a line dataset has no labels for task {task!r}")
+    pred = spec.meter_prediction(prediction, num_classes)
+    target = spec.label_batch([s[task] for s in samples])
     return pred, target, present
 
 
@@ -106,16 +98,6 @@ def boundary_mask(semseg: Any, boundary_px: int) -> Any:
     high = F.max_pool2d(labels, size, stride=1, padding=boundary_px)
     low = -F.max_pool2d(-labels, size, stride=1, padding=boundary_px)
     return (high != low).squeeze(1) & (semseg >= 0)
-
-
-def _masked_target(task: str, target: Any, mask: Any) -> Any:
-    """``target`` with pixels outside ``mask`` (B, H, W) set to the task's invalid marker."""
-    import torch
-
-    if task == "semseg":
-        return torch.where(mask, target, torch.full_like(target, -1))
-    fill = float("nan") if task == "height" else 0.0
-    return torch.where(mask.unsqueeze(1), target, torch.full_like(target, fill))
 
 
 def _box_mean(array: np.ndarray, row: Mapping[str, Any]) -> float:
@@ -174,25 +156,52 @@ def read_features(dataset: Any) -> dict[str, list[dict[str, Any]]]:
     return by_sample
 
 
+@dataclass(frozen=True)
+class _Roles:
+    """The registered tasks the inspection figures read (``TaskSpec.kind``): the class ids of
+    the defect verdict and the boundary bands, the surface height (mm, NaN invalid) of the
+    drop-out and dimension figures, and that task's clean companion."""
+
+    classes: str | None
+    height: str | None
+    height_clean: str | None
+
+    @classmethod
+    def of_registry(cls) -> _Roles:
+        from cta_model.tasks import get_task, task_of_kind
+
+        height = task_of_kind("surface_height")
+        line_file = get_task(height).line_file if height else None
+        clean = line_file.clean if line_file else None
+        return cls(task_of_kind("classes"), height, clean)
+
+
 class _Accumulator:
     """Meters and per-image lists of one group of images (a line, or all lines)."""
 
-    def __init__(self, tasks: tuple[str, ...], num_classes: int | None, miou_rule: str) -> None:
-        from cta_model.tasks import make_meters
+    def __init__(
+        self, tasks: tuple[str, ...], num_classes: int | None, miou_rule: str, roles: _Roles
+    ) -> None:
+        from cta_model.tasks import get_task, make_meters
 
         def new() -> dict[str, Any]:
             return make_meters(tasks, num_classes=num_classes, miou_rule=miou_rule)
 
         self.meters, self.boundary = new(), new()
-        self.dropout = make_meters(("height",))["height"]
+        self.height = roles.height
+        self.dropout = get_task(roles.height).make_meter() if roles.height else None
         self.scores = LineScores(per_image={task: [] for task in tasks})
 
     def finish(self, deep: bool, has_height: bool) -> LineScores:
+        from cta_model.tasks import metric_key
+
         self.scores.metrics = metrics_of(self.meters)
         if deep:
             self.scores.boundary = metrics_of(self.boundary)
-            value = self.dropout.compute()["abs_err_mm"] if has_height else float("nan")
-            self.scores.dropout = {"height.abs_err_mm": json_number(value)}
+            if self.dropout is not None:
+                primary = self.dropout.primary_metric
+                value = self.dropout.compute()[primary] if has_height else float("nan")
+                self.scores.dropout = {metric_key(self.height, primary): json_number(value)}
         return self.scores
 
 
@@ -226,35 +235,37 @@ def score_split(
     """Score ``predictor`` on the samples ``by_line`` of ``dataset``: (per line, overall).
 
     Without ``deep`` only the pooled metrics and the per-image inspection inputs are kept (what
-    a threshold on ``val`` needs). ``deep`` needs ``dataset`` built with height_clean.
+    a threshold on ``val`` needs). ``deep`` needs ``dataset`` built with ``include_clean``.
     """
     import torch
 
     from cta_model.inspection import reject_area
+    from cta_model.tasks import get_task
 
     tasks = tuple(predictor.tasks)
     num_classes = predictor.card.spec.num_classes
-    has_height = "height" in tasks
+    roles = _Roles.of_registry()
+    has_height = roles.height in tasks
     features = features or {}
     reject = np.asarray(reject_classes)
-    overall = _Accumulator(tasks, num_classes, miou_rule)
+    overall = _Accumulator(tasks, num_classes, miou_rule, roles)
     per_line: dict[str, LineScores] = {}
     for line_id in sorted(by_line):
         if progress:
             log.info("%s: line %s, %d image(s)", progress, line_id, len(by_line[line_id]))
-        line = _Accumulator(tasks, num_classes, miou_rule)
+        line = _Accumulator(tasks, num_classes, miou_rule, roles)
         for samples in _batches(dataset, by_line[line_id], batch_size):
             predictions = predictor.predict([sample["image"] for sample in samples])
-            semseg_targets = np.stack([s["semseg"] for s in samples])
-            labelled = [bool(s["present"]["semseg"]) for s in samples]
-            defective = np.isin(semseg_targets, reject).any(axis=(1, 2)).tolist()
-            if "semseg" in predictions:
-                areas = reject_area(predictions["semseg"], reject_classes).tolist()
+            target_ids = _class_targets(samples, roles.classes)
+            labelled = [bool(s["present"].get(roles.classes)) for s in samples]
+            defective = np.isin(target_ids, reject).any(axis=(1, 2)).tolist()
+            if roles.classes in predictions:
+                areas = reject_area(predictions[roles.classes], reject_classes).tolist()
             else:
                 areas = [0] * len(samples)
             boundary = None
             if deep:
-                target_ids = torch.from_numpy(semseg_targets)
+                target_ids = torch.from_numpy(target_ids)
                 has_label = torch.tensor(labelled).view(-1, 1, 1)
                 boundary = boundary_mask(target_ids, boundary_px) & has_label
             for group in (line, overall):
@@ -270,35 +281,45 @@ def score_split(
                     group.meters[task].update(pred, target, present)
                     group.scores.per_image[task] += values
                     if boundary is not None:
-                        masked = _masked_target(task, target, boundary)
+                        masked = get_task(task).mask_label(target, boundary)
                         group.boundary[task].update(pred, masked, present)
             if deep and has_height:
-                _score_dropout_and_dimensions(predictions["height"], samples, features, line)
-                _score_dropout_and_dimensions(predictions["height"], samples, features, overall)
+                for group in (line, overall):
+                    _score_dropout_and_dimensions(predictions, samples, features, roles, group)
         per_line[line_id] = line.finish(deep, has_height)
     return per_line, overall.finish(deep, has_height)
 
 
+def _class_targets(samples: list[dict[str, Any]], classes: str | None) -> np.ndarray:
+    """The target class ids (B, H, W) of the samples; all invalid without a classes task."""
+    if classes is None:
+        return np.full((len(samples), *samples[0]["image"].shape[:2]), -1, dtype=np.int64)
+    return np.stack([s[classes] for s in samples])
+
+
 def _score_dropout_and_dimensions(
-    predicted_height: np.ndarray,
+    predictions: Mapping[str, np.ndarray],
     samples: list[dict[str, Any]],
     features: Mapping[str, list[dict[str, Any]]],
+    roles: _Roles,
     group: _Accumulator,
 ) -> None:
     import torch
 
+    height = roles.height
+    predicted_height = predictions[height]
     for i, sample in enumerate(samples):
-        clean = sample.get("height_clean")
+        clean = sample.get(roles.height_clean) if roles.height_clean else None
         if clean is None:
             continue
-        if sample["present"]["height"]:
-            dropped = np.isnan(sample["height"]) & np.isfinite(clean)
+        if sample["present"][height]:
+            dropped = np.isnan(sample[height]) & np.isfinite(clean)
             target = np.where(dropped, clean, np.nan).astype(np.float32)
             group.dropout.update(
                 torch.from_numpy(np.ascontiguousarray(predicted_height[i]))[None, None],
                 torch.from_numpy(target)[None, None],
             )
-        reference = np.where(np.isfinite(clean), clean, sample["height"])
+        reference = np.where(np.isfinite(clean), clean, sample[height])
         group.scores.dimensions += dimension_errors(
             predicted_height[i], reference, features.get(sample["sample_id"], ())
         )

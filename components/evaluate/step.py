@@ -27,14 +27,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from components.evaluate.scoring import meter_inputs
 from cta_model.errors import ConfigError
 
 EVALUATION_NAME = "evaluation.json"
 SCHEMA_NAME = "evaluation"
 SCHEMA_VERSION = 1
-# The tasks a line dataset has labels for (and their presence flags).
-LINE_DATASET_TASKS = ("semseg", "height", "normals")
 DELTA_M_NO_BASELINES = "no STL baselines registered"
 log = logging.getLogger("cta.evaluate")
 EXPLAIN_IMAGES = 2  # sample images whose affinity maps are drawn
@@ -61,9 +58,10 @@ def _dataset_root(uri: str) -> str:
 def _load_predictor(model_dir: str | os.PathLike[str]) -> Any:
     """Predictor of a model folder (SHA256SUMS verified) whose tasks a line dataset labels."""
     from cta_model.inference import Predictor
+    from cta_model.tasks import line_dataset_tasks
 
     predictor = Predictor.from_folder(model_dir, verify=True)
-    unsupported = [task for task in predictor.tasks if task not in LINE_DATASET_TASKS]
+    unsupported = [task for task in predictor.tasks if task not in line_dataset_tasks()]
     if unsupported:
         raise ConfigError(
             f"{model_dir}: model task(s) {', '.join(unsupported)} have no labels in a line dataset"
@@ -101,6 +99,7 @@ class _Scored:
     ) -> None:
         from components.evaluate.inspection import choose_line_threshold
         from components.evaluate.scoring import score_split
+        from cta_model.tasks import task_of_kind
 
         config = settings["inspection"]
         common = {
@@ -121,7 +120,7 @@ class _Scored:
         )
         self.thresholds: dict[str, int] | None = None
         self.overall_threshold: int | None = None
-        if "semseg" in predictor.tasks:
+        if task_of_kind("classes", predictor.tasks) is not None:  # it predicts defects
             val_lines, val_overall = {}, None
             if val is not None and val.by_line:
                 val_lines, val_overall = score_split(
@@ -309,7 +308,8 @@ def run(
     check_manifest(ref, manifest_sha256, root=root, ref_path=data_uri)
     quarantine = quarantined_ids(ref)
     # All splits in one dataset: thresholds are chosen on val (scoring val chooses on val too).
-    dataset = LineDataset(root, lines_config, opener=opener, include_height_clean=True)
+    dataset = LineDataset(root, lines_config, opener=opener, include_clean=True)
+    dataset.require_tasks(tasks, f"{model_dir}: model tasks")
     test = _Split(dataset, split, quarantine)
     n_images = sum(len(indices) for indices in test.by_line.values())
     refuse_empty_split(n_images, root=root, split=split)
@@ -422,4 +422,4 @@ def run(
     return evaluation
 
 
-__all__ = ["DELTA_M_NO_BASELINES", "EVALUATION_NAME", "meter_inputs", "resolve_data", "run"]
+__all__ = ["DELTA_M_NO_BASELINES", "EVALUATION_NAME", "resolve_data", "run"]

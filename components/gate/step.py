@@ -64,13 +64,6 @@ def _missing(name: str, threshold: Any, reason: str) -> dict[str, Any]:
     return _check(name, False, None, threshold, f"input missing: {reason}")
 
 
-def _model_tasks(evaluation: Mapping[str, Any]) -> list[str]:
-    tasks = evaluation["model"].get("tasks")
-    if tasks:
-        return list(tasks)
-    return sorted({key.split(".", 1)[0] for key in evaluation["overall"]["metrics"]})
-
-
 # ------------------------------------------------------------------------------------ checks
 def _data_validation(policy: GatePolicy, reg: Registration) -> list[dict[str, Any]]:
     if policy.data_validation is None or not policy.data_validation.required:
@@ -174,7 +167,7 @@ def _task_floor(policy: GatePolicy, evaluation: Mapping | None) -> list[dict[str
         return [_missing("task_floor", threshold, f"no STL comparison: {reason}")]
     per_task = delta_m.get("per_task_pct") or {}
     checks = []
-    for task in _model_tasks(evaluation):
+    for task in evaluation["model"]["tasks"]:
         name = f"task_floor.{task}"
         value = per_task.get(task)
         if value is None:

@@ -162,30 +162,27 @@ def _known_limits(evaluation: Mapping[str, Any] | None, input_size: Any) -> list
     )
     if evaluation is None:
         return [*out, "- No evaluation attached: nothing is known about its quality."]
-    tasks = evaluation["model"].get("tasks") or sorted(
-        {key.split(".", 1)[0] for key in evaluation["overall"]["metrics"]}
-    )
+    from cta_model.tasks import TASKS, get_task, metric_key
+
+    tasks = evaluation["model"]["tasks"]
     for line, scored in _scored_sets(evaluation):
         metrics = scored["metrics"]
-        unscored = [
-            task
-            for task in tasks
-            if all(v is None for k, v in metrics.items() if k.startswith(f"{task}."))
-        ]
-        if "height" in unscored:
+        keys = {task: [metric_key(task, m.name) for m in get_task(task).metrics] for task in tasks}
+        unscored = [task for task in tasks if all(metrics.get(k) is None for k in keys[task])]
+        # A task measured by a line sensor is unscored because the line lacks the sensor: one
+        # note per sensor, naming every registered task it measures.
+        sensors = dict.fromkeys(get_task(t).sensor for t in unscored if get_task(t).sensor)
+        for sensor in sensors:
+            measured = " and ".join(name for name, spec in TASKS.items() if spec.sensor == sensor)
             out.append(
-                f"- {line}: no height labels (no height sensor on this line); height "
-                "and normals there are unmeasured."
+                f"- {line}: no {sensor} labels (no {sensor} sensor on this line); {measured} "
+                "there are unmeasured."
             )
         for task in unscored:
-            # Normals come from the height sensor: covered by the line above.
-            if task not in ("height", "normals") or "height" not in unscored:
+            if get_task(task).sensor is None:
                 out.append(f"- {line}: no {task} labels, so {task} is not scored there.")
-        partly = [
-            k
-            for k, v in sorted(metrics.items())
-            if v is None and k.split(".", 1)[0] not in unscored
-        ]
+        unscored_keys = {key for task in unscored for key in keys[task]}
+        partly = [k for k, v in sorted(metrics.items()) if v is None and k not in unscored_keys]
         if partly:
             out.append(
                 f"- {line}: null metric(s) {', '.join(partly)}: nothing valid to score "

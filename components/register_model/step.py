@@ -186,10 +186,7 @@ def _version_tags(
         overall = evaluation["overall"]
         tags[evaluation_tag("split")] = data["split"]
         tags[evaluation_tag("n_images")] = str(overall["n_images"])
-        tasks = evaluation["model"].get("tasks") or sorted(
-            {key.split(".", 1)[0] for key in overall["metrics"]}
-        )
-        for task in tasks:
+        for task in evaluation["model"]["tasks"]:
             key = metric_key(task, get_task(task).primary_metric.name)
             if key in overall["metrics"]:
                 tags[evaluation_tag(key)] = _format_metric(overall["metrics"][key])

@@ -33,17 +33,19 @@ def load_qa_samples(data_uri: str, line_id: str, reject_classes: tuple[int, ...]
     """The line's ``qa`` images as PNG bytes, with the defect truth from their labels."""
     from components.storage import opener_for
     from cta_model.data.line_dataset import LineDataset
+    from cta_model.tasks import task_of_kind
 
     opener = opener_for(data_uri)
     dataset = LineDataset(data_uri, split="qa", opener=opener)
+    classes = task_of_kind("classes")  # the task whose labels tell defects
     samples = []
     for index, row in enumerate(dataset.rows):
         if row["line_id"] != line_id:
             continue
         item = dataset[index]
         defective = None
-        if item["present"]["semseg"]:
-            defective = bool(np.isin(item["semseg"], reject_classes).any())
+        if item["present"].get(classes):
+            defective = bool(np.isin(item[classes], reject_classes).any())
         samples.append(QaSample(row["sample_id"], opener(row["image_path"]), defective))
     if not samples:
         raise DataError(f"{data_uri}: line {line_id!r} has no samples in the 'qa' split")

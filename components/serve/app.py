@@ -48,6 +48,7 @@ from components.serve.stats import (
 )
 from cta_model.errors import DataError
 from cta_model.inspection import reject_area
+from cta_model.tasks import TASKS, task_of_kind
 
 log = logging.getLogger("cta.serve")
 
@@ -135,47 +136,32 @@ def summarise(
     threshold_px: int,
     reject_classes: tuple[int, ...],
 ) -> dict[str, Any]:
-    """The JSON body's defect verdict, per-task summaries and region dimensions of one image."""
-    tasks: dict[str, Any] = {}
+    """The JSON body's defect verdict, per-task summaries (``TaskSpec.summarize``, in registry
+    order) and region dimensions of one image. The verdict reads the ``classes`` task, the
+    dimensions its regions' ``surface_height``."""
+    tasks = {
+        name: spec.summarize(prediction[name], class_names)
+        for name, spec in TASKS.items()
+        if name in prediction
+    }
     defect: dict[str, Any] = {"reject": None, "reject_area_px": None, "threshold_px": threshold_px}
-    semseg = prediction.get("semseg")
-    if semseg is not None:
-        counts = np.bincount(semseg.ravel(), minlength=len(class_names))
-        tasks["semseg"] = {
-            "class_names": class_names,
-            "class_fractions": (counts / counts.sum()).round(6).tolist(),
-        }
-        area = int(reject_area(semseg, reject_classes))
+    class_ids = prediction.get(task_of_kind("classes", prediction))
+    if class_ids is not None:
+        area = int(reject_area(class_ids, reject_classes))
         defect.update(reject=area >= threshold_px, reject_area_px=area)
-    if "height" in prediction:
-        height = prediction["height"]
-        tasks["height"] = {
-            "mean_mm": float(height.mean()),
-            "std_mm": float(height.std()),
-            "p95_mm": float(np.percentile(height, 95)),
-        }
-    if "depth" in prediction:
-        tasks["depth"] = {"mean": float(prediction["depth"].mean())}
-    if "normals" in prediction:
-        z = np.clip(prediction["normals"][..., 2], -1.0, 1.0)
-        tilt = np.degrees(np.arccos(z))
-        tasks["normals"] = {
-            "z_mean": float(z.mean()),
-            "tilt_deg_mean": float(tilt.mean()),
-            "tilt_deg_p95": float(np.percentile(tilt, 95)),
-        }
+    heights = prediction.get(task_of_kind("surface_height", prediction))
     dimensions = []
-    if semseg is not None and "height" in prediction:
+    if class_ids is not None and heights is not None:
         # Measured from the prediction alone: each predicted region's area and height.
-        for class_id in np.flatnonzero(np.bincount(semseg.ravel())):
-            heights = prediction["height"][semseg == class_id]
+        for class_id in np.flatnonzero(np.bincount(class_ids.ravel())):
+            region = heights[class_ids == class_id]
             dimensions.append(
                 {
                     "class_id": int(class_id),
                     "class": class_names[class_id] if class_id < len(class_names) else None,
-                    "area_px": int(heights.size),
-                    "height_median_mm": float(np.median(heights)),
-                    "height_p95_mm": float(np.percentile(heights, 95)),
+                    "area_px": int(region.size),
+                    "height_median_mm": float(np.median(region)),
+                    "height_p95_mm": float(np.percentile(region, 95)),
                 }
             )
     return {"defect": defect, "tasks": tasks, "dimensions": dimensions}

@@ -43,14 +43,14 @@ def missing_baselines(
 
 def _stl_overrides(config: Any, task: str) -> dict[str, Any]:
     """Flags turning the multi-task config into the task's STL config."""
+    from cta_model.tasks import metric_directions
     from cta_model.train_config import VAL_LOSS
 
     flags: dict[str, Any] = {"model.arch": "stl", "model.tasks": [task]}
     if config.loss.weights:
         flags["loss.weights"] = {k: v for k, v in config.loss.weights.items() if k == task}
-    if config.early_stopping.metric != VAL_LOSS and not config.early_stopping.metric.startswith(
-        f"{task}."
-    ):
+    metric = config.early_stopping.metric
+    if metric != VAL_LOSS and metric not in metric_directions([task]):
         flags["early_stopping.metric"] = VAL_LOSS  # another task's metric: not in this model
     return flags
 

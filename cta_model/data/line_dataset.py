@@ -1,14 +1,19 @@
-"""The line-dataset format (DESIGN 4.2): writer for synthetic data and a checked reader.
+"""The line-dataset format (DESIGN 4.2): a writer (synthetic data, or any labels) and a checked
+reader.
 
 Layout of a dataset root (a folder, or later an ``s3://`` prefix read through an opener)::
 
-    manifest.parquet                    one row per sample (MANIFEST_SCHEMA)
+    manifest.parquet                    one row per sample (``manifest_schema(tasks)``)
     features.parquet                    measurable features for dimension checks
     images/<line>/<sample_id>.png       uint8 RGB
-    semseg/<line>/<sample_id>.png       uint8 class ids, 255 = invalid
-    height/<line>/<sample_id>.npy       float32 mm, NaN = invalid (sensor drop-out)
-    height_clean/<line>/<sample_id>.npy float32 mm before drop-out (synthetic data only)
-    normals/<line>/<sample_id>.npy      float32 H x W x 3 unit vectors, (0, 0, 0) = invalid
+    <task>/<line>/<sample_id><suffix>   one label file per task the sample has
+    <companion>/<line>/<sample_id>.npy  e.g. height_clean: the label before sensor drop-out
+
+Which tasks a dataset can carry, and how each is encoded (suffix, invalid marker, companions),
+is the task registry's ``TaskSpec.line_file`` (``cta_model/tasks.py``); the manifest has the
+columns ``<task>_path``, ``has_<task>`` and ``sha256_<task>`` of every task it carries. The
+synthetic generator writes semseg (uint8 PNG, 255 = invalid), height and height_clean (float32
+mm, NaN = drop-out) and normals (float32 H x W x 3, (0, 0, 0) = invalid).
 
 Paths in the manifest are relative to the root and may never leave it. Every file carries a
 sha256 in the manifest. All bytes are deterministic: the same seed gives a byte-identical tree.
@@ -23,9 +28,9 @@ import json
 import multiprocessing
 import re
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -46,49 +51,80 @@ from cta_model.data.lines import (
 )
 from cta_model.data.synthetic import CLASS_NAMES, line_key, render_sample
 from cta_model.errors import ConfigError, DataError
+from cta_model.tasks import LineFile, get_task, line_dataset_tasks
 
 FORMAT_NAME = "cta-line-dataset"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.parquet"
 FEATURES_NAME = "features.parquet"
 SPLITS: tuple[str, ...] = ("train", "val", "test", "qa")
-MODALITIES: tuple[str, ...] = ("image", "semseg", "height", "height_clean", "normals")
-MODALITY_DIRS: dict[str, str] = {
-    "image": "images",
-    "semseg": "semseg",
-    "height": "height",
-    "height_clean": "height_clean",
-    "normals": "normals",
-}
-MODALITY_SUFFIX: dict[str, str] = {
-    "image": ".png",
-    "semseg": ".png",
-    "height": ".npy",
-    "height_clean": ".npy",
-    "normals": ".npy",
-}
-SEMSEG_INVALID_UINT8 = 255
-SEMSEG_INVALID_UINT16 = 65535
-TASK_PRESENCE: tuple[str, ...] = ("semseg", "height", "normals")
+IMAGE = "image"
+IMAGE_DIR = "images"
+#: The labels the synthetic generator renders, in manifest order.
+SYNTHETIC_TASKS: tuple[str, ...] = ("semseg", "height", "normals")
+_PNG_LABEL_MODES = ("L", "I;16")  # 8- and 16-bit integer ids
 
-MANIFEST_SCHEMA = pa.schema(
-    [
-        pa.field("sample_id", pa.string(), nullable=False),
-        pa.field("line_id", pa.string(), nullable=False),
-        pa.field("split", pa.string(), nullable=False),
-        *[pa.field(f"{modality}_path", pa.string()) for modality in MODALITIES],
-        pa.field("has_semseg", pa.bool_(), nullable=False),
-        pa.field("has_height", pa.bool_(), nullable=False),
-        pa.field("has_normals", pa.bool_(), nullable=False),
-        *[pa.field(f"sha256_{modality}", pa.string()) for modality in MODALITIES],
-        pa.field("camera", pa.string(), nullable=False),
-        pa.field("pitch_mm_per_px", pa.float64(), nullable=False),
-        pa.field("image_height", pa.int32(), nullable=False),
-        pa.field("image_width", pa.int32(), nullable=False),
-        pa.field("has_defect", pa.bool_(), nullable=False),
-        pa.field("n_defects", pa.int32(), nullable=False),
-    ]
-)
+
+def line_file(task: str) -> LineFile:
+    spec = get_task(task)
+    if spec.line_file is None:
+        raise ConfigError(f"task {task!r} has no line-dataset encoding (TaskSpec.line_file)")
+    return spec.line_file
+
+
+@dataclass(frozen=True)
+class _SampleFile:
+    """One kind of per-sample file: its modality (column stem), folder, suffix and encoder."""
+
+    modality: str
+    suffix: str
+    encode: Callable[[np.ndarray], np.ndarray]
+    task: str | None = None  # the task whose label (or companion) it holds
+
+    @property
+    def folder(self) -> str:
+        return IMAGE_DIR if self.modality == IMAGE else self.modality
+
+
+def _sample_files(tasks: Iterable[str]) -> tuple[_SampleFile, ...]:
+    files = [_SampleFile(IMAGE, ".png", np.asarray)]
+    for task in tasks:
+        encoding = line_file(task)
+        files.append(_SampleFile(task, encoding.suffix, encoding.encode, task))
+        files += [_SampleFile(name, ".npy", encoding.encode, task) for name in encoding.companions]
+    return tuple(files)
+
+
+def modalities(tasks: Iterable[str]) -> tuple[str, ...]:
+    """The files a sample of ``tasks`` may have: the image, then each label and its companions."""
+    return tuple(file.modality for file in _sample_files(tasks))
+
+
+def manifest_schema(tasks: Sequence[str]) -> pa.Schema:
+    """The manifest of a dataset carrying ``tasks`` (in this order)."""
+    files = modalities(tasks)
+    return pa.schema(
+        [
+            pa.field("sample_id", pa.string(), nullable=False),
+            pa.field("line_id", pa.string(), nullable=False),
+            pa.field("split", pa.string(), nullable=False),
+            *[pa.field(f"{modality}_path", pa.string()) for modality in files],
+            *[pa.field(f"has_{task}", pa.bool_(), nullable=False) for task in tasks],
+            *[pa.field(f"sha256_{modality}", pa.string()) for modality in files],
+            pa.field("camera", pa.string(), nullable=False),
+            pa.field("pitch_mm_per_px", pa.float64(), nullable=False),
+            pa.field("image_height", pa.int32(), nullable=False),
+            pa.field("image_width", pa.int32(), nullable=False),
+            pa.field("has_defect", pa.bool_(), nullable=False),
+            pa.field("n_defects", pa.int32(), nullable=False),
+        ]
+    )
+
+
+def _task_columns(task: str) -> tuple[str, ...]:
+    return (f"{task}_path", f"has_{task}", f"sha256_{task}")
+
+
 FEATURES_SCHEMA = pa.schema(
     [
         pa.field("feature_id", pa.string(), nullable=False),  # unique within a sample
@@ -111,16 +147,7 @@ _REQUIRED_COLUMNS = (
     "line_id",
     "split",
     "image_path",
-    "semseg_path",
-    "height_path",
-    "normals_path",
-    "has_semseg",
-    "has_height",
-    "has_normals",
     "sha256_image",
-    "sha256_semseg",
-    "sha256_height",
-    "sha256_normals",
     "pitch_mm_per_px",
 )
 _LINE_ID_RE = re.compile(LINE_ID_PATTERN)
@@ -167,9 +194,121 @@ def sample_id_for(line_id: str, sample_index: int) -> str:
 
 
 @dataclass
-class _WrittenSample:
+class SampleRecord:
+    """One sample to write: the image, the labels it has and its capture metadata.
+
+    ``labels``: task -> label in the numpy layout with invalid pixels as in memory (a task the
+    sample lacks is left out); ``companions``: e.g. ``height_clean``; ``features``: rows of
+    ``FEATURES_SCHEMA`` without ``sample_id``, ``line_id`` and ``split``.
+    """
+
+    sample_id: str
+    line_id: str
+    image: np.ndarray  # uint8 (H, W, 3)
+    camera: str
+    pitch_mm_per_px: float
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
+    companions: dict[str, np.ndarray] = field(default_factory=dict)
+    split: str = ""
+    has_defect: bool = False
+    n_defects: int = 0
+    features: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class WrittenSample:
+    """A sample's manifest row and feature rows, once its files are written."""
+
     row: dict[str, Any]
     features: list[dict[str, Any]]
+
+    def set_split(self, split: str) -> None:
+        self.row["split"] = split
+        for feature in self.features:
+            feature["split"] = split
+
+
+def write_sample(root: str | Path, record: SampleRecord, tasks: Sequence[str]) -> WrittenSample:
+    """Write ``record``'s files below ``root`` (atomically) for a dataset carrying ``tasks``."""
+    root = Path(root)
+    height, width = record.image.shape[:2]
+    arrays = {IMAGE: record.image, **record.labels, **record.companions}
+    files = _sample_files(tasks)
+    unknown = set(arrays) - {file.modality for file in files}
+    if unknown:
+        raise ConfigError(
+            f"sample {record.sample_id}: {', '.join(sorted(unknown))} not among the files of a "
+            f"dataset of {', '.join(tasks)}"
+        )
+    row: dict[str, Any] = {
+        "sample_id": record.sample_id,
+        "line_id": record.line_id,
+        "split": record.split,
+    }
+    for file in files:
+        row[f"{file.modality}_path"] = None
+        row[f"sha256_{file.modality}"] = None
+        array = arrays.get(file.modality)
+        if array is None:
+            continue
+        expected = (
+            (height, width, 3)
+            if file.task is None
+            else (get_task(file.task).numpy_shape(height, width))
+        )
+        if np.shape(array) != expected:
+            raise DataError(
+                f"sample {record.sample_id}: {file.modality}: shape {np.shape(array)}, "
+                f"expected {expected}"
+            )
+        relative = f"{file.folder}/{record.line_id}/{record.sample_id}{file.suffix}"
+        encoded = file.encode(array)
+        data = encode_png(encoded) if file.suffix == ".png" else encode_npy(encoded)
+        write_atomic(root / relative, data)
+        row[f"{file.modality}_path"] = relative
+        row[f"sha256_{file.modality}"] = sha256_hex(data)
+    row.update({f"has_{task}": task in record.labels for task in tasks})
+    row.update(
+        camera=record.camera,
+        pitch_mm_per_px=record.pitch_mm_per_px,
+        image_height=height,
+        image_width=width,
+        has_defect=record.has_defect,
+        n_defects=record.n_defects,
+    )
+    features = [
+        {**feature, "sample_id": record.sample_id, "line_id": record.line_id, "split": record.split}
+        for feature in record.features
+    ]
+    return WrittenSample(row, features)
+
+
+def write_manifest(
+    root: str | Path,
+    samples: Sequence[WrittenSample],
+    tasks: Sequence[str],
+    generator: Mapping[str, Any],
+) -> Path:
+    """Write ``features.parquet`` and then ``manifest.parquet`` (last and durable: a folder
+    without one is an interrupted run); returns the root. ``generator`` (JSON) says how the
+    data were made; training reads its ``class_names``."""
+    root = Path(root)
+    metadata = {
+        "cta.format": FORMAT_NAME,
+        "cta.format_version": str(FORMAT_VERSION),
+        "cta.generator": json.dumps(dict(generator), sort_keys=True),
+    }
+    feature_rows = [feature for sample in samples for feature in sample.features]
+    features = pa.Table.from_pylist(feature_rows, schema=FEATURES_SCHEMA)
+    write_bytes_atomic(
+        root / FEATURES_NAME, encode_parquet(features.replace_schema_metadata(metadata))
+    )
+    rows = [sample.row for sample in samples]
+    manifest = pa.Table.from_pylist(rows, schema=manifest_schema(tasks))
+    write_bytes_atomic(
+        root / MANIFEST_NAME, encode_parquet(manifest.replace_schema_metadata(metadata))
+    )
+    return root
 
 
 def presence_for(line: LineSpec, seed: int, sample_index: int) -> dict[str, bool]:
@@ -186,60 +325,47 @@ def presence_for(line: LineSpec, seed: int, sample_index: int) -> dict[str, bool
     }
 
 
-def _write_sample(
-    root: Path, line: LineSpec, sample_index: int, seed: int, height: int, width: int
-) -> _WrittenSample:
+def synthetic_record(
+    line: LineSpec, sample_index: int, seed: int, height: int, width: int
+) -> SampleRecord:
+    """Sample ``sample_index`` of ``line`` rendered by the synthetic generator, with the labels
+    its line's sensors and label fraction give it (``presence_for``)."""
     sample = render_sample(line, sample_index, seed, height, width)
-    sample_id = sample_id_for(line.id, sample_index)
     present = presence_for(line, seed, sample_index)
-    arrays: dict[str, np.ndarray] = {"image": sample.image}
-    if present["semseg"]:
-        arrays["semseg"] = sample.semseg.astype(np.uint8)
-    if present["height"]:
-        arrays["height"] = sample.height
-        arrays["height_clean"] = sample.height_clean
-    if present["normals"]:
-        arrays["normals"] = sample.normals
-    row: dict[str, Any] = {"sample_id": sample_id, "line_id": line.id, "split": ""}
-    for modality in MODALITIES:
-        row[f"{modality}_path"] = None
-        row[f"sha256_{modality}"] = None
-    for modality, array in arrays.items():
-        relative = f"{MODALITY_DIRS[modality]}/{line.id}/{sample_id}{MODALITY_SUFFIX[modality]}"
-        data = encode_png(array) if MODALITY_SUFFIX[modality] == ".png" else encode_npy(array)
-        write_atomic(root / relative, data)
-        row[f"{modality}_path"] = relative
-        row[f"sha256_{modality}"] = sha256_hex(data)
-    row.update(
-        has_semseg=present["semseg"],
-        has_height=present["height"],
-        has_normals=present["normals"],
+    rendered = {"semseg": sample.semseg, "height": sample.height, "normals": sample.normals}
+    return SampleRecord(
+        sample_id=sample_id_for(line.id, sample_index),
+        line_id=line.id,
+        image=sample.image,
         camera=line.camera,
         pitch_mm_per_px=sample.pitch_mm_per_px,
-        image_height=height,
-        image_width=width,
+        labels={task: label for task, label in rendered.items() if present[task]},
+        companions={"height_clean": sample.height_clean} if present["height_clean"] else {},
         has_defect=sample.has_defect,
         n_defects=len(sample.defects),
+        features=[
+            {
+                "feature_id": feature.feature_id,
+                "type": feature.type,
+                "x0": feature.box[0],
+                "y0": feature.box[1],
+                "x1": feature.box[2],
+                "y1": feature.box[3],
+                "nominal_mm": feature.nominal_mm,
+                "actual_mm": feature.actual_mm,
+                "tolerance_mm": feature.tolerance_mm,
+                "in_tolerance": feature.in_tolerance,
+            }
+            for feature in sample.features
+        ],
     )
-    features = [
-        {
-            "feature_id": feature.feature_id,
-            "sample_id": sample_id,
-            "line_id": line.id,
-            "split": "",
-            "type": feature.type,
-            "x0": feature.box[0],
-            "y0": feature.box[1],
-            "x1": feature.box[2],
-            "y1": feature.box[3],
-            "nominal_mm": feature.nominal_mm,
-            "actual_mm": feature.actual_mm,
-            "tolerance_mm": feature.tolerance_mm,
-            "in_tolerance": feature.in_tolerance,
-        }
-        for feature in sample.features
-    ]
-    return _WrittenSample(row, features)
+
+
+def _write_synthetic_sample(
+    root: Path, line: LineSpec, sample_index: int, seed: int, height: int, width: int
+) -> WrittenSample:
+    record = synthetic_record(line, sample_index, seed, height, width)
+    return write_sample(root, record, SYNTHETIC_TASKS)
 
 
 def split_counts(total: int, fractions: Sequence[float]) -> list[int]:
@@ -318,15 +444,14 @@ def generate_dataset(
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
     root = Path(out_dir)
-    _prepare_root(root, overwrite)
+    prepare_root(root, SYNTHETIC_TASKS, overwrite)
 
-    rows: list[dict[str, Any]] = []
-    feature_rows: list[dict[str, Any]] = []
     jobs = [
         (root, line, sample_index, seed, height, width)
         for line in lines
         for sample_index in range(samples_per_line)
     ]
+    ordered: list[WrittenSample] = []
     with (
         tqdm(total=len(jobs), desc="generate", unit="sample", disable=not progress) as bar,
         _job_runner(workers) as run,
@@ -340,53 +465,37 @@ def generate_dataset(
             split_rng = np.random.default_rng([seed, line_key(line.id), _SPLIT_STREAM])
             labels = assign_splits([w.row["has_defect"] for w in written], splits, split_rng)
             for item, label in zip(written, labels, strict=True):
-                item.row["split"] = label
-                for feature in item.features:
-                    feature["split"] = label
-                rows.append(item.row)
-                feature_rows.extend(item.features)
+                item.set_split(label)
+                ordered.append(item)
 
-    metadata = {
-        "cta.format": FORMAT_NAME,
-        "cta.format_version": str(FORMAT_VERSION),
-        "cta.generator": json.dumps(
-            {
-                "seed": seed,
-                "n_lines": n_lines,
-                "samples_per_line": samples_per_line,
-                "height": height,
-                "width": width,
-                "splits": list(splits),
-                "class_names": list(CLASS_NAMES),
-                "lines": [line.model_dump(mode="json") for line in lines],
-            },
-            sort_keys=True,
-        ),
+    generator = {
+        "seed": seed,
+        "n_lines": n_lines,
+        "samples_per_line": samples_per_line,
+        "height": height,
+        "width": width,
+        "splits": list(splits),
+        "class_names": list(CLASS_NAMES),
+        "lines": [line.model_dump(mode="json") for line in lines],
     }
-    features = pa.Table.from_pylist(feature_rows, schema=FEATURES_SCHEMA)
-    features_bytes = encode_parquet(features.replace_schema_metadata(metadata))
-    write_bytes_atomic(root / FEATURES_NAME, features_bytes)
-    manifest = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-    # The manifest last and durable: a folder without one is an interrupted run.
-    manifest_bytes = encode_parquet(manifest.replace_schema_metadata(metadata))
-    write_bytes_atomic(root / MANIFEST_NAME, manifest_bytes)
-    return root
+    return write_manifest(root, ordered, SYNTHETIC_TASKS, generator)
 
 
 @contextlib.contextmanager
-def _job_runner(workers: int) -> Iterator[Callable[[list[tuple]], Iterator[_WrittenSample]]]:
-    """Yield a function mapping _write_sample over jobs, in order, in-process or in a pool."""
+def _job_runner(workers: int) -> Iterator[Callable[[list[tuple]], Iterator[WrittenSample]]]:
+    """Yield a function writing the synthetic samples of jobs, in order, in-process or in a
+    pool."""
     if workers == 1:
-        yield lambda jobs: (_write_sample(*job) for job in jobs)
+        yield lambda jobs: (_write_synthetic_sample(*job) for job in jobs)
         return
     # spawn, not fork: the parent may hold threads (torch, tqdm) that fork would copy mid-lock.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        yield lambda jobs: pool.map(_write_sample_job, jobs, chunksize=8)
+        yield lambda jobs: pool.map(_write_synthetic_sample_job, jobs, chunksize=8)
 
 
-def _write_sample_job(job: tuple) -> _WrittenSample:
-    return _write_sample(*job)
+def _write_synthetic_sample_job(job: tuple) -> WrittenSample:
+    return _write_synthetic_sample(*job)
 
 
 def _as_lines_config(lines_config: LinesConfig | str | Path | None) -> LinesConfig:
@@ -395,8 +504,12 @@ def _as_lines_config(lines_config: LinesConfig | str | Path | None) -> LinesConf
     return load_lines_config(DEFAULT_LINES_CONFIG if lines_config is None else lines_config)
 
 
-def _prepare_root(root: Path, overwrite: bool) -> None:
-    ours = [*MODALITY_DIRS.values(), MANIFEST_NAME, FEATURES_NAME]
+def prepare_root(root: str | Path, tasks: Sequence[str], overwrite: bool = False) -> None:
+    """Create ``root`` for a new dataset of ``tasks``; an existing one (any of its folders, its
+    manifest or features) is removed only with ``overwrite``, else DataError."""
+    root = Path(root)
+    folders = [file.folder for file in _sample_files(tasks)]
+    ours = [*folders, MANIFEST_NAME, FEATURES_NAME]
     existing = [name for name in ours if (root / name).exists()]
     if existing and not overwrite:
         raise DataError(
@@ -404,7 +517,7 @@ def _prepare_root(root: Path, overwrite: bool) -> None:
             "pass overwrite=True (--overwrite) to replace it"
         )
     # Remove the manifest first: an interrupted overwrite then reads as incomplete.
-    for name in [MANIFEST_NAME, FEATURES_NAME, *MODALITY_DIRS.values()]:
+    for name in [MANIFEST_NAME, FEATURES_NAME, *folders]:
         target = root / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -450,9 +563,14 @@ class LocalOpener:
 class LineDataset:
     """Samples of a line dataset as dicts of numpy arrays (tasks absent -> invalid values).
 
-    ``lines_config`` (a LinesConfig or a path; default ``configs/lines.yaml``) is the inventory
-    every ``line_id`` is checked against. ``opener`` reads a root-relative path and returns its
-    bytes; the default reads the local folder ``root``; remote stores pass their own.
+    An item holds ``sample_id``, ``line_id``, ``image``, one label per task a line dataset can
+    carry (``line_dataset_tasks()``; numpy layout), ``present`` {task: bool} and
+    ``pitch_mm_per_px``; with ``include_clean`` also the companions (e.g. ``height_clean``).
+    ``tasks`` are the tasks whose columns the manifest has; a task without them is absent from
+    every sample. ``lines_config`` (a LinesConfig or a path; default ``configs/lines.yaml``) is
+    the inventory every ``line_id`` is checked against. ``opener`` reads a root-relative path
+    and returns its bytes; the default reads the local folder ``root``; remote stores pass
+    their own.
     """
 
     def __init__(
@@ -463,18 +581,18 @@ class LineDataset:
         verify_checksums: bool = True,
         *,
         opener: Opener | None = None,
-        include_height_clean: bool = False,
+        include_clean: bool = False,
     ) -> None:
         self.location = str(root).rstrip("/")
         self.opener = opener if opener is not None else LocalOpener(root)
         self.lines_config = _as_lines_config(lines_config)
         self.split = split
         self.verify_checksums = verify_checksums
-        self.include_height_clean = include_height_clean
+        self.include_clean = include_clean
         if split is not None and split not in SPLITS:
             raise ConfigError(f"unknown split {split!r}; one of {', '.join(SPLITS)}")
         table = self._read_parquet(MANIFEST_NAME)
-        self._check_columns(table)
+        self.tasks = self._check_columns(table)
         self.metadata = {
             key.decode(): value.decode() for key, value in (table.schema.metadata or {}).items()
         }
@@ -504,6 +622,15 @@ class LineDataset:
     def line_ids(self) -> list[str]:
         return sorted({row["line_id"] for row in self.rows})
 
+    def require_tasks(self, tasks: Iterable[str], what: str = "tasks") -> None:
+        """ConfigError naming the ``tasks`` this dataset carries no labels for."""
+        missing = [task for task in tasks if task not in self.tasks]
+        if missing:
+            raise ConfigError(
+                f"{what}: the line dataset {self.location} has no {', '.join(missing)} labels "
+                f"(its manifest carries {', '.join(self.tasks) or 'no task'})"
+            )
+
     def read_features(self) -> pa.Table:
         """``features.parquet`` restricted to this dataset's samples."""
         table = self._read_parquet(FEATURES_NAME)
@@ -514,41 +641,46 @@ class LineDataset:
         if not -len(self.rows) <= index < len(self.rows):
             raise IndexError(f"index {index} out of range for {len(self.rows)} samples")
         row = self.rows[index]
-        image = self._read_png(row, "image", ("RGB",))
-        shape = image.shape[:2]
-        present = {task: bool(row[f"has_{task}"]) for task in TASK_PRESENCE}
-        if present["semseg"]:
-            labels = self._read_png(row, "semseg", ("L", "I;16"))
-            invalid = SEMSEG_INVALID_UINT8 if labels.dtype == np.uint8 else SEMSEG_INVALID_UINT16
-            semseg = labels.astype(np.int64)
-            semseg[labels == invalid] = -1
-            self._check_shape(row, "semseg", semseg, shape)
-        else:
-            semseg = np.full(shape, -1, dtype=np.int64)
-        if present["height"]:
-            height = self._read_npy(row, "height", shape)
-        else:
-            height = np.full(shape, np.nan, dtype=np.float32)
-        if present["normals"]:
-            normals = self._read_npy(row, "normals", (*shape, 3))
-        else:
-            normals = np.zeros((*shape, 3), dtype=np.float32)
+        image = self._read_png(row, IMAGE, ("RGB",))
+        height, width = image.shape[:2]
         item: dict[str, Any] = {
             "sample_id": row["sample_id"],
             "line_id": row["line_id"],
             "image": image,
-            "semseg": semseg,
-            "height": height,
-            "normals": normals,
-            "present": present,
-            "pitch_mm_per_px": float(row["pitch_mm_per_px"]),
         }
-        if self.include_height_clean:
-            if row.get("height_clean_path"):
-                item["height_clean"] = self._read_npy(row, "height_clean", shape)
-            else:
-                item["height_clean"] = np.full(shape, np.nan, dtype=np.float32)
+        present = {}
+        for task in line_dataset_tasks():
+            spec = get_task(task)
+            present[task] = task in self.tasks and bool(row[f"has_{task}"])
+            item[task] = (
+                self._read_label(row, task, task, (height, width))
+                if present[task]
+                else spec.absent_label(height, width)
+            )
+        item["present"] = present
+        item["pitch_mm_per_px"] = float(row["pitch_mm_per_px"])
+        if self.include_clean:
+            for task in line_dataset_tasks():
+                for companion in line_file(task).companions:
+                    item[companion] = (
+                        self._read_label(row, task, companion, (height, width))
+                        if row.get(f"{companion}_path")
+                        else get_task(task).absent_label(height, width)
+                    )
         return item
+
+    def _read_label(
+        self, row: dict[str, Any], task: str, modality: str, image_shape: tuple[int, int]
+    ) -> np.ndarray:
+        """The file of ``modality`` (``task``'s label or a companion), decoded and checked
+        against the image's size."""
+        encoding = line_file(task)
+        shape = get_task(task).numpy_shape(*image_shape)
+        if encoding.suffix == ".npy" or modality != task:
+            return encoding.decode(self._read_npy(row, modality, shape))
+        array = encoding.decode(self._read_png(row, modality, _PNG_LABEL_MODES))
+        self._check_shape(row, modality, array, shape)
+        return array
 
     # --- checks ---
 
@@ -574,10 +706,19 @@ class LineDataset:
                 f"{self._where(relative)}: not a readable parquet file: {exc}"
             ) from None
 
-    def _check_columns(self, table: pa.Table) -> None:
-        missing = [name for name in _REQUIRED_COLUMNS if name not in table.column_names]
+    def _check_columns(self, table: pa.Table) -> tuple[str, ...]:
+        """The tasks the manifest carries: a task's three columns are all there or none."""
+        names = set(table.column_names)
+        missing = [name for name in _REQUIRED_COLUMNS if name not in names]
+        carried = []
+        for task in line_dataset_tasks():
+            columns = _task_columns(task)
+            if any(column in names for column in columns):
+                missing += [column for column in columns if column not in names]
+                carried.append(task)
         if missing:
             raise DataError(f"{self._where(MANIFEST_NAME)}: missing column(s) {', '.join(missing)}")
+        return tuple(carried)
 
     def _check_rows(self, rows: list[dict[str, Any]]) -> None:
         where = self._where(MANIFEST_NAME)
@@ -605,10 +746,10 @@ class LineDataset:
                 raise DataError(f"{at}: split: {row['split']!r} is not one of {', '.join(SPLITS)}")
             if not row["image_path"]:
                 raise DataError(f"{at}: image_path: missing (every sample has an image)")
-            for task in TASK_PRESENCE:
+            for task in self.tasks:
                 if row[f"has_{task}"] and not row[f"{task}_path"]:
                     raise DataError(f"{at}: {task}_path: missing although has_{task} is true")
-            for modality in MODALITIES:
+            for modality in modalities(self.tasks):
                 path = row.get(f"{modality}_path")
                 if path is None:
                     continue

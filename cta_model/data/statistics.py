@@ -46,14 +46,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 from tqdm import tqdm
 
-from cta_model.data.line_dataset import (
-    SEMSEG_INVALID_UINT8,
-    SEMSEG_INVALID_UINT16,
-    LineDataset,
-    Opener,
-    sha256_hex,
-)
+from cta_model.data.line_dataset import LineDataset, Opener, sha256_hex
 from cta_model.data.synthetic import CLASS_IDS, CLASS_NAMES, NUM_CLASSES
+from cta_model.tasks import SEMSEG_INVALID_UINT8, SEMSEG_INVALID_UINT16
 
 # Defects that change the surface geometry; a stain changes the albedo only.
 GEOMETRIC_DEFECT_CLASSES: tuple[str, ...] = ("scratch", "dent", "bump", "crack")

@@ -156,12 +156,10 @@ def open_datasets(
     else:
         uri = str(Path(uri.removeprefix("file://")).resolve())
         opener = opener_for(uri) if opener_for is not None else LocalOpener(uri)
-    missing = [t for t in tasks if t not in ("semseg", "height", "normals")]
-    if missing:
-        raise ConfigError(f"model.tasks: a line dataset has no {', '.join(missing)} labels")
 
     def open_split(split: str) -> tuple[Any, int]:
         dataset = LineDataset(uri, data.lines_config, split=split, opener=opener)
+        dataset.require_tasks(tasks, "model.tasks")
         keep = [i for i, sid in enumerate(dataset.sample_ids) if sid not in quarantine]
         skipped = len(dataset) - len(keep)
         refuse_empty_split(len(keep), root=uri, split=split)

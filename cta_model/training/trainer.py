@@ -29,6 +29,7 @@ from cta_model.atomic import write_bytes_atomic
 from cta_model.errors import ConfigError
 from cta_model.model_folder import WEIGHTS, InputContract, verify_checksums
 from cta_model.nn.models import build_model
+from cta_model.tasks import get_task
 from cta_model.train_config import VAL_LOSS, TrainConfig
 from cta_model.training.callbacks import TrainCallback
 from cta_model.training.checkpoints import (
@@ -141,7 +142,7 @@ class Trainer:
         config = self.config
         self.class_names = self.data.class_names
         num_classes = config.model.num_classes or (len(self.class_names) or None)
-        if "semseg" in self.tasks and not num_classes:
+        if any(get_task(t).needs_num_classes for t in self.tasks) and not num_classes:
             raise ConfigError("model.num_classes: the dataset names no classes; set it")
         if num_classes and self.class_names and num_classes < len(self.class_names):
             raise ConfigError(

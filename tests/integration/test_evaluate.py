@@ -15,7 +15,8 @@ import torch
 from click.testing import CliRunner
 
 from components.artifacts import read_json, validation_problems
-from components.evaluate.step import DELTA_M_NO_BASELINES, EVALUATION_NAME, meter_inputs, run
+from components.evaluate.scoring import meter_inputs
+from components.evaluate.step import DELTA_M_NO_BASELINES, EVALUATION_NAME, run
 from cta_cli.commands.evaluate import evaluate as evaluate_command
 from cta_model.data.line_dataset import MANIFEST_NAME, generate_dataset, sha256_hex
 from cta_model.errors import DataError

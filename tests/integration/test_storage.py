@@ -74,8 +74,8 @@ def _assert_same_samples(remote: LineDataset, local: LineDataset) -> None:
 
 def test_line_dataset_reads_the_same_from_s3(local_dataset: Path, s3_dataset: str, moto_s3):
     opener = S3Opener(s3_dataset, endpoint_url=moto_s3.endpoint_url)
-    remote = LineDataset(s3_dataset, opener=opener, include_height_clean=True)
-    local = LineDataset(local_dataset, include_height_clean=True)
+    remote = LineDataset(s3_dataset, opener=opener, include_clean=True)
+    local = LineDataset(local_dataset, include_clean=True)
     assert remote.location == s3_dataset
     _assert_same_samples(remote, local)
     assert remote.read_features().equals(local.read_features())

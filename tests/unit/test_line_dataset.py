@@ -15,11 +15,15 @@ import pytest
 from cta_model.data.line_dataset import (
     MANIFEST_NAME,
     SPLITS,
+    SYNTHETIC_TASKS,
     LineDataset,
     assign_splits,
     check_relative_path,
     generate_dataset,
+    manifest_schema,
     split_counts,
+    synthetic_record,
+    write_sample,
 )
 from cta_model.data.lines import LinesConfig, load_lines_config
 from cta_model.data.synthetic import render_sample
@@ -183,7 +187,7 @@ def test_splits_are_exact_and_stratified() -> None:
 
 
 def test_items_hold_the_generated_arrays(dataset_root: Path, config: LinesConfig) -> None:
-    dataset = LineDataset(dataset_root, config, include_height_clean=True)
+    dataset = LineDataset(dataset_root, config, include_clean=True)
     assert len(dataset) == 3 * PER_LINE and dataset.line_ids == ["mill-c", "press-a", "press-b"]
     for index, row in enumerate(dataset.rows):
         item = dataset[index]
@@ -410,3 +414,54 @@ def test_check_relative_path() -> None:
     for bad in ["", "/abs", "../x", "a/../../x", "C:\\x", "a\\b", "s3://x"]:
         with pytest.raises(ValueError):
             check_relative_path(bad)
+
+
+# --- the schema derives from the task registry ---
+
+
+def test_manifest_schema_of_the_synthetic_tasks_is_the_format_version_1_layout(
+    dataset_root: Path,
+) -> None:
+    on_disk = pq.read_schema(dataset_root / MANIFEST_NAME).remove_metadata()
+    assert on_disk.equals(manifest_schema(SYNTHETIC_TASKS))
+    files = ("image", "semseg", "height", "height_clean", "normals")
+    assert on_disk.names == [
+        "sample_id",
+        "line_id",
+        "split",
+        *[f"{name}_path" for name in files],
+        "has_semseg",
+        "has_height",
+        "has_normals",
+        *[f"sha256_{name}" for name in files],
+        "camera",
+        "pitch_mm_per_px",
+        "image_height",
+        "image_width",
+        "has_defect",
+        "n_defects",
+    ]
+
+
+def test_a_task_without_columns_is_absent_everywhere(copy_root: Path, config) -> None:
+    table = pq.read_table(copy_root / MANIFEST_NAME)
+    dropped = ["normals_path", "has_normals", "sha256_normals"]
+    pq.write_table(table.drop_columns(dropped), copy_root / MANIFEST_NAME)
+    dataset = LineDataset(copy_root, config)
+    assert dataset.tasks == ("semseg", "height")
+    item = dataset[0]
+    assert not item["present"]["normals"] and (item["normals"] == 0).all()
+    dataset.require_tasks(["semseg", "height"])
+    with pytest.raises(ConfigError, match="has no normals labels"):
+        dataset.require_tasks(["semseg", "normals"], "model.tasks")
+
+
+def test_writer_checks_what_it_is_given(tmp_path: Path, config: LinesConfig) -> None:
+    record = synthetic_record(config.lines[0], 0, 3, SIZE, SIZE)
+    with pytest.raises(ConfigError, match="normals not among the files"):
+        write_sample(tmp_path, record, ("semseg", "height"))
+    record.labels["height"] = np.zeros((SIZE, SIZE, 1), np.float32)
+    with pytest.raises(DataError, match=r"height: shape \(24, 24, 1\), expected \(24, 24\)"):
+        write_sample(tmp_path, record, SYNTHETIC_TASKS)
+    with pytest.raises(ConfigError, match="'depth' has no line-dataset encoding"):
+        manifest_schema(("semseg", "depth"))

@@ -1,5 +1,7 @@
 """The task registry is the one place task rules live (DESIGN 4.1)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -79,13 +81,14 @@ def test_scale_rules():
 
 
 def test_semseg_file_encoding_uses_255_and_65535_for_invalid():
-    spec = tasks.get_task("semseg")
-    encoded = spec.encode_file_array(np.array([[0, 3, -1]]))
+    encoding = tasks.get_task("semseg").line_file
+    assert encoding is not None and encoding.suffix == ".png"
+    encoded = encoding.encode(np.array([[0, 3, -1]]))
     assert encoded.dtype == np.uint8 and encoded.tolist() == [[0, 3, 255]]
-    wide = spec.encode_file_array(np.array([[300, -1]]))
+    wide = encoding.encode(np.array([[300, -1]]))
     assert wide.dtype == np.uint16 and wide.tolist() == [[300, 65535]]
-    assert spec.decode_file_array(np.array([[255, 2]], dtype=np.uint8)).tolist() == [[-1, 2]]
-    assert spec.decode_file_array(np.array([[65535, 2]], dtype=np.uint16)).tolist() == [[-1, 2]]
+    assert encoding.decode(np.array([[255, 2]], dtype=np.uint8)).tolist() == [[-1, 2]]
+    assert encoding.decode(np.array([[65535, 2]], dtype=np.uint16)).tolist() == [[-1, 2]]
 
 
 def test_parse_tasks_errors_name_the_problem():
@@ -102,3 +105,51 @@ def test_parse_tasks_errors_name_the_problem():
 
 def test_flatten_metrics_uses_task_dot_metric():
     assert tasks.flatten_metrics({"height": {"abs_err_mm": 1.0}}) == {"height.abs_err_mm": 1.0}
+
+
+def test_scoring_layouts_follow_the_label_channels():
+    semseg, height, normals = (tasks.get_task(t) for t in ("semseg", "height", "normals"))
+    ids = np.array([[[0, 2], [1, 1]]])
+    scores = semseg.meter_prediction(ids, num_classes=3)
+    assert scores.shape == (1, 3, 2, 2) and torch.equal(scores.argmax(dim=1), torch.from_numpy(ids))
+    with pytest.raises(ConfigError, match="num_classes"):
+        semseg.meter_prediction(ids, num_classes=None)
+    assert height.label_batch([np.zeros((2, 3), np.float32)] * 4).shape == (4, 1, 2, 3)
+    assert normals.label_batch([np.zeros((2, 3, 3), np.float32)]).shape == (1, 3, 2, 3)
+    keep = torch.tensor([[[True, False]]])
+    masked = height.mask_label(torch.ones(1, 1, 1, 2), keep)
+    assert masked[0, 0, 0, 0] == 1 and torch.isnan(masked[0, 0, 0, 1])
+    assert semseg.mask_label(torch.tensor([[[4, 4]]]), keep).tolist() == [[[4, -1]]]
+    assert normals.absent_label(2, 3).shape == (2, 3, 3) and not normals.absent_label(2, 3).any()
+    assert semseg.absent_label(2, 2).dtype == np.int64 and (semseg.absent_label(2, 2) == -1).all()
+
+
+def test_roles_and_line_dataset_tasks_come_from_the_specs():
+    assert tasks.task_of_kind("classes") == "semseg"
+    assert tasks.task_of_kind("surface_height") == "height"
+    assert tasks.task_of_kind("classes", ["height", "normals"]) is None
+    assert tasks.line_dataset_tasks() == ("semseg", "height", "normals")  # depth: formats only
+
+
+def test_plugins_register_their_specs(monkeypatch, tmp_path):
+    plugin = tmp_path / "extra_task_plugin.py"
+    plugin.write_text(
+        "import dataclasses\n"
+        "from cta_model.tasks import get_task\n"
+        "TASK_SPECS = (dataclasses.replace(get_task('height'), name='gloss', kind='values'),)\n"
+    )
+    (tmp_path / "empty_plugin.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(tasks, "TASKS", dict(tasks.TASKS))  # removed again after the test
+    assert tasks.load_task_plugins(" extra_task_plugin, ") == ("gloss",)
+    assert tasks.parse_tasks("semseg,gloss") == ("semseg", "gloss")
+    with pytest.raises(ConfigError, match="already registered"):
+        tasks.load_task_plugins("extra_task_plugin")
+    with pytest.raises(ConfigError, match="defines no TASK_SPECS"):
+        tasks.load_task_plugins("empty_plugin")
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        tasks.load_task_plugins("no_such_plugin_module")
+    with pytest.raises(ConfigError, match="must match"):
+        tasks.register_task(dataclasses.replace(tasks.get_task("height"), name="a.b"))
+    with pytest.raises(ConfigError, match="kind 'classes' is taken by 'semseg'"):
+        tasks.register_task(dataclasses.replace(tasks.get_task("semseg"), name="parts"))
