@@ -28,7 +28,7 @@ def data() -> None:
 @click.option("--overwrite", is_flag=True, help="replace an existing dataset in --out")
 def data_generate(out_dir, n_lines, samples_per_line, size, seed, lines_config, workers, overwrite):
     """Write the synthetic line dataset (train/val/test/qa) for the first N lines."""
-    from cta_model.data.line_dataset import generate_dataset
+    from cta_model.data.synthetic_dataset import generate_dataset
 
     root = generate_dataset(
         out_dir,

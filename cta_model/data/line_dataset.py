@@ -1,5 +1,5 @@
-"""The line-dataset format (DESIGN 4.2): a writer (synthetic data, or any labels) and a checked
-reader.
+"""The line-dataset format (DESIGN 4.2) and its checked reader; the writer is
+``cta_model.data.line_writer``, the synthetic generator ``cta_model.data.synthetic_dataset``.
 
 Layout of a dataset root (a folder, or later an ``s3://`` prefix read through an opener)::
 
@@ -21,16 +21,11 @@ sha256 in the manifest. All bytes are deterministic: the same seed gives a byte-
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
-import json
-import multiprocessing
 import re
-import shutil
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -39,17 +34,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
-from tqdm import tqdm
 
-from cta_model.atomic import write_bytes_atomic
 from cta_model.data.lines import (
     DEFAULT_LINES_CONFIG,
     LINE_ID_PATTERN,
     LinesConfig,
-    LineSpec,
     load_lines_config,
 )
-from cta_model.data.synthetic import CLASS_NAMES, line_key, render_sample
 from cta_model.errors import ConfigError, DataError
 from cta_model.tasks import LineFile, get_task, line_dataset_tasks
 
@@ -60,8 +51,6 @@ FEATURES_NAME = "features.parquet"
 SPLITS: tuple[str, ...] = ("train", "val", "test", "qa")
 IMAGE = "image"
 IMAGE_DIR = "images"
-#: The labels the synthetic generator renders, in manifest order.
-SYNTHETIC_TASKS: tuple[str, ...] = ("semseg", "height", "normals")
 _PNG_LABEL_MODES = ("L", "I;16")  # 8- and 16-bit integer ids
 
 
@@ -73,7 +62,7 @@ def line_file(task: str) -> LineFile:
 
 
 @dataclass(frozen=True)
-class _SampleFile:
+class SampleFile:
     """One kind of per-sample file: its modality (column stem), folder, suffix and encoder."""
 
     modality: str
@@ -86,18 +75,19 @@ class _SampleFile:
         return IMAGE_DIR if self.modality == IMAGE else self.modality
 
 
-def _sample_files(tasks: Iterable[str]) -> tuple[_SampleFile, ...]:
-    files = [_SampleFile(IMAGE, ".png", np.asarray)]
+def sample_files(tasks: Iterable[str]) -> tuple[SampleFile, ...]:
+    """The kinds of file a sample of ``tasks`` may have, in manifest order."""
+    files = [SampleFile(IMAGE, ".png", np.asarray)]
     for task in tasks:
         encoding = line_file(task)
-        files.append(_SampleFile(task, encoding.suffix, encoding.encode, task))
-        files += [_SampleFile(name, ".npy", encoding.encode, task) for name in encoding.companions]
+        files.append(SampleFile(task, encoding.suffix, encoding.encode, task))
+        files += [SampleFile(name, ".npy", encoding.encode, task) for name in encoding.companions]
     return tuple(files)
 
 
 def modalities(tasks: Iterable[str]) -> tuple[str, ...]:
     """The files a sample of ``tasks`` may have: the image, then each label and its companions."""
-    return tuple(file.modality for file in _sample_files(tasks))
+    return tuple(file.modality for file in sample_files(tasks))
 
 
 def manifest_schema(tasks: Sequence[str]) -> pa.Schema:
@@ -151,379 +141,19 @@ _REQUIRED_COLUMNS = (
     "pitch_mm_per_px",
 )
 _LINE_ID_RE = re.compile(LINE_ID_PATTERN)
-# Random streams of the writer, beside the per-sample scene streams of the generator.
-_PRESENCE_STREAM = 1
-_SPLIT_STREAM = 2
 
 Opener = Callable[[str], bytes]
-
-
-# --- encoding (deterministic bytes) ---
-
-
-def encode_png(array: np.ndarray) -> bytes:
-    """PNG bytes without timestamps or text chunks (identical for identical arrays)."""
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG", compress_level=6, optimize=False)
-    return buffer.getvalue()
-
-
-def encode_npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
-
-
-def encode_parquet(table: pa.Table) -> bytes:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd", write_statistics=True)
-    return buffer.getvalue()
 
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Atomic, not fsynced: generated files are many and can be regenerated."""
-    write_bytes_atomic(path, data, durable=False)
-
-
-def sample_id_for(line_id: str, sample_index: int) -> str:
-    return f"{line_id}-{sample_index:06d}"
-
-
-@dataclass
-class SampleRecord:
-    """One sample to write: the image, the labels it has and its capture metadata.
-
-    ``labels``: task -> label in the numpy layout with invalid pixels as in memory (a task the
-    sample lacks is left out); ``companions``: e.g. ``height_clean``; ``features``: rows of
-    ``FEATURES_SCHEMA`` without ``sample_id``, ``line_id`` and ``split``.
-    """
-
-    sample_id: str
-    line_id: str
-    image: np.ndarray  # uint8 (H, W, 3)
-    camera: str
-    pitch_mm_per_px: float
-    labels: dict[str, np.ndarray] = field(default_factory=dict)
-    companions: dict[str, np.ndarray] = field(default_factory=dict)
-    split: str = ""
-    has_defect: bool = False
-    n_defects: int = 0
-    features: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
-class WrittenSample:
-    """A sample's manifest row and feature rows, once its files are written."""
-
-    row: dict[str, Any]
-    features: list[dict[str, Any]]
-
-    def set_split(self, split: str) -> None:
-        self.row["split"] = split
-        for feature in self.features:
-            feature["split"] = split
-
-
-def write_sample(root: str | Path, record: SampleRecord, tasks: Sequence[str]) -> WrittenSample:
-    """Write ``record``'s files below ``root`` (atomically) for a dataset carrying ``tasks``."""
-    root = Path(root)
-    height, width = record.image.shape[:2]
-    arrays = {IMAGE: record.image, **record.labels, **record.companions}
-    files = _sample_files(tasks)
-    unknown = set(arrays) - {file.modality for file in files}
-    if unknown:
-        raise ConfigError(
-            f"sample {record.sample_id}: {', '.join(sorted(unknown))} not among the files of a "
-            f"dataset of {', '.join(tasks)}"
-        )
-    row: dict[str, Any] = {
-        "sample_id": record.sample_id,
-        "line_id": record.line_id,
-        "split": record.split,
-    }
-    for file in files:
-        row[f"{file.modality}_path"] = None
-        row[f"sha256_{file.modality}"] = None
-        array = arrays.get(file.modality)
-        if array is None:
-            continue
-        expected = (
-            (height, width, 3)
-            if file.task is None
-            else (get_task(file.task).numpy_shape(height, width))
-        )
-        if np.shape(array) != expected:
-            raise DataError(
-                f"sample {record.sample_id}: {file.modality}: shape {np.shape(array)}, "
-                f"expected {expected}"
-            )
-        relative = f"{file.folder}/{record.line_id}/{record.sample_id}{file.suffix}"
-        encoded = file.encode(array)
-        data = encode_png(encoded) if file.suffix == ".png" else encode_npy(encoded)
-        write_atomic(root / relative, data)
-        row[f"{file.modality}_path"] = relative
-        row[f"sha256_{file.modality}"] = sha256_hex(data)
-    row.update({f"has_{task}": task in record.labels for task in tasks})
-    row.update(
-        camera=record.camera,
-        pitch_mm_per_px=record.pitch_mm_per_px,
-        image_height=height,
-        image_width=width,
-        has_defect=record.has_defect,
-        n_defects=record.n_defects,
-    )
-    features = [
-        {**feature, "sample_id": record.sample_id, "line_id": record.line_id, "split": record.split}
-        for feature in record.features
-    ]
-    return WrittenSample(row, features)
-
-
-def write_manifest(
-    root: str | Path,
-    samples: Sequence[WrittenSample],
-    tasks: Sequence[str],
-    generator: Mapping[str, Any],
-) -> Path:
-    """Write ``features.parquet`` and then ``manifest.parquet`` (last and durable: a folder
-    without one is an interrupted run); returns the root. ``generator`` (JSON) says how the
-    data were made; training reads its ``class_names``."""
-    root = Path(root)
-    metadata = {
-        "cta.format": FORMAT_NAME,
-        "cta.format_version": str(FORMAT_VERSION),
-        "cta.generator": json.dumps(dict(generator), sort_keys=True),
-    }
-    feature_rows = [feature for sample in samples for feature in sample.features]
-    features = pa.Table.from_pylist(feature_rows, schema=FEATURES_SCHEMA)
-    write_bytes_atomic(
-        root / FEATURES_NAME, encode_parquet(features.replace_schema_metadata(metadata))
-    )
-    rows = [sample.row for sample in samples]
-    manifest = pa.Table.from_pylist(rows, schema=manifest_schema(tasks))
-    write_bytes_atomic(
-        root / MANIFEST_NAME, encode_parquet(manifest.replace_schema_metadata(metadata))
-    )
-    return root
-
-
-def presence_for(line: LineSpec, seed: int, sample_index: int) -> dict[str, bool]:
-    """Which modalities sample ``sample_index`` of ``line`` has (sensors, label fraction)."""
-    spec = line.synthetic
-    assert spec is not None
-    rng = np.random.default_rng([seed, line_key(line.id), sample_index, _PRESENCE_STREAM])
-    has_height = line.has_height_sensor
-    return {
-        "semseg": bool(rng.random() < spec.segmentation_label_fraction),
-        "height": has_height,
-        "height_clean": has_height,
-        "normals": has_height,  # normals come from the height sensor
-    }
-
-
-def synthetic_record(
-    line: LineSpec, sample_index: int, seed: int, height: int, width: int
-) -> SampleRecord:
-    """Sample ``sample_index`` of ``line`` rendered by the synthetic generator, with the labels
-    its line's sensors and label fraction give it (``presence_for``)."""
-    sample = render_sample(line, sample_index, seed, height, width)
-    present = presence_for(line, seed, sample_index)
-    rendered = {"semseg": sample.semseg, "height": sample.height, "normals": sample.normals}
-    return SampleRecord(
-        sample_id=sample_id_for(line.id, sample_index),
-        line_id=line.id,
-        image=sample.image,
-        camera=line.camera,
-        pitch_mm_per_px=sample.pitch_mm_per_px,
-        labels={task: label for task, label in rendered.items() if present[task]},
-        companions={"height_clean": sample.height_clean} if present["height_clean"] else {},
-        has_defect=sample.has_defect,
-        n_defects=len(sample.defects),
-        features=[
-            {
-                "feature_id": feature.feature_id,
-                "type": feature.type,
-                "x0": feature.box[0],
-                "y0": feature.box[1],
-                "x1": feature.box[2],
-                "y1": feature.box[3],
-                "nominal_mm": feature.nominal_mm,
-                "actual_mm": feature.actual_mm,
-                "tolerance_mm": feature.tolerance_mm,
-                "in_tolerance": feature.in_tolerance,
-            }
-            for feature in sample.features
-        ],
-    )
-
-
-def _write_synthetic_sample(
-    root: Path, line: LineSpec, sample_index: int, seed: int, height: int, width: int
-) -> WrittenSample:
-    record = synthetic_record(line, sample_index, seed, height, width)
-    return write_sample(root, record, SYNTHETIC_TASKS)
-
-
-def split_counts(total: int, fractions: Sequence[float]) -> list[int]:
-    """Exact counts summing to ``total`` (largest remainder; ties go to the earlier split)."""
-    raw = [total * fraction for fraction in fractions]
-    counts = [int(value) for value in raw]
-    order = sorted(range(len(raw)), key=lambda i: (-(raw[i] - counts[i]), i))
-    for i in order[: total - sum(counts)]:
-        counts[i] += 1
-    return counts
-
-
-def assign_splits(
-    has_defect: Sequence[bool], fractions: Sequence[float], rng: np.random.Generator
-) -> list[str]:
-    """Exact split sizes, each split getting a proportional share of the defective samples."""
-    total = len(has_defect)
-    counts = split_counts(total, fractions)
-    # Evenly interleaved label sequence (train, val, train, test, ...) with exact counts.
-    slots = sorted(
-        ((j + 0.5) / count, split_index)
-        for split_index, count in enumerate(counts)
-        for j in range(count)
-    )
-    labels = [SPLITS[split_index] for _, split_index in slots]
-    defective = [i for i in range(total) if has_defect[i]]
-    clean = [i for i in range(total) if not has_defect[i]]
-    order = [defective[i] for i in rng.permutation(len(defective))] + [
-        clean[i] for i in rng.permutation(len(clean))
-    ]
-    # Any prefix of the interleaved labels holds each split in proportion, so the defective
-    # samples (first in ``order``) are spread over the splits like the rest.
-    result = [""] * total
-    for sample, label in zip(order, labels, strict=True):
-        result[sample] = label
-    return result
-
-
-def generate_dataset(
-    out_dir: str | Path,
-    lines_config: LinesConfig | str | Path | None = None,
-    *,
-    n_lines: int,
-    samples_per_line: int,
-    height: int = 128,
-    width: int = 128,
-    seed: int = 0,
-    splits: Sequence[float] = (0.6, 0.15, 0.15, 0.1),
-    progress: bool = True,
-    overwrite: bool = False,
-    workers: int = 1,
-) -> Path:
-    """Generate the synthetic dataset of the first ``n_lines`` lines; returns the root.
-
-    Files are written atomically; ``manifest.parquet`` is written last, so a folder without one
-    is an interrupted generation. An existing dataset is replaced only with ``overwrite``.
-    ``workers`` > 1 renders in that many processes; the bytes do not depend on it, because each
-    sample depends only on (seed, line, index).
-    """
-    config = _as_lines_config(lines_config)
-    lines = config.first(n_lines)
-    for line in lines:
-        if line.synthetic is None:
-            raise ConfigError(f"{config.source}: line {line.id!r} has no 'synthetic' block")
-    if samples_per_line < 1:
-        raise ConfigError(f"samples_per_line must be >= 1, got {samples_per_line}")
-    if len(splits) != len(SPLITS) or min(splits) < 0 or abs(sum(splits) - 1) > 1e-6:
-        raise ConfigError(
-            f"splits must be {len(SPLITS)} fractions >= 0 for {'/'.join(SPLITS)} summing to 1, "
-            f"got {list(splits)}"
-        )
-    if seed < 0:
-        raise ConfigError(f"seed must be >= 0, got {seed}")
-    if min(height, width) < 8:
-        raise ConfigError(f"image size must be at least 8 x 8, got {height} x {width}")
-    if workers < 1:
-        raise ConfigError(f"workers must be >= 1, got {workers}")
-    root = Path(out_dir)
-    prepare_root(root, SYNTHETIC_TASKS, overwrite)
-
-    jobs = [
-        (root, line, sample_index, seed, height, width)
-        for line in lines
-        for sample_index in range(samples_per_line)
-    ]
-    ordered: list[WrittenSample] = []
-    with (
-        tqdm(total=len(jobs), desc="generate", unit="sample", disable=not progress) as bar,
-        _job_runner(workers) as run,
-    ):
-        results = []
-        for written_sample in run(jobs):
-            results.append(written_sample)
-            bar.update(1)
-        for line_number, line in enumerate(lines):
-            written = results[line_number * samples_per_line : (line_number + 1) * samples_per_line]
-            split_rng = np.random.default_rng([seed, line_key(line.id), _SPLIT_STREAM])
-            labels = assign_splits([w.row["has_defect"] for w in written], splits, split_rng)
-            for item, label in zip(written, labels, strict=True):
-                item.set_split(label)
-                ordered.append(item)
-
-    generator = {
-        "seed": seed,
-        "n_lines": n_lines,
-        "samples_per_line": samples_per_line,
-        "height": height,
-        "width": width,
-        "splits": list(splits),
-        "class_names": list(CLASS_NAMES),
-        "lines": [line.model_dump(mode="json") for line in lines],
-    }
-    return write_manifest(root, ordered, SYNTHETIC_TASKS, generator)
-
-
-@contextlib.contextmanager
-def _job_runner(workers: int) -> Iterator[Callable[[list[tuple]], Iterator[WrittenSample]]]:
-    """Yield a function writing the synthetic samples of jobs, in order, in-process or in a
-    pool."""
-    if workers == 1:
-        yield lambda jobs: (_write_synthetic_sample(*job) for job in jobs)
-        return
-    # spawn, not fork: the parent may hold threads (torch, tqdm) that fork would copy mid-lock.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        yield lambda jobs: pool.map(_write_synthetic_sample_job, jobs, chunksize=8)
-
-
-def _write_synthetic_sample_job(job: tuple) -> WrittenSample:
-    return _write_synthetic_sample(*job)
-
-
-def _as_lines_config(lines_config: LinesConfig | str | Path | None) -> LinesConfig:
+def as_lines_config(lines_config: LinesConfig | str | Path | None) -> LinesConfig:
+    """``lines_config`` as given, or loaded from its path (default ``configs/lines.yaml``)."""
     if isinstance(lines_config, LinesConfig):
         return lines_config
     return load_lines_config(DEFAULT_LINES_CONFIG if lines_config is None else lines_config)
-
-
-def prepare_root(root: str | Path, tasks: Sequence[str], overwrite: bool = False) -> None:
-    """Create ``root`` for a new dataset of ``tasks``; an existing one (any of its folders, its
-    manifest or features) is removed only with ``overwrite``, else DataError."""
-    root = Path(root)
-    folders = [file.folder for file in _sample_files(tasks)]
-    ours = [*folders, MANIFEST_NAME, FEATURES_NAME]
-    existing = [name for name in ours if (root / name).exists()]
-    if existing and not overwrite:
-        raise DataError(
-            f"{root}: already holds a line dataset ({', '.join(existing)}); "
-            "pass overwrite=True (--overwrite) to replace it"
-        )
-    # Remove the manifest first: an interrupted overwrite then reads as incomplete.
-    for name in [MANIFEST_NAME, FEATURES_NAME, *folders]:
-        target = root / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-    root.mkdir(parents=True, exist_ok=True)
 
 
 # --- reader ---
@@ -585,7 +215,7 @@ class LineDataset:
     ) -> None:
         self.location = str(root).rstrip("/")
         self.opener = opener if opener is not None else LocalOpener(root)
-        self.lines_config = _as_lines_config(lines_config)
+        self.lines_config = as_lines_config(lines_config)
         self.split = split
         self.verify_checksums = verify_checksums
         self.include_clean = include_clean

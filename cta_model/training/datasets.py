@@ -31,10 +31,10 @@ from cta_model.data.line_dataset import (
     LineDataset,
     LocalOpener,
     Opener,
-    generate_dataset,
     sha256_hex,
 )
 from cta_model.data.synthetic import CLASS_NAMES
+from cta_model.data.synthetic_dataset import generate_dataset
 from cta_model.errors import ConfigError
 from cta_model.train_config import DataConfig, TrainConfig
 from cta_model.training.distributed import DistributedEnv, barrier
@@ -70,7 +70,14 @@ class Subset:
 def synthetic_cache_root(data: DataConfig) -> Path:
     """`<cache_dir>/synthetic/<hash>` of the generator parameters, the inventory's bytes and
     the generator's version (its format version and source), so any change regenerates."""
-    from cta_model.data import line_dataset, synthetic, synthetic_defects, synthetic_parts
+    from cta_model.data import (
+        line_dataset,
+        line_writer,
+        synthetic,
+        synthetic_dataset,
+        synthetic_defects,
+        synthetic_parts,
+    )
     from cta_model.data.lines import DEFAULT_LINES_CONFIG
 
     assert data.synthetic is not None
@@ -79,7 +86,14 @@ def synthetic_cache_root(data: DataConfig) -> Path:
         lines_sha = sha256_hex(lines_path.read_bytes())
     except OSError as exc:
         raise ConfigError(f"data.lines_config: cannot read {lines_path}: {exc}") from None
-    generator_sources = (synthetic, synthetic_parts, synthetic_defects, line_dataset)
+    generator_sources = (
+        synthetic,
+        synthetic_parts,
+        synthetic_defects,
+        synthetic_dataset,
+        line_dataset,
+        line_writer,
+    )
     generator_sha = sha256_hex(b"".join(Path(m.__file__).read_bytes() for m in generator_sources))
     key = {
         "params": data.synthetic.model_dump(mode="json"),

@@ -9,7 +9,8 @@ import yaml
 from kfp import dsl, local
 
 from components.train_baselines.component import baselines_needed, train_baselines
-from cta_model.data.line_dataset import MANIFEST_NAME, generate_dataset, sha256_hex
+from cta_model.data.line_dataset import MANIFEST_NAME, sha256_hex
+from cta_model.data.synthetic_dataset import generate_dataset
 from pipelines.run import task_result
 
 pytestmark = pytest.mark.e2e

@@ -19,7 +19,8 @@ import yaml
 from click.testing import CliRunner
 
 from cta_cli.commands.retrain import retrain
-from cta_model.data.line_dataset import MANIFEST_NAME, generate_dataset
+from cta_model.data.line_dataset import MANIFEST_NAME
+from cta_model.data.synthetic_dataset import generate_dataset
 from pipelines.run import run_local
 from pipelines.summary import summary_lines
 from pipelines.training import (

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cta_model.data.line_dataset import MANIFEST_NAME, generate_dataset, sha256_hex
+from cta_model.data.line_dataset import MANIFEST_NAME, sha256_hex
+from cta_model.data.synthetic_dataset import generate_dataset
 
 
 def validated_dataset_ref(folder: Path, *, n_lines: int, samples_per_line: int) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cta_model.data.line_dataset import generate_dataset
+from cta_model.data.synthetic_dataset import generate_dataset
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,8 @@ from components.artifacts import read_json, validation_problems
 from components.evaluate.scoring import meter_inputs
 from components.evaluate.step import DELTA_M_NO_BASELINES, EVALUATION_NAME, run
 from cta_cli.commands.evaluate import evaluate as evaluate_command
-from cta_model.data.line_dataset import MANIFEST_NAME, generate_dataset, sha256_hex
+from cta_model.data.line_dataset import MANIFEST_NAME, sha256_hex
+from cta_model.data.synthetic_dataset import generate_dataset
 from cta_model.errors import DataError
 from cta_model.model_folder import WEIGHTS, folder_sha256
 from cta_model.tasks import metric_directions

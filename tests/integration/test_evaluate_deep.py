@@ -25,7 +25,8 @@ from components.evaluate.scoring import LineScores, boundary_mask, dimension_err
 from components.evaluate.step import DELTA_M_NO_BASELINES, EVALUATION_NAME, run
 from components.register_model.step import run as register
 from components.train.logged_model import log_model_folder
-from cta_model.data.line_dataset import MANIFEST_NAME, generate_dataset, sha256_hex
+from cta_model.data.line_dataset import MANIFEST_NAME, sha256_hex
+from cta_model.data.synthetic_dataset import generate_dataset
 from cta_model.inspection import InspectionConfig, pr_curve, recall_and_frr
 from cta_model.model_folder import save_model_folder
 from cta_model.nn.models import ModelSpec, build_model

@@ -21,7 +21,7 @@ from fault_proxy import fault_proxy
 from test_dvc import DVC, _git_dvc_repo, _isolated_env, _run, _tree_digest
 
 from components import storage
-from cta_model.data.line_dataset import generate_dataset
+from cta_model.data.synthetic_dataset import generate_dataset
 
 pytestmark = pytest.mark.integration
 

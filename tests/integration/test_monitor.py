@@ -47,8 +47,9 @@ def monitored(tmp_path_factory):
     reference_stats.parquet comes from the val split, as the trainer writes it."""
     import pyarrow.parquet as pq
 
-    from cta_model.data.line_dataset import LineDataset, generate_dataset
+    from cta_model.data.line_dataset import LineDataset
     from cta_model.data.synthetic import CLASS_NAMES
+    from cta_model.data.synthetic_dataset import generate_dataset
     from cta_model.inference import Predictor
     from cta_model.model_folder import save_model_folder
     from cta_model.nn.models import ModelSpec, build_model

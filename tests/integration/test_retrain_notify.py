@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def dataset(tmp_path: Path) -> Path:
-    from cta_model.data.line_dataset import generate_dataset
+    from cta_model.data.synthetic_dataset import generate_dataset
 
     return generate_dataset(
         tmp_path / "data",

@@ -25,7 +25,8 @@ from components.rollout.engine import line_key, rollout_key
 from components.rollout.state import LocalStateStore, lock_holder
 from components.train.logged_model import log_model_folder
 from cta_cli.commands.rollout import rollout
-from cta_model.data.line_dataset import LineDataset, generate_dataset
+from cta_model.data.line_dataset import LineDataset
+from cta_model.data.synthetic_dataset import generate_dataset
 from cta_model.model_folder import load_model_folder, read_model_card, save_model_folder
 
 pytestmark = [

@@ -20,12 +20,8 @@ from components.storage import (
     upload_tree,
     write_bytes_atomic,
 )
-from cta_model.data.line_dataset import (
-    MANIFEST_NAME,
-    LineDataset,
-    LocalOpener,
-    generate_dataset,
-)
+from cta_model.data.line_dataset import MANIFEST_NAME, LineDataset, LocalOpener
+from cta_model.data.synthetic_dataset import generate_dataset
 from cta_model.errors import ConfigError, DataError
 
 pytestmark = pytest.mark.integration

@@ -17,17 +17,11 @@ from components.artifacts import read_json
 from components.evaluate.step import EVALUATION_NAME
 from components.evaluate.step import run as evaluate
 from components.serve.process import start_server
-from cta_model.data.line_dataset import (
-    SYNTHETIC_TASKS,
-    LineDataset,
-    WrittenSample,
-    prepare_root,
-    synthetic_record,
-    write_manifest,
-    write_sample,
-)
+from cta_model.data.line_dataset import LineDataset
+from cta_model.data.line_writer import WrittenSample, prepare_root, write_manifest, write_sample
 from cta_model.data.lines import load_lines_config
 from cta_model.data.synthetic import CLASS_NAMES
+from cta_model.data.synthetic_dataset import SYNTHETIC_TASKS, synthetic_record
 from cta_model.tasks import TASK_PLUGINS_ENV, TASKS, TaskSpec, load_task_plugins
 from cta_model.train_config import validate_train_config
 from cta_model.training import MODEL_DIR, train

@@ -25,8 +25,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cta_model.data.line_dataset import MANIFEST_NAME, LineDataset, generate_dataset
+from cta_model.data.line_dataset import MANIFEST_NAME, LineDataset
 from cta_model.data.synthetic import CLASS_NAMES
+from cta_model.data.synthetic_dataset import generate_dataset
 from cta_model.errors import ConfigError
 from cta_model.inference import Predictor
 from cta_model.model_folder import verify_checksums

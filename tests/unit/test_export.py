@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from cta_cli.main import main
-from cta_model.data.line_dataset import generate_dataset
+from cta_model.data.synthetic_dataset import generate_dataset
 from cta_model.errors import ConfigError, DataError
 from cta_model.export import (
     EXPORT_JSON,

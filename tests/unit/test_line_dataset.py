@@ -15,18 +15,20 @@ import pytest
 from cta_model.data.line_dataset import (
     MANIFEST_NAME,
     SPLITS,
-    SYNTHETIC_TASKS,
     LineDataset,
-    assign_splits,
     check_relative_path,
-    generate_dataset,
     manifest_schema,
-    split_counts,
-    synthetic_record,
-    write_sample,
 )
+from cta_model.data.line_writer import write_sample
 from cta_model.data.lines import LinesConfig, load_lines_config
 from cta_model.data.synthetic import render_sample
+from cta_model.data.synthetic_dataset import (
+    SYNTHETIC_TASKS,
+    assign_splits,
+    generate_dataset,
+    split_counts,
+    synthetic_record,
+)
 from cta_model.errors import ConfigError, DataError
 
 pytestmark = pytest.mark.unit

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cta_model.data import statistics
-from cta_model.data.line_dataset import MANIFEST_NAME, LineDataset, generate_dataset, sha256_hex
+from cta_model.data.line_dataset import MANIFEST_NAME, LineDataset, sha256_hex
 from cta_model.data.statistics import (
     ANOMALY_SLOPE,
     SEMSEG_FRACTION_COLUMNS,
@@ -23,6 +23,7 @@ from cta_model.data.statistics import (
     normals_vs_height,
 )
 from cta_model.data.synthetic import CLASS_IDS, normals_from_height
+from cta_model.data.synthetic_dataset import generate_dataset
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 
-from cta_model.data.line_dataset import presence_for
 from cta_model.data.lines import LineSpec, load_lines_config
 from cta_model.data.synthetic import (
     CLASS_IDS,
@@ -16,6 +15,7 @@ from cta_model.data.synthetic import (
     normals_from_height,
     render_sample,
 )
+from cta_model.data.synthetic_dataset import presence_for
 
 pytestmark = pytest.mark.unit
 

@@ -30,13 +30,8 @@ from components.validate_data.step import (
     run,
 )
 from cta_cli.main import main
-from cta_model.data.line_dataset import (
-    MANIFEST_NAME,
-    LineDataset,
-    LocalOpener,
-    generate_dataset,
-    sha256_hex,
-)
+from cta_model.data.line_dataset import MANIFEST_NAME, LineDataset, LocalOpener, sha256_hex
+from cta_model.data.synthetic_dataset import generate_dataset
 from cta_model.errors import ConfigError, DataError
 
 pytestmark = pytest.mark.unit
