@@ -133,6 +133,9 @@ class LineSpec(_Strict):
     defect_prevalence: float = Field(ge=0, le=1)
     pilot: bool
     serving_target: ServingTarget
+    # The narrowest reject defect the line must catch (mm); the model must see it over at least
+    # cta_model.inspection.MIN_DEFECT_PX pixels. None: the line states none (nothing checked).
+    min_defect_width_mm: float | None = Field(default=None, gt=0, le=1000)
     # None for a real line that has no synthetic twin; `cta data generate` refuses such a line.
     synthetic: SyntheticLineSpec | None = None
 
