@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,9 @@ FORMAT_NAME = "cta-line-dataset"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.parquet"
 FEATURES_NAME = "features.parquet"
+#: Manifest metadata key of the JSON record of how the data were made (class_names, and
+#: reject_classes where the dataset defines its defects).
+GENERATOR_KEY = "cta.generator"
 SPLITS: tuple[str, ...] = ("train", "val", "test", "qa")
 IMAGE = "image"
 IMAGE_DIR = "images"
@@ -251,6 +255,29 @@ class LineDataset:
     @property
     def line_ids(self) -> list[str]:
         return sorted({row["line_id"] for row in self.rows})
+
+    @property
+    def generator(self) -> dict[str, Any]:
+        """The manifest's ``cta.generator`` record: how the data were made (JSON)."""
+        try:
+            value = json.loads(self.metadata.get(GENERATOR_KEY) or "{}")
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{self._where(MANIFEST_NAME)}: {GENERATOR_KEY}: {exc}") from None
+        if not isinstance(value, dict):
+            raise DataError(f"{self._where(MANIFEST_NAME)}: {GENERATOR_KEY}: not a JSON object")
+        return value
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The segmentation classes by id, when the dataset names them."""
+        return tuple(str(name) for name in self.generator.get("class_names") or ())
+
+    @property
+    def reject_classes(self) -> tuple[int, ...] | None:
+        """The class ids the dataset itself calls defects (an imported benchmark does); None
+        when it leaves that to the inspection config (the synthetic scenes do)."""
+        value = self.generator.get("reject_classes")
+        return None if value is None else tuple(int(c) for c in value)
 
     def require_tasks(self, tasks: Iterable[str], what: str = "tasks") -> None:
         """ConfigError naming the ``tasks`` this dataset carries no labels for."""

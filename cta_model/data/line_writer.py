@@ -27,6 +27,7 @@ from cta_model.data.line_dataset import (
     FEATURES_SCHEMA,
     FORMAT_NAME,
     FORMAT_VERSION,
+    GENERATOR_KEY,
     IMAGE,
     MANIFEST_NAME,
     manifest_schema,
@@ -185,12 +186,12 @@ def write_manifest(
 ) -> Path:
     """Write ``features.parquet`` and then ``manifest.parquet`` (last and durable: a folder
     without one is an interrupted run); returns the root. ``generator`` (JSON) says how the
-    data were made; training reads its ``class_names``."""
+    data were made; training reads its ``class_names`` and, when present, ``reject_classes``."""
     root = Path(root)
     metadata = {
         "cta.format": FORMAT_NAME,
         "cta.format_version": str(FORMAT_VERSION),
-        "cta.generator": json.dumps(dict(generator), sort_keys=True),
+        GENERATOR_KEY: json.dumps(dict(generator), sort_keys=True),
     }
     feature_rows = [feature for sample in samples for feature in sample.features]
     features = pa.Table.from_pylist(feature_rows, schema=FEATURES_SCHEMA)
