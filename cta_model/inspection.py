@@ -267,7 +267,11 @@ def defect_pixels(min_defect_width_mm: float, pitch_mm_per_px: float) -> float:
 
 
 def check_defect_resolution(
-    line_id: str, min_defect_width_mm: float | None, pitch_mm_per_px: float, where: str
+    line_id: str,
+    min_defect_width_mm: float | None,
+    pitch_mm_per_px: float,
+    where: str,
+    inventory: str = "configs/lines.yaml",
 ) -> None:
     """Refuse a set-up where line ``line_id``'s smallest defect to find spans fewer than
     MIN_DEFECT_PX pixels at the pitch the model sees. ``min_defect_width_mm`` None: the line
@@ -280,7 +284,7 @@ def check_defect_resolution(
     if pixels < MIN_DEFECT_PX - 1e-9:
         raise ConfigError(
             f"{where}: line {line_id}: its smallest defect to find ({min_defect_width_mm:g} mm, "
-            f"configs/lines.yaml min_defect_width_mm) spans {pixels:.2f} px at the "
+            f"min_defect_width_mm in {inventory}) spans {pixels:.2f} px at the "
             f"{pitch_mm_per_px:.3g} mm/px the model sees; at least {MIN_DEFECT_PX:g} px are "
             "needed. Use images at a finer pitch (a larger image size, or tiles cut at the "
             "camera's pitch instead of resizing: data.tiling in the train config)."

@@ -144,7 +144,9 @@ def check_resolution(
             config.model.input_size,
             contract.resize_policy,
         )
-        check_defect_resolution(line_id, line.min_defect_width_mm, seen, "cta train")
+        check_defect_resolution(
+            line_id, line.min_defect_width_mm, seen, "cta train", str(lines.source)
+        )
 
 
 def defect_census(dataset: Any, class_task: str, reject_classes: Iterable[int]) -> DefectCensus:
