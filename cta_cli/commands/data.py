@@ -22,7 +22,7 @@ def data() -> None:
     "--lines-config",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="fleet inventory (default: configs/lines.yaml)",
+    help="fleet inventory (default: $CTA_LINES_CONFIG, else configs/lines.yaml)",
 )
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--overwrite", is_flag=True, help="replace an existing dataset in --out")

@@ -37,7 +37,6 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from cta_model.data.lines import (
-    DEFAULT_LINES_CONFIG,
     LINE_ID_PATTERN,
     LinesConfig,
     load_lines_config,
@@ -157,7 +156,7 @@ def as_lines_config(lines_config: LinesConfig | str | Path | None) -> LinesConfi
     """``lines_config`` as given, or loaded from its path (default ``configs/lines.yaml``)."""
     if isinstance(lines_config, LinesConfig):
         return lines_config
-    return load_lines_config(DEFAULT_LINES_CONFIG if lines_config is None else lines_config)
+    return load_lines_config(lines_config)
 
 
 # --- reader ---

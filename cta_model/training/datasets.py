@@ -79,10 +79,10 @@ def synthetic_cache_root(data: DataConfig) -> Path:
         synthetic_defects,
         synthetic_parts,
     )
-    from cta_model.data.lines import DEFAULT_LINES_CONFIG
+    from cta_model.data.lines import default_lines_config
 
     assert data.synthetic is not None
-    lines_path = Path(data.lines_config) if data.lines_config else DEFAULT_LINES_CONFIG
+    lines_path = Path(data.lines_config) if data.lines_config else default_lines_config()
     try:
         lines_sha = sha256_hex(lines_path.read_bytes())
     except OSError as exc:
