@@ -17,6 +17,7 @@ import pytest
 import requests
 import yaml
 from PIL import Image
+from registered_thresholds import register_with_thresholds
 
 from components.serve.process import ServerStartError, start_server
 from cta_model.inference import Predictor
@@ -295,8 +296,6 @@ def test_serves_a_registered_version_by_alias(
 def test_a_registered_version_is_served_with_the_threshold_of_its_evaluation_for_the_line(
     tiny_model_dir: Path, mlflow_server: str, tmp_path: Path
 ) -> None:
-    from tests.integration.registered_thresholds import register_with_thresholds
-
     name = f"cta-serve-{uuid.uuid4().hex[:8]}"
     version = register_with_thresholds(
         tiny_model_dir, name, mlflow_server, tmp_path, {"line-b": 0.3, "line-c": 0.6}, 0.7
