@@ -166,8 +166,9 @@ def _default_score(card: Any, log: Any):
     """configs/inspection.yaml's score definition, for a folder whose model.yaml names no
     reject classes of its own; None when those ids are not classes of this model."""
     from cta_model.inspection import ScoreDefinition, load_inspection_config
+    from cta_model.tasks import task_of_kind
 
-    if card.inspection is not None:
+    if card.inspection is not None or task_of_kind("classes", card.spec.tasks) is None:
         return None
     config = load_inspection_config()
     classes = card.spec.num_classes or 0
