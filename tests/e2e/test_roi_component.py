@@ -32,7 +32,13 @@ def _write_evaluation(folder: Path) -> Path:
     scored = {"n_images": 12, "metrics": {"semseg.miou": 0.5}, "inspection": _inspection(0.9, 0.05)}
     evaluation = {
         "schema_version": 2,
-        "model": {"name": None, "version": None, "model_id": None, "sha256": "c" * 64},
+        "model": {
+            "name": None,
+            "version": None,
+            "model_id": None,
+            "sha256": "c" * 64,
+            "tasks": ["semseg"],
+        },
         "data": {"uri": "/data", "manifest_sha256": "d" * 64, "split": "test"},
         "per_line": {"press-a": scored},
         "overall": scored,
