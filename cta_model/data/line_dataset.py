@@ -15,6 +15,11 @@ columns ``<task>_path``, ``has_<task>`` and ``sha256_<task>`` of every task it c
 synthetic generator writes semseg (uint8 PNG, 255 = invalid), height and height_clean (float32
 mm, NaN = drop-out) and normals (float32 H x W x 3, (0, 0, 0) = invalid).
 
+A manifest may carry the optional column ``part_id`` (nullable string): the part an image
+shows, where a line takes several images per part (evaluate and serve then also give the
+part's verdict). A part's images share one line and one split. Writers add the column only
+when some sample has a part id, so datasets without parts keep the format's bytes.
+
 Paths in the manifest are relative to the root and may never leave it. Every file carries a
 sha256 in the manifest. All bytes are deterministic: the same seed gives a byte-identical tree.
 """
@@ -54,6 +59,8 @@ GENERATOR_KEY = "cta.generator"
 SPLITS: tuple[str, ...] = ("train", "val", "test", "qa")
 IMAGE = "image"
 IMAGE_DIR = "images"
+#: Optional manifest column: the part an image shows (several images per part on some lines).
+PART_ID = "part_id"
 _PNG_LABEL_MODES = ("L", "I;16")  # 8- and 16-bit integer ids
 
 
@@ -93,9 +100,11 @@ def modalities(tasks: Iterable[str]) -> tuple[str, ...]:
     return tuple(file.modality for file in sample_files(tasks))
 
 
-def manifest_schema(tasks: Sequence[str]) -> pa.Schema:
-    """The manifest of a dataset carrying ``tasks`` (in this order)."""
+def manifest_schema(tasks: Sequence[str], part_ids: bool = False) -> pa.Schema:
+    """The manifest of a dataset carrying ``tasks`` (in this order); with ``part_ids`` the
+    optional last column ``part_id``."""
     files = modalities(tasks)
+    optional = [pa.field(PART_ID, pa.string(), nullable=True)] if part_ids else []
     return pa.schema(
         [
             pa.field("sample_id", pa.string(), nullable=False),
@@ -110,6 +119,7 @@ def manifest_schema(tasks: Sequence[str]) -> pa.Schema:
             pa.field("image_width", pa.int32(), nullable=False),
             pa.field("has_defect", pa.bool_(), nullable=False),
             pa.field("n_defects", pa.int32(), nullable=False),
+            *optional,
         ]
     )
 
@@ -379,6 +389,7 @@ class LineDataset:
     def _check_rows(self, rows: list[dict[str, Any]]) -> None:
         where = self._where(MANIFEST_NAME)
         seen: dict[str, int] = {}
+        parts: dict[str, tuple[str, str, int]] = {}  # part_id -> (line, split, first row)
         known = set(self.lines_config.ids)
         for number, row in enumerate(rows):
             sample_id, line_id = row["sample_id"], row["line_id"]
@@ -415,6 +426,27 @@ class LineDataset:
                     raise DataError(f"{at}: {modality}_path: {exc}") from None
                 if self.verify_checksums and not row.get(f"sha256_{modality}"):
                     raise DataError(f"{at}: sha256_{modality}: missing for {path}")
+            self._check_part(row, number, at, parts)
+
+    @staticmethod
+    def _check_part(
+        row: dict[str, Any], number: int, at: str, parts: dict[str, tuple[str, str, int]]
+    ) -> None:
+        """A part id is a non-empty string whose images share one line and one split (a part
+        split across train and test would leak)."""
+        part_id = row.get(PART_ID)
+        if part_id is None:
+            return
+        if not isinstance(part_id, str) or not part_id:
+            raise DataError(f"{at}: {PART_ID}: {part_id!r} is not a non-empty string")
+        place = (row["line_id"], row["split"])
+        first = parts.setdefault(part_id, (*place, number))
+        if first[:2] != place:
+            raise DataError(
+                f"{at}: {PART_ID}: part {part_id!r} is on line {place[0]}, split {place[1]}, but "
+                f"row {first[2]} puts it on line {first[0]}, split {first[1]}: a part's images "
+                "share one line and one split"
+            )
 
     def _read_checked(self, row: dict[str, Any], modality: str) -> tuple[str, bytes]:
         relative = row[f"{modality}_path"]

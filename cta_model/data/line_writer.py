@@ -30,6 +30,7 @@ from cta_model.data.line_dataset import (
     GENERATOR_KEY,
     IMAGE,
     MANIFEST_NAME,
+    PART_ID,
     manifest_schema,
     sample_files,
     sha256_hex,
@@ -87,6 +88,7 @@ class SampleRecord:
     has_defect: bool = False
     n_defects: int = 0
     features: list[dict[str, Any]] = field(default_factory=list)
+    part_id: str | None = None  # the part the image shows, where a line images a part often
 
 
 @dataclass
@@ -172,6 +174,8 @@ def write_sample(root: str | Path, record: SampleRecord, tasks: Sequence[str]) -
         has_defect=record.has_defect,
         n_defects=record.n_defects,
     )
+    if record.part_id is not None:
+        row[PART_ID] = record.part_id
     features = [
         {**feature, "sample_id": record.sample_id, "line_id": record.line_id, "split": record.split}
         for feature in record.features
@@ -200,7 +204,9 @@ def write_manifest(
         root / FEATURES_NAME, encode_parquet(features.replace_schema_metadata(metadata))
     )
     rows = [sample.row for sample in samples]
-    manifest = pa.Table.from_pylist(rows, schema=manifest_schema(tasks))
+    # The part_id column only where some sample has one: datasets without parts keep their bytes.
+    part_ids = any(row.get(PART_ID) is not None for row in rows)
+    manifest = pa.Table.from_pylist(rows, schema=manifest_schema(tasks, part_ids))
     write_bytes_atomic(
         root / MANIFEST_NAME, encode_parquet(manifest.replace_schema_metadata(metadata))
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -14,12 +15,13 @@ import pytest
 
 from cta_model.data.line_dataset import (
     MANIFEST_NAME,
+    PART_ID,
     SPLITS,
     LineDataset,
     check_relative_path,
     manifest_schema,
 )
-from cta_model.data.line_writer import write_sample
+from cta_model.data.line_writer import write_manifest, write_sample
 from cta_model.data.lines import LinesConfig, load_lines_config
 from cta_model.data.synthetic import render_sample
 from cta_model.data.synthetic_dataset import (
@@ -467,3 +469,59 @@ def test_writer_checks_what_it_is_given(tmp_path: Path, config: LinesConfig) -> 
         write_sample(tmp_path, record, SYNTHETIC_TASKS)
     with pytest.raises(ConfigError, match="'depth' has no line-dataset encoding"):
         manifest_schema(("semseg", "depth"))
+
+
+# --- optional part ids ---
+
+
+def _with_part_ids(root: Path, part_ids: list[str | None]) -> None:
+    table = pq.read_table(root / MANIFEST_NAME)
+    column = pa.array(part_ids, type=pa.string())
+    table = table.append_column(pa.field(PART_ID, pa.string(), nullable=True), column)
+    pq.write_table(table, root / MANIFEST_NAME)
+
+
+def test_part_ids_are_an_optional_nullable_column(
+    dataset_root: Path, copy_root: Path, config: LinesConfig, tmp_path: Path
+) -> None:
+    # Without parts the schema and the writer's bytes stay the format's (no column at all).
+    assert PART_ID not in pq.read_schema(dataset_root / MANIFEST_NAME).names
+    assert manifest_schema(SYNTHETIC_TASKS, part_ids=True).names[-1] == PART_ID
+    assert manifest_schema(SYNTHETIC_TASKS, part_ids=True).field(PART_ID).nullable
+    # A manifest with the column: ids shared within one line and split, or null.
+    rows = manifest_rows(copy_root)
+    part_ids = [f"{row['line_id']}-{row['split']}-p{n // 2}" for n, row in enumerate(rows)]
+    part_ids[0] = None
+    _with_part_ids(copy_root, part_ids)
+    dataset = LineDataset(copy_root, config)
+    assert [row[PART_ID] for row in dataset.rows] == part_ids
+    # The writer adds the column only when a sample has a part id.
+    records = [synthetic_record(config.lines[0], index, 3, SIZE, SIZE) for index in range(2)]
+    records[1].part_id = "bracket-7"
+    written = [write_sample(tmp_path / "parts", record, SYNTHETIC_TASKS) for record in records]
+    for sample in written:
+        sample.set_split("test")
+    write_manifest(tmp_path / "parts", written, SYNTHETIC_TASKS, {})
+    assert [row[PART_ID] for row in manifest_rows(tmp_path / "parts")] == [None, "bracket-7"]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ("split", r"part 'p0' is on line press-a, split (val|train|test|qa), but row 0 puts it"),
+        ("empty", r"part_id: '' is not a non-empty string"),
+    ],
+)
+def test_a_part_spans_one_line_and_split(
+    copy_root: Path, config: LinesConfig, change: str, expected: str
+) -> None:
+    rows = manifest_rows(copy_root)
+    first_split = rows[0]["split"]
+    other = next(n for n, row in enumerate(rows) if row["split"] != first_split)
+    part_ids: list[str | None] = [None] * len(rows)
+    if change == "split":
+        part_ids[0] = part_ids[other] = "p0"
+    else:
+        part_ids[other] = ""
+    _with_part_ids(copy_root, part_ids)
+    assert re.search(expected, dataset_error(copy_root, config))
