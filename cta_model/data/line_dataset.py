@@ -20,6 +20,9 @@ shows, where a line takes several images per part (evaluate and serve then also 
 part's verdict). A part's images share one line and one split. Writers add the column only
 when some sample has a part id, so datasets without parts keep the format's bytes.
 
+A dataset may carry its own fleet inventory, ``lines.yaml`` at the root (an imported benchmark's
+categories are not production lines): readers use it when the caller names no lines config.
+
 Paths in the manifest are relative to the root and may never leave it. Every file carries a
 sha256 in the manifest. All bytes are deterministic: the same seed gives a byte-identical tree.
 """
@@ -41,6 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from cta_model.config import parse_yaml
 from cta_model.data.lines import (
     LINE_ID_PATTERN,
     LinesConfig,
@@ -53,6 +57,8 @@ FORMAT_NAME = "cta-line-dataset"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.parquet"
 FEATURES_NAME = "features.parquet"
+#: The dataset's own fleet inventory (optional), beside the manifest.
+DATASET_LINES_NAME = "lines.yaml"
 #: Manifest metadata key of the JSON record of how the data were made (class_names, and
 #: reject_classes where the dataset defines its defects).
 GENERATOR_KEY = "cta.generator"
@@ -163,10 +169,28 @@ def sha256_hex(data: bytes) -> str:
 
 
 def as_lines_config(lines_config: LinesConfig | str | Path | None) -> LinesConfig:
-    """``lines_config`` as given, or loaded from its path (default ``configs/lines.yaml``)."""
+    """``lines_config`` as given, or loaded from its path (default: ``$CTA_LINES_CONFIG``, else
+    ``configs/lines.yaml``)."""
     if isinstance(lines_config, LinesConfig):
         return lines_config
     return load_lines_config(lines_config)
+
+
+def dataset_lines_config(opener: Opener, location: str) -> LinesConfig | None:
+    """The inventory the dataset carries (``<root>/lines.yaml``, read through ``opener``), or
+    None when it carries none."""
+    source = f"{location}/{DATASET_LINES_NAME}"
+    try:
+        data = opener(DATASET_LINES_NAME)
+    except (FileNotFoundError, DataError):  # DataError: a missing S3 object
+        return None
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{source}: cannot read: {exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text: {exc}") from None
+    return LinesConfig.from_dict(parse_yaml(text, source), source=source)
 
 
 # --- reader ---
@@ -210,8 +234,9 @@ class LineDataset:
     carry (``line_dataset_tasks()``; numpy layout), ``present`` {task: bool} and
     ``pitch_mm_per_px``; with ``include_clean`` also the companions (e.g. ``height_clean``).
     ``tasks`` are the tasks whose columns the manifest has; a task without them is absent from
-    every sample. ``lines_config`` (a LinesConfig or a path; default ``configs/lines.yaml``) is
-    the inventory every ``line_id`` is checked against. ``opener`` reads a root-relative path
+    every sample. ``lines_config`` (a LinesConfig or a path) is the inventory every ``line_id``
+    is checked against; without one, the dataset's own ``lines.yaml`` if it carries one, else
+    ``configs/lines.yaml``. ``opener`` reads a root-relative path
     and returns its bytes; the default reads the local folder ``root``; remote stores pass
     their own.
     """
@@ -228,7 +253,11 @@ class LineDataset:
     ) -> None:
         self.location = str(root).rstrip("/")
         self.opener = opener if opener is not None else LocalOpener(root)
-        self.lines_config = as_lines_config(lines_config)
+        self.lines_config = (
+            as_lines_config(lines_config)
+            if lines_config is not None
+            else dataset_lines_config(self.opener, self.location) or as_lines_config(None)
+        )
         self.split = split
         self.verify_checksums = verify_checksums
         self.include_clean = include_clean

@@ -23,6 +23,7 @@ from PIL import Image
 
 from cta_model.atomic import write_bytes_atomic
 from cta_model.data.line_dataset import (
+    DATASET_LINES_NAME,
     FEATURES_NAME,
     FEATURES_SCHEMA,
     FORMAT_NAME,
@@ -106,10 +107,10 @@ class WrittenSample:
 
 def prepare_root(root: str | Path, tasks: Sequence[str], overwrite: bool = False) -> None:
     """Create ``root`` for a new dataset of ``tasks``; an existing one (any of its folders, its
-    manifest or features) is removed only with ``overwrite``, else DataError."""
+    manifest, features or own lines.yaml) is removed only with ``overwrite``, else DataError."""
     root = Path(root)
     folders = [file.folder for file in sample_files(tasks)]
-    ours = [*folders, MANIFEST_NAME, FEATURES_NAME]
+    ours = [*folders, MANIFEST_NAME, FEATURES_NAME, DATASET_LINES_NAME]
     existing = [name for name in ours if (root / name).exists()]
     if existing and not overwrite:
         raise DataError(
@@ -117,7 +118,7 @@ def prepare_root(root: str | Path, tasks: Sequence[str], overwrite: bool = False
             "pass overwrite=True (--overwrite) to replace it"
         )
     # Remove the manifest first: an interrupted overwrite then reads as incomplete.
-    for name in [MANIFEST_NAME, FEATURES_NAME, *folders]:
+    for name in [MANIFEST_NAME, FEATURES_NAME, DATASET_LINES_NAME, *folders]:
         target = root / name
         if target.is_dir():
             shutil.rmtree(target)

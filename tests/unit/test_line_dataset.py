@@ -12,8 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from cta_model.data.line_dataset import (
+    DATASET_LINES_NAME,
     MANIFEST_NAME,
     PART_ID,
     SPLITS,
@@ -22,7 +24,7 @@ from cta_model.data.line_dataset import (
     manifest_schema,
 )
 from cta_model.data.line_writer import write_manifest, write_sample
-from cta_model.data.lines import LinesConfig, load_lines_config
+from cta_model.data.lines import DEFAULT_LINES_CONFIG, LinesConfig, load_lines_config
 from cta_model.data.synthetic import render_sample
 from cta_model.data.synthetic_dataset import (
     SYNTHETIC_TASKS,
@@ -160,6 +162,16 @@ def test_existing_dataset_needs_overwrite(dataset_root: Path, tmp_path: Path, co
     generate_dataset(root, config, **{**kwargs, "samples_per_line": 1}, overwrite=True)
     assert len(manifest_rows(root)) == 1 and (root / "notes.txt").exists()
     assert len(list((root / "images" / "press-a").iterdir())) == 1
+
+
+def test_a_dataset_inventory_belongs_to_the_dataset(tmp_path: Path, config) -> None:
+    kwargs = dict(n_lines=1, samples_per_line=1, height=16, width=16, seed=0, progress=False)
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / DATASET_LINES_NAME).write_text("lines: []\n")  # e.g. an old import
+    with pytest.raises(DataError, match=f"already holds a line dataset \\({DATASET_LINES_NAME}\\)"):
+        generate_dataset(tmp_path / "ds", config, **kwargs)
+    root = generate_dataset(tmp_path / "ds", config, **kwargs, overwrite=True)
+    assert not (root / DATASET_LINES_NAME).exists() and LineDataset(root).line_ids == ["press-a"]
 
 
 def test_generation_arguments_are_checked(tmp_path: Path, config: LinesConfig) -> None:
@@ -411,6 +423,36 @@ def test_custom_opener_sees_relative_paths(dataset_root: Path, config: LinesConf
 
     with pytest.raises(DataError, match="s3://bucket/datasets/v1/manifest.parquet"):
         LineDataset("s3://bucket/datasets/v1", config, opener=failing)
+
+
+def test_the_dataset_inventory_is_used_when_no_lines_config_is_given(
+    copy_root: Path, config: LinesConfig
+) -> None:
+    without_mill_c = [line.model_dump(mode="json") for line in config.lines if line.id != "mill-c"]
+    (copy_root / DATASET_LINES_NAME).write_text(yaml.safe_dump({"lines": without_mill_c}))
+    with pytest.raises(DataError) as info:
+        LineDataset(copy_root)
+    assert "unknown line 'mill-c'" in str(info.value)
+    assert f"{copy_root}/{DATASET_LINES_NAME}" in str(info.value)
+    assert LineDataset(copy_root, config).line_ids == ["mill-c", "press-a", "press-b"]
+    (copy_root / DATASET_LINES_NAME).write_text("lines: []\n")
+    with pytest.raises(ConfigError, match=f"{copy_root}/{DATASET_LINES_NAME}: lines"):
+        LineDataset(copy_root)
+    (copy_root / DATASET_LINES_NAME).write_text("lines: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        LineDataset(copy_root)
+
+
+def test_without_a_dataset_inventory_the_fleet_inventory_applies(dataset_root: Path) -> None:
+    assert LineDataset(dataset_root).lines_config.source == str(DEFAULT_LINES_CONFIG)
+
+    def s3_like(relative: str) -> bytes:  # the S3 opener: a missing object is a DataError
+        if relative == DATASET_LINES_NAME:
+            raise DataError(f"s3://bucket/v1/{relative}: object missing (NoSuchKey)")
+        return (dataset_root / relative).read_bytes()
+
+    dataset = LineDataset("s3://bucket/v1", opener=s3_like)
+    assert dataset.lines_config.source == str(DEFAULT_LINES_CONFIG)
 
 
 def test_check_relative_path() -> None:
