@@ -113,8 +113,9 @@ def operating_threshold(
 class LineResolution:
     """The 3-pixel rule of one line for one model (``card``: its ModelCard)."""
 
-    def __init__(self, line: Any, card: Any) -> None:
+    def __init__(self, line: Any, card: Any, inventory: str = "configs/lines.yaml") -> None:
         self.line = line
+        self.inventory = inventory  # the file the line's min_defect_width_mm comes from
         self.input_size = tuple(card.spec.input_size)
         self.resize_policy = card.input.resize_policy
         self.trained_pitch = card.trained_pitch_mm_per_px
@@ -132,7 +133,7 @@ class LineResolution:
             f"at {line.pitch_mm_per_px:g} mm/px (model input {self.input_size[0]}x"
             f"{self.input_size[1]}, {self.resize_policy})"
         )
-        check_defect_resolution(line.id, line.min_defect_width_mm, seen, where)
+        check_defect_resolution(line.id, line.min_defect_width_mm, seen, where, self.inventory)
 
     def image_pitch(self, height: int, width: int) -> float:
         return self.line.field_of_view_mm / min(height, width)
@@ -143,7 +144,9 @@ class LineResolution:
         pitch = self.image_pitch(height, width)
         seen = pitch_seen(pitch, (height, width), self.input_size, self.resize_policy)
         where = f"/predict: a {height}x{width} image from line {self.line.id} ({pitch:.3g} mm/px)"
-        check_defect_resolution(self.line.id, self.line.min_defect_width_mm, seen, where)
+        check_defect_resolution(
+            self.line.id, self.line.min_defect_width_mm, seen, where, self.inventory
+        )
         if self.trained_pitch is None or self._warned.is_set():
             return
         low, high = self.trained_pitch

@@ -145,11 +145,11 @@ def _line_resolution(line_id: str | None, lines_config: Path | None, card: Any, 
     """The line's 3-pixel rule, checked for its camera now (ConfigError naming the line); None
     without --line or for a line the fleet inventory does not list (nothing to check)."""
     from components.serve.inspection import LineResolution
-    from cta_model.data.lines import DEFAULT_LINES_CONFIG, load_lines_config
+    from cta_model.data.lines import load_lines_config
 
     if not line_id:
         return None
-    lines = load_lines_config(lines_config or DEFAULT_LINES_CONFIG)
+    lines = load_lines_config(lines_config)
     if line_id not in lines.ids:
         log.warning(
             "line %s is not in %s: its defect resolution is not checked",
@@ -157,7 +157,7 @@ def _line_resolution(line_id: str | None, lines_config: Path | None, card: Any, 
             lines.source,
         )
         return None
-    resolution = LineResolution(lines.get(line_id), card)
+    resolution = LineResolution(lines.get(line_id), card, str(lines.source))
     resolution.check_camera()
     return resolution
 
