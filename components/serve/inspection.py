@@ -5,11 +5,13 @@ resolution rule.
 found of:
 
 1. ``--threshold``;
-2. when serving a registered version (``models:/NAME/<version>`` or an alias), the threshold its
+2. ``--evaluation FILE``: the threshold that evaluation.json (of this very model: its sha256 must
+   match the served folder's) records for ``--line``, else overall;
+3. when serving a registered version (``models:/NAME/<version>`` or an alias), the threshold its
    attached ``evaluation.json`` records for ``--line`` (``per_line.<line>.inspection.threshold``),
    else for all lines (``overall.inspection.threshold``): chosen on ``val`` for the target
    recall by `cta evaluate`, read through ``components.registry.attachments``;
-3. none: ``/predict`` still gives the defect score, but its verdict is null with the reason.
+4. none: ``/predict`` still gives the defect score, but its verdict is null with the reason.
 
 **Resolution** (`cta_model.inspection.MIN_DEFECT_PX`): with ``--line`` naming a line of the
 fleet inventory, the line's ``min_defect_width_mm`` must span at least 3 pixels at the pitch the
@@ -93,16 +95,45 @@ def registered_threshold(
     return OperatingThreshold(value, f"{uri} evaluation.json {key}")
 
 
+def file_threshold(path: Any, line_id: str | None, served_sha256: str | None) -> OperatingThreshold:
+    """The threshold an evaluation.json file records for this model (ConfigError when the file
+    scored another model or records none)."""
+    import json
+    from pathlib import Path
+
+    try:
+        evaluation = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--evaluation {path}: unreadable: {exc}") from None
+    scored = (evaluation.get("model") or {}).get("sha256")
+    if served_sha256 and scored != served_sha256:
+        raise ConfigError(
+            f"--evaluation {path}: it scored the model with sha256 {scored}, not the served "
+            f"{served_sha256}"
+        )
+    found = threshold_in_evaluation(evaluation, line_id)
+    if found is None:
+        raise ConfigError(f"--evaluation {path}: records no inspection threshold")
+    value, key = found
+    return OperatingThreshold(value, f"--evaluation {path} {key}")
+
+
 def operating_threshold(
     flag: float | None,
     name: str | None,
     version: str | None,
     line_id: str | None,
     tracking_uri: str | None,
+    *,
+    evaluation_file: Any = None,
+    served_sha256: str | None = None,
 ) -> OperatingThreshold:
-    """``--threshold`` > the registered version's evaluation (for the line) > none."""
+    """``--threshold`` > ``--evaluation`` > the registered version's evaluation (for the line)
+    > none."""
     if flag is not None:
         return OperatingThreshold(float(flag), FLAG)
+    if evaluation_file is not None:
+        return file_threshold(evaluation_file, line_id, served_sha256)
     if name and version:
         return registered_threshold(name, version, line_id, tracking_uri)
     return OperatingThreshold(

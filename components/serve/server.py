@@ -28,6 +28,7 @@ def run(
     expected_sha256: str | None,
     line_id: str | None,
     threshold: float | None,
+    evaluation: Path | None,
     lines_config: Path | None,
     max_concurrency: int,
     tracking_uri: str | None,
@@ -82,7 +83,15 @@ def run(
     )
     card = read_model_card(folder)
     resolution = _line_resolution(line_id, lines_config, card, log)
-    operating = operating_threshold(threshold, fetched.name, fetched.version, line_id, tracking_uri)
+    operating = operating_threshold(
+        threshold,
+        fetched.name,
+        fetched.version,
+        line_id,
+        tracking_uri,
+        evaluation_file=evaluation,
+        served_sha256=fetched.sha256,
+    )
     if operating.value is None:
         log.warning(
             "no operating threshold (%s): /predict gives defect scores but no verdict "

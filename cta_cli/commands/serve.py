@@ -31,11 +31,19 @@ EXIT_LOAD_FAILED = 3
     "scores without a verdict]",
 )
 @click.option(
+    "--evaluation",
+    "evaluation",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="evaluation.json of THIS model (`cta evaluate`): its threshold for --line, else its "
+    "overall one (for a model folder; a registered version carries its own)",
+)
+@click.option(
     "--lines-config",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
     help="fleet inventory whose --line entry sets the resolution rule [default: "
-    "configs/lines.yaml]",
+    "$CTA_LINES_CONFIG, else configs/lines.yaml]",
 )
 @click.option("--max-concurrency", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--tracking-uri", default=None, help="MLflow URI for models:/ (default: env)")

@@ -112,7 +112,14 @@ def test_import_validate_train_evaluate_serve(layout: str, tmp_path: Path) -> No
     defective = next(row for row in rows if row["split"] == "test" and row["has_defect"])
     http = requests.Session()
     http.trust_env = False  # no proxy for loopback
-    with start_server(str(model), log_path=tmp_path / "serve.log") as server:
+    # the line's operating threshold comes from the model's own evaluation
+    line = defective["line_id"]
+    with start_server(
+        str(model),
+        line=line,
+        evaluation=evaluated / "evaluation.json",
+        log_path=tmp_path / "serve.log",
+    ) as server:
         answer = http.post(
             f"{server.url}/predict",
             data=(data / defective["image_path"]).read_bytes(),
@@ -123,3 +130,6 @@ def test_import_validate_train_evaluate_serve(layout: str, tmp_path: Path) -> No
     defect = answer.json()["defect"]
     assert 0.0 <= defect["score"] <= 1.0
     assert isinstance(defect["reject"], bool)
+    expected = evaluation["per_line"][line]["inspection"]["threshold"]
+    assert defect["threshold"] == pytest.approx(expected)
+    assert defect["reject"] == (defect["score"] >= expected)

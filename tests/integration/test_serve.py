@@ -20,6 +20,7 @@ from PIL import Image
 from registered_thresholds import register_with_thresholds
 
 from components.serve.process import ServerStartError, start_server
+from cta_model.data.lines import DEFAULT_LINES_CONFIG
 from cta_model.inference import Predictor
 from cta_model.inspection import ScoreDefinition, load_inspection_config
 from cta_model.model_folder import (
@@ -382,7 +383,12 @@ def test_a_line_whose_smallest_defect_the_model_cannot_see_is_refused_at_start(
     with pytest.raises(
         ServerStartError, match=r"(?s)exited with 2.*line press-a: its smallest defect.*0\.21 px"
     ):
-        start_server(str(tiny_model_dir), line="press-a", ready_timeout_s=120)
+        start_server(
+            str(tiny_model_dir),
+            line="press-a",
+            lines_config=DEFAULT_LINES_CONFIG,
+            ready_timeout_s=120,
+        )
     # Tiles keep the camera's 0.05 mm/px: a 0.1 mm defect is 2 px there.
     lines = _lines_config(tmp_path, "press-a", 0.1)
     with pytest.raises(ServerStartError, match=r"(?s)exited with 2.*line press-a.*2\.00 px"):

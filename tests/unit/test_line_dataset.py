@@ -24,7 +24,7 @@ from cta_model.data.line_dataset import (
     manifest_schema,
 )
 from cta_model.data.line_writer import write_manifest, write_sample
-from cta_model.data.lines import DEFAULT_LINES_CONFIG, LinesConfig, load_lines_config
+from cta_model.data.lines import LinesConfig, default_lines_config, load_lines_config
 from cta_model.data.synthetic import render_sample
 from cta_model.data.synthetic_dataset import (
     SYNTHETIC_TASKS,
@@ -444,7 +444,7 @@ def test_the_dataset_inventory_is_used_when_no_lines_config_is_given(
 
 
 def test_without_a_dataset_inventory_the_fleet_inventory_applies(dataset_root: Path) -> None:
-    assert LineDataset(dataset_root).lines_config.source == str(DEFAULT_LINES_CONFIG)
+    assert LineDataset(dataset_root).lines_config.source == str(default_lines_config())
 
     def s3_like(relative: str) -> bytes:  # the S3 opener: a missing object is a DataError
         if relative == DATASET_LINES_NAME:
@@ -452,7 +452,7 @@ def test_without_a_dataset_inventory_the_fleet_inventory_applies(dataset_root: P
         return (dataset_root / relative).read_bytes()
 
     dataset = LineDataset("s3://bucket/v1", opener=s3_like)
-    assert dataset.lines_config.source == str(DEFAULT_LINES_CONFIG)
+    assert dataset.lines_config.source == str(default_lines_config())
 
 
 def test_check_relative_path() -> None:

@@ -3,6 +3,7 @@ precedence and the line's 3-pixel rule at start and per image."""
 
 from __future__ import annotations
 
+import json
 import logging
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ from components.serve.inspection import (
     operating_threshold,
     threshold_in_evaluation,
 )
-from cta_model.data.lines import load_lines_config
+from cta_model.data.lines import DEFAULT_LINES_CONFIG, load_lines_config
 from cta_model.errors import ConfigError
 from cta_model.inspection import ScoreDefinition
 
@@ -68,7 +69,9 @@ def _card(size=(32, 32), policy="resize", trained=None):
 
 
 def test_the_camera_check_uses_the_pitch_the_model_sees():
-    press_a = load_lines_config().get("press-a")  # 2048x2448 at 0.05 mm/px, 0.8 mm defects
+    # the shipped inventory (tests default to one without widths): 2048x2448 at 0.05 mm/px,
+    # 0.8 mm defects
+    press_a = load_lines_config(DEFAULT_LINES_CONFIG).get("press-a")
     # Resized to 32x32 the camera's pixels are 76.5x coarser: 0.8 mm is 0.21 px.
     with pytest.raises(ConfigError, match=r"line press-a: its smallest defect.*0\.21 px"):
         LineResolution(press_a, _card()).check_camera()
@@ -77,7 +80,11 @@ def test_the_camera_check_uses_the_pitch_the_model_sees():
 
 
 def test_each_image_is_checked_at_its_own_pitch_and_a_far_pitch_warns_once(caplog):
-    press_a = load_lines_config().get("press-a").model_copy(update={"min_defect_width_mm": 14.0})
+    press_a = (
+        load_lines_config(DEFAULT_LINES_CONFIG)
+        .get("press-a")
+        .model_copy(update={"min_defect_width_mm": 14.0})
+    )
     rule = LineResolution(press_a, _card(policy="tile", trained=(3.2, 3.2)))
     assert rule.image_pitch(32, 40) == pytest.approx(102.4 / 32)
     rule.check_image(32, 32)  # 4.4 px
@@ -123,3 +130,32 @@ def test_the_verdict_reads_the_models_reject_classes():
         SimpleNamespace(score=None, class_task=None), [], OperatingThreshold(0.3, "--threshold")
     )
     assert unscored.judge(None)["reason"] == "the model has no class task to score defects on"
+
+
+def test_an_evaluation_file_gives_the_threshold_only_for_the_model_it_scored(tmp_path):
+    from components.serve.inspection import operating_threshold
+
+    path = tmp_path / "evaluation.json"
+    path.write_text(
+        json.dumps(
+            {
+                "model": {"sha256": "a" * 64},
+                "per_line": {"press-a": {"inspection": {"threshold": 0.42}}},
+                "overall": {"inspection": {"threshold": 0.3}},
+            }
+        )
+    )
+    found = operating_threshold(
+        None, None, None, "press-a", None, evaluation_file=path, served_sha256="a" * 64
+    )
+    assert found.value == 0.42 and "per_line.press-a" in found.source
+    other_line = operating_threshold(
+        None, None, None, "mill-c", None, evaluation_file=path, served_sha256="a" * 64
+    )
+    assert other_line.value == 0.3
+    # the flag still wins; a file that scored another model is refused
+    assert operating_threshold(0.9, None, None, "press-a", None, evaluation_file=path).value == 0.9
+    with pytest.raises(ConfigError, match="not the served"):
+        operating_threshold(
+            None, None, None, "press-a", None, evaluation_file=path, served_sha256="b" * 64
+        )
