@@ -50,6 +50,64 @@ def masked_cross_entropy(
     return _masked_mean(per_pixel, valid)
 
 
+class DefectAwareCrossEntropy:
+    """Cross-entropy for rare defects (a PixelLoss for the class task).
+
+    - ``reject_weight``: pixels of reject classes weigh this much in the (masked) mean;
+    - ``focal_gamma``: each pixel's loss times (1 - p_true)^gamma (focal loss, Lin et al. 2017),
+      so the many easy background pixels stop dominating;
+    - ``dice_weight``: plus this times a soft Dice loss on the reject-class probability mass
+      against the reject-class mask, per sample with a label (smoothing 1, so a sample without
+      defects is pushed towards predicting none).
+    With weight 1 and gamma 0 and no Dice it equals `masked_cross_entropy`.
+    """
+
+    def __init__(
+        self,
+        reject_classes: Iterable[int],
+        reject_weight: float = 1.0,
+        focal_gamma: float = 0.0,
+        dice_weight: float = 0.0,
+    ) -> None:
+        self.reject_classes = tuple(int(c) for c in reject_classes)
+        if not self.reject_classes:
+            raise ConfigError("a defect-aware loss needs at least one reject class")
+        self.reject_weight = float(reject_weight)
+        self.focal_gamma = float(focal_gamma)
+        self.dice_weight = float(dice_weight)
+
+    def __call__(
+        self, pred: torch.Tensor, target: torch.Tensor, present: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        num_classes = pred.shape[1]
+        rejects = torch.tensor(
+            [c for c in self.reject_classes if c < num_classes], device=target.device
+        )
+        samples = _sample_mask(present, pred.shape[0], pred.device)
+        valid = (target >= 0) & (target < num_classes) & samples
+        safe_target = torch.where(valid, target, torch.zeros_like(target))
+        per_pixel = F.cross_entropy(pred, safe_target, reduction="none")
+        if self.focal_gamma:
+            p_true = torch.exp(-per_pixel.detach())
+            per_pixel = per_pixel * (1.0 - p_true) ** self.focal_gamma
+        is_reject = torch.isin(safe_target, rejects) & valid
+        if self.reject_weight != 1.0:
+            weight = torch.where(is_reject, self.reject_weight, 1.0)
+            per_pixel = per_pixel * weight
+        loss, count = _masked_mean(per_pixel, valid)
+        if self.dice_weight:
+            mass = pred.softmax(dim=1)[:, rejects].sum(dim=1) * valid
+            truth = is_reject.to(mass.dtype)
+            inter = (mass * truth).sum(dim=(1, 2))
+            total = mass.sum(dim=(1, 2)) + truth.sum(dim=(1, 2))
+            dice = 1.0 - (2.0 * inter + 1.0) / (total + 1.0)
+            with_label = samples.view(-1).to(dice.dtype)
+            loss = loss + self.dice_weight * (dice * with_label).sum() / with_label.sum().clamp_min(
+                1
+            )
+        return loss, count
+
+
 def masked_l1_nan_invalid(
     pred: torch.Tensor, target: torch.Tensor, present: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,13 +22,14 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from cta_model.errors import ConfigError, DataError
+from cta_model.inspection import ScoreDefinition
 from cta_model.nn.models import ModelSpec, MultiTaskNet, build_model
 
 MODEL_YAML = "model.yaml"
 WEIGHTS = "weights.safetensors"
 CHECKSUMS = "SHA256SUMS"
 SCHEMA_VERSION = 1
-RESIZE_POLICIES = ("resize", "exact")
+RESIZE_POLICIES = ("resize", "exact", "tile")
 
 # ImageNet statistics: the backbones' pretrained checkpoints expect them.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -42,14 +43,19 @@ class InputContract:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     # resize: any image is resized to the model's input size and outputs back to the image's;
-    # exact: images must already have the model's input size.
+    # exact: images must already have the model's input size;
+    # tile: images keep their pitch and are cut into tiles of the input size that overlap by
+    #   tile_overlap_px; the tiles' outputs are blended back into full-image maps.
     resize_policy: str = "resize"
+    tile_overlap_px: int = 0
 
     def __post_init__(self) -> None:
         if self.resize_policy not in RESIZE_POLICIES:
             raise ConfigError(
                 f"resize_policy {self.resize_policy!r} is not one of {', '.join(RESIZE_POLICIES)}"
             )
+        if self.tile_overlap_px < 0:
+            raise ConfigError(f"tile_overlap_px must be >= 0, got {self.tile_overlap_px}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ConfigError(f"input mean/std need 3 values, std > 0: {self.mean}, {self.std}")
 
@@ -61,9 +67,15 @@ class ModelCard:
     spec: ModelSpec
     class_names: tuple[str, ...] = ()
     input: InputContract = field(default_factory=InputContract)
+    # The model's own defect score (reject classes, window); None for models without a
+    # segmentation task and for folders written before it existed (then the inspection
+    # config's defaults apply).
+    inspection: ScoreDefinition | None = None
+    # The range of pitches (mm/px) of the images it was trained on, when known.
+    trained_pitch_mm_per_px: tuple[float, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "model": self.spec.to_dict(),
             "class_names": list(self.class_names),
@@ -74,6 +86,25 @@ class ModelCard:
                 "resize_policy": self.input.resize_policy,
             },
         }
+        if self.input.resize_policy == "tile":
+            out["input"]["tile_overlap_px"] = self.input.tile_overlap_px
+        if self.inspection is not None:
+            out["inspection"] = {
+                "reject_classes": list(self.inspection.reject_classes),
+                "score_window_px": self.inspection.score_window_px,
+            }
+        if self.trained_pitch_mm_per_px is not None:
+            out["trained_pitch_mm_per_px"] = list(self.trained_pitch_mm_per_px)
+        return out
+
+    @property
+    def reject_class_names(self) -> tuple[str, ...]:
+        if self.inspection is None:
+            return ()
+        names = self.class_names
+        return tuple(
+            names[c] if c < len(names) else f"class_{c}" for c in self.inspection.reject_classes
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = MODEL_YAML) -> ModelCard:
@@ -82,7 +113,15 @@ class ModelCard:
                 raise ConfigError(
                     f"schema_version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}"
                 )
-            unknown = set(data) - {"schema_version", "model", "class_names", "input"}
+            known = {
+                "schema_version",
+                "model",
+                "class_names",
+                "input",
+                "inspection",
+                "trained_pitch_mm_per_px",
+            }
+            unknown = set(data) - known
             if unknown:
                 raise ConfigError(f"unknown keys {sorted(unknown)}")
             spec = ModelSpec.from_dict(data["model"])
@@ -95,8 +134,24 @@ class ModelCard:
                 std=tuple(contract.pop("std", IMAGENET_STD)),
                 **contract,
             )
-            return cls(spec, tuple(data.get("class_names", ())), contract)
-        except (ConfigError, KeyError, TypeError) as exc:
+            inspection = data.get("inspection")
+            if inspection is not None:
+                extra = set(inspection) - {"reject_classes", "score_window_px"}
+                if extra:
+                    raise ConfigError(f"inspection: unknown keys {sorted(extra)}")
+                inspection = ScoreDefinition(
+                    tuple(int(c) for c in inspection["reject_classes"]),
+                    int(inspection.get("score_window_px", 3)),
+                )
+            pitch = data.get("trained_pitch_mm_per_px")
+            return cls(
+                spec,
+                tuple(data.get("class_names", ())),
+                contract,
+                inspection,
+                None if pitch is None else (float(pitch[0]), float(pitch[1])),
+            )
+        except (ConfigError, KeyError, TypeError, ValueError, IndexError) as exc:
             raise ConfigError(f"{source}: {exc}") from exc
 
 
@@ -151,6 +206,8 @@ def save_model_folder(
     *,
     class_names: Sequence[str] = (),
     input_contract: InputContract | None = None,
+    inspection: ScoreDefinition | None = None,
+    trained_pitch_mm_per_px: tuple[float, float] | None = None,
     extra_files: Mapping[str, bytes] | None = None,
     overwrite: bool = False,
 ) -> Path:
@@ -159,7 +216,13 @@ def save_model_folder(
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} exists; pass overwrite=True to replace it")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    card = ModelCard(model.spec, tuple(class_names), input_contract or InputContract())
+    card = ModelCard(
+        model.spec,
+        tuple(class_names),
+        input_contract or InputContract(),
+        inspection,
+        trained_pitch_mm_per_px,
+    )
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

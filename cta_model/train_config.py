@@ -10,13 +10,22 @@ Sections (every key is optional unless marked; defaults follow the paper's recip
                     affinity_block_size (null = sized by memory), affinity_pool_factor
                     (pooled only), num_classes (default: from the dataset)
     loss:           weighting (fixed | uncertainty | dwa), weights {task: float} (fixed only),
-                    deep_supervision, dwa_temperature
+                    deep_supervision, dwa_temperature, defects {reject_weight, focal_gamma,
+                    dice_weight} (the class task's loss for rare defects; defaults = plain CE)
     data:           exactly one of path (line dataset folder, s3:// URI, or a research-format
                     root with `format`), dataset_ref (dataset_ref.json: its `uri` is read and
                     its `quarantine` skipped) or synthetic {lines, samples_per_line, size, seed}
                     (generated once into <cache_dir>/synthetic/<hash>); format (line | nyuv2 |
                     cityscapes | mvtec-ad | mvtec-3d-ad), format_options, lines_config,
-                    train_split, val_split, augment {hflip, scales}, num_workers, cache_dir
+                    train_split, val_split (never `test` for a line dataset: test is scored
+                    once per model), augment {hflip, scales}, tiling (null = whole images
+                    resized to model.input_size; else tiles of input_size cut at the images'
+                    own pitch: defect_fraction, tiles_per_image, val_tiles_per_image,
+                    overlap_px), anomalies (null = off; synthetic anomalies pasted into
+                    training images: cta_model.data.anomalies.AnomalyConfig keys plus
+                    class_id, region_classes), num_workers, cache_dir
+    inspection:     reject_classes (null = the dataset's, else configs/inspection.yaml's),
+                    score_window_px: the defect score the model folder records
     optim:          name (adam | adamw | sgd), lr, weight_decay, momentum (sgd), grad_clip
     schedule:       name (cosine | constant), warmup_steps
     epochs / max_steps (at least one; training stops at whichever comes first)
@@ -53,15 +62,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from cta_model.config import StrictModel, read_yaml, set_dotted, validate_config
+from cta_model.data.anomalies import AnomalyConfig
 from cta_model.errors import ConfigError
 from cta_model.nn.models import ModelSpec, NetworkSettings
 from cta_model.tasks import metric_directions
 
 DataFormat = Literal["line", "nyuv2", "cityscapes", "mvtec-ad", "mvtec-3d-ad"]
 VAL_LOSS = "val_loss"
+TEST_SPLIT = "test"
 
 #: Environment variable -> dotted config key (the middle layer of flag > env > file).
 ENV_OVERRIDES: dict[str, str] = {
@@ -86,11 +97,45 @@ class ModelConfig(NetworkSettings):
         return ModelSpec(**{**settings, "num_classes": num_classes})
 
 
+class DefectLossConfig(StrictModel):
+    """The class task's loss for rare defects (cta_model.losses.DefectAwareCrossEntropy)."""
+
+    reject_weight: float = Field(default=1.0, gt=0, le=1000)
+    focal_gamma: float = Field(default=0.0, ge=0, le=10)
+    dice_weight: float = Field(default=0.0, ge=0, le=100)
+
+    @property
+    def is_plain(self) -> bool:
+        return self.reject_weight == 1.0 and not self.focal_gamma and not self.dice_weight
+
+
+class InspectionSettings(StrictModel):
+    """What the model folder records about its defect score (cta_model.inspection)."""
+
+    reject_classes: tuple[int, ...] | None = None
+    score_window_px: int = 3
+
+    @field_validator("reject_classes")
+    @classmethod
+    def _distinct(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is not None and (not value or min(value) < 0 or len(set(value)) != len(value)):
+            raise ValueError(f"must be distinct class ids >= 0, got {list(value)}")
+        return value
+
+    @field_validator("score_window_px")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value < 1 or value % 2 == 0 or value > 101:
+            raise ValueError(f"must be an odd number of pixels in [1, 101], got {value}")
+        return value
+
+
 class LossConfig(StrictModel):
     weighting: Literal["fixed", "uncertainty", "dwa"] = "fixed"
     weights: dict[str, float] = Field(default_factory=dict)
     deep_supervision: bool = True
     dwa_temperature: float = Field(default=2.0, gt=0)
+    defects: DefectLossConfig = Field(default_factory=DefectLossConfig)
 
     @model_validator(mode="after")
     def _weights_for_fixed(self) -> LossConfig:
@@ -121,6 +166,25 @@ class AugmentConfig(StrictModel):
         return value
 
 
+class TilingConfig(StrictModel):
+    """Train on tiles of model.input_size cut at the images' own pitch (no resampling)."""
+
+    # Share of training tiles centred on a reject-class pixel (images with such pixels only):
+    # oversampling of rare defects. The rest are centred on a random labelled pixel.
+    defect_fraction: float = Field(default=0.5, ge=0, le=1)
+    tiles_per_image: int = Field(default=1, ge=1, le=64)  # training tiles per image per epoch
+    val_tiles_per_image: int = Field(default=4, ge=1, le=64)  # fixed validation tiles
+    overlap_px: int = Field(default=16, ge=0)  # between tiles at inference (model.yaml)
+
+
+class AnomalyTrainConfig(AnomalyConfig):
+    """Synthetic anomalies pasted into training images (cta_model.data.anomalies)."""
+
+    class_id: int | None = Field(default=None, ge=0)  # label of pasted pixels (a reject class;
+    # null = the first reject class)
+    region_classes: tuple[int, ...] | None = None  # where anomalies go (null = anywhere labelled)
+
+
 class DataConfig(StrictModel):
     path: str | None = None
     dataset_ref: str | None = None
@@ -131,6 +195,8 @@ class DataConfig(StrictModel):
     train_split: str = "train"
     val_split: str = "val"
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    tiling: TilingConfig | None = None
+    anomalies: AnomalyTrainConfig | None = None
     num_workers: int = Field(default=0, ge=0)
     cache_dir: str = ".cta/cache"
 
@@ -149,6 +215,17 @@ class DataConfig(StrictModel):
         if self.train_split == self.val_split:
             raise ValueError(f"train_split and val_split are both {self.train_split!r}")
         return self
+
+    @field_validator("train_split", "val_split")
+    @classmethod
+    def _never_test(cls, value: str, info: ValidationInfo) -> str:
+        if value == TEST_SPLIT and info.data.get("format", "line") == "line":
+            raise ValueError(
+                f"{TEST_SPLIT!r}: the test split is scored once per model and never trains or "
+                "selects one (DESIGN 5.3); use train and val (an imported dataset carves val "
+                "from its test images: cta data import)"
+            )
+        return value
 
 
 class OptimConfig(StrictModel):
@@ -215,6 +292,7 @@ class TrainConfig(StrictModel):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    inspection: InspectionSettings = Field(default_factory=InspectionSettings)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     output: str
     debug: DebugConfig = Field(default_factory=DebugConfig)

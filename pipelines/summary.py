@@ -1,6 +1,8 @@
 """The short summary a person reads after a local pipeline run (``cta pipeline run --local``,
-``make demo``): task states, test metrics, Delta_m, the pilot line's payback, the registered
-version and its gate verdict, which line runs which version, and where every report is.
+``make demo``): task states, test metrics, the pilot line's inspection figures (image AUROC,
+recall and false-reject rate with their bootstrap intervals) and evaluate's warnings, Delta_m,
+the pilot line's payback, the registered version and its gate verdict, which line runs which
+version, and where every report is.
 
 The registered version, its metrics and its verdict are read back from the MLflow registry
 (tags written by register-model and the gate), so the summary shows what MLflow holds.
@@ -17,6 +19,45 @@ from components.registry.names import CHALLENGER_ALIAS, TAG_VERDICT, evaluation_
 
 def _number(value: Any) -> str:
     return "n/a" if value is None else f"{value:.4g}"
+
+
+def _with_interval(value: Any, interval: dict[str, Any] | None) -> str:
+    """``0.91 [0.85, 0.96]``: the figure and its bootstrap p05-p95 (omitted when unknown)."""
+    low, high = (interval or {}).get("p05"), (interval or {}).get("p95")
+    if value is None or low is None or high is None:
+        return _number(value)
+    return f"{_number(value)} [{_number(low)}, {_number(high)}]"
+
+
+def inspection_lines(evaluation: dict[str, Any], pilot_line: str | None) -> list[str]:
+    """The pilot line's (else the pooled) defect figures at the operating threshold, and every
+    warning evaluate gave (e.g. val cannot reach the target recall)."""
+    entries = []
+    pilot = (evaluation["per_line"].get(pilot_line) or {}) if pilot_line else {}
+    if pilot.get("inspection"):
+        entries.append((f"pilot line {pilot_line}", pilot["inspection"]))
+    if not entries or len(evaluation["per_line"]) > 1:
+        entries.append(("all lines", evaluation["overall"].get("inspection")))
+    lines = []
+    for scope, inspection in entries:
+        if not inspection:
+            lines.append(f"  {scope}: no defect figures (no class labels or no defect score)")
+            continue
+        intervals = inspection.get("intervals") or {}
+        lines.append(
+            f"  {scope}: image AUROC "
+            f"{_with_interval(inspection.get('image_auroc'), intervals.get('image_auroc'))}, "
+            f"recall {_with_interval(inspection.get('recall'), intervals.get('recall'))}, "
+            f"false-reject rate {_with_interval(inspection.get('frr'), intervals.get('frr'))} "
+            f"at threshold {_number(inspection.get('threshold'))} chosen on val for recall "
+            f"{_number(inspection.get('target_recall'))} ({inspection.get('n_defective')} "
+            f"defective, {inspection.get('n_good')} good test images)"
+        )
+    warnings = evaluation.get("warnings") or []
+    if warnings:
+        lines.append(f"evaluation warnings ({len(warnings)}):")
+        lines += [f"  {warning}" for warning in warnings]
+    return ["defect inspection on test ([p05, p95] of the bootstrap):", *lines]
 
 
 def _registered(tracking_uri: str, model_name: str, version: str) -> dict[str, str]:
@@ -57,6 +98,8 @@ def summary_lines(
     version = tasks.get(REGISTER_TASK, {}).get("outputs", {}).get("Output")
     tags = _registered(tracking_uri, model_name, version) if version else {}
     evaluation_path = work_dir / "evaluate" / "evaluation.json"
+    roi_path = work_dir / "roi_report" / "roi.json"
+    roi = json.loads(roi_path.read_text()) if roi_path.is_file() else None
     if evaluation_path.is_file():
         evaluation = json.loads(evaluation_path.read_text())
         overall = evaluation["overall"]
@@ -65,12 +108,7 @@ def summary_lines(
             registered = tags.get(evaluation_tag(name))
             note = f"   (MLflow: {registered})" if registered else ""
             lines.append(f"  {name:<24} {_number(value)}{note}")
-        inspection = overall.get("inspection")
-        if inspection:
-            lines.append(
-                f"  defect recall {_number(inspection['recall'])}, false-reject rate "
-                f"{_number(inspection['frr'])} (threshold {inspection['threshold_px']} px on val)"
-            )
+        lines += inspection_lines(evaluation, roi["pilot_line"] if roi else None)
         delta_m = evaluation.get("delta_m")
         if delta_m:
             lines.append(
@@ -86,9 +124,7 @@ def summary_lines(
             "STL baselines: "
             + ("trained and registered" if trained else "reused from the registry")
         )
-    roi_path = work_dir / "roi_report" / "roi.json"
-    if roi_path.is_file():
-        roi = json.loads(roi_path.read_text())
+    if roi is not None:
         pilot = roi["pilot"]
         lines.append(
             f"pilot line {roi['pilot_line']}: payback {pilot['payback_label']}, NPV "

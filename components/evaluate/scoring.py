@@ -1,16 +1,20 @@
 """One pass of a Predictor over the images of one split, per line: what every figure needs.
 
-``score_split`` runs the model once per batch and feeds, per line and over all lines:
+``score_split`` runs ``Predictor.inspect`` once per batch (the task outputs and the model's own
+defect map and score, ``cta_model.inspection``) and feeds, per line and over all lines:
 
 - the task registry's pooled meters (``metrics``);
-- per image: the predicted reject area (``cta_model.inspection.reject_area`` of the predicted
-  class ids), whether the TARGET shows a defect (>= 1 reject-class pixel; only for images with
-  a label of the ``classes`` task) and each task's primary metric on that image alone (for
-  paired bootstraps);
-- with ``deep``: meters restricted to pixels within ``boundary_px`` of a label boundary (a pixel
-  whose (2k+1)^2 neighbourhood in the target class ids holds more than one value), a meter of
-  the ``surface_height`` task on sensor drop-out pixels (label invalid where its clean
-  companion, ``height_clean``, is known; scored against the companion), and dimension errors of
+- per image: the defect score, whether the TARGET shows a defect (>= 1 pixel of a reject
+  class; only for images with a label of the ``classes`` task), which reject classes it shows,
+  its part id (manifest ``part_id``, else None) and each task's primary metric on that image
+  alone (for paired bootstraps);
+- with ``deep``: pixel AUROC and AUPRO of the defect maps (``PixelDetectionAccumulator``: valid
+  = the labelled pixels of images with a class label, class map = the target class ids; at most
+  ``max_pixels`` pixels kept per group, else the figures are null with a reason), meters
+  restricted to pixels within ``boundary_px`` of a label boundary (a pixel whose (2k+1)^2
+  neighbourhood in the target class ids holds more than one value), a meter of the
+  ``surface_height`` task on sensor drop-out pixels (label invalid where its clean companion,
+  ``height_clean``, is known; scored against the companion), and dimension errors of
   ``features.parquet`` (see ``dimension_errors``).
 
 Which task plays which part is the registry's ``TaskSpec.kind``; no task is named here.
@@ -67,26 +71,76 @@ class LineScores:
     """Everything scored on one line's images (or on all lines, for ``overall``)."""
 
     sample_ids: list[str] = field(default_factory=list)
+    part_ids: list[str | None] = field(default_factory=list)  # None: the image is its own part
     metrics: dict[str, float | None] = field(default_factory=dict)
-    reject_area: list[int] = field(default_factory=list)
+    score: list[float] = field(default_factory=list)  # defect score; NaN: the model has none
     defective: list[bool] = field(default_factory=list)  # target has a reject-class pixel
     labelled: list[bool] = field(default_factory=list)  # target semseg present
+    defect_classes: list[tuple[int, ...]] = field(default_factory=list)  # reject ids in target
     per_image: dict[str, list[float]] = field(default_factory=dict)  # task -> primary metric
     boundary: dict[str, float | None] = field(default_factory=dict)
     dropout: dict[str, float | None] = field(default_factory=dict)
     # (measured - actual mm, measured in-tolerance verdict == true verdict) per feature
     dimensions: list[tuple[float, bool]] = field(default_factory=list)
+    # Pixel AUROC / AUPRO (deep only): see ``PixelFigures.figures``
+    pixel: dict[str, Any] | None = None
 
     @property
     def n_images(self) -> int:
         return len(self.sample_ids)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(reject area int64, defective bool, good bool) per image; unlabelled: neither."""
+        """(defect score float64, defective bool, good bool) per image; unlabelled: neither."""
         labelled = np.asarray(self.labelled, dtype=bool)
         defective = np.asarray(self.defective, dtype=bool) & labelled
-        area = np.asarray(self.reject_area, dtype=np.int64)
-        return area, defective, labelled & ~defective
+        score = np.asarray(self.score, dtype=np.float64)
+        return score, defective, labelled & ~defective
+
+
+class PixelFigures:
+    """Pixel AUROC and AUPRO of one group of images, fed image by image; the accumulator is
+    dropped (and the figures null with a reason) once it would keep more than ``max_pixels``
+    pixels, so one huge split cannot exhaust memory."""
+
+    def __init__(self, max_pixels: int, max_fpr: float) -> None:
+        from cta_model.detection_metrics import PixelDetectionAccumulator
+
+        self.max_fpr = max_fpr
+        self.accumulator: Any = PixelDetectionAccumulator(max_pixels)
+        self.reason: str | None = None
+
+    def add(self, defect_map: np.ndarray, target: np.ndarray, reject: np.ndarray) -> None:
+        """One labelled image: its (H, W) defect map and target class ids (-1 invalid)."""
+        from cta_model.detection_metrics import PixelLimitExceeded
+
+        if self.accumulator is None:
+            return
+        try:
+            self.accumulator.add(
+                defect_map, np.isin(target, reject), valid=target >= 0, class_map=target
+            )
+        except PixelLimitExceeded as exc:
+            self.accumulator = None
+            self.reason = str(exc)
+
+    def figures(self) -> dict[str, Any]:
+        """{pixel_auroc, aupro, per_class: {class_id: {pixel_auroc, aupro, n_regions}},
+        reason}; figures None where undefined or over the pixel limit."""
+        accumulator = self.accumulator
+        if accumulator is None:
+            return {
+                "pixel_auroc": None,
+                "aupro": None,
+                "per_class": {},
+                "reason": self.reason,
+            }
+        per_class = accumulator.per_class(self.max_fpr)
+        return {
+            "pixel_auroc": accumulator.pixel_auroc(),
+            "aupro": accumulator.aupro(self.max_fpr),
+            "per_class": per_class,
+            "reason": None,
+        }
 
 
 def boundary_mask(semseg: Any, boundary_px: int) -> Any:
@@ -132,10 +186,14 @@ def dimension_errors(
 
 
 def _batches(dataset: Any, indices: list[int], batch_size: int) -> Iterator[list[dict]]:
-    """Samples of ``indices`` in batches of at most ``batch_size`` images of one size."""
+    """Samples of ``indices`` (with their manifest ``part_id``) in batches of at most
+    ``batch_size`` images of one size."""
+    from cta_model.data.line_dataset import PART_ID
+
     batch: list[dict[str, Any]] = []
     for index in indices:
         sample = dataset[index]
+        sample["part_id"] = dataset.rows[index].get(PART_ID)
         if batch and (len(batch) >= batch_size or sample["image"].shape != batch[0]["image"].shape):
             yield batch
             batch = []
@@ -180,7 +238,12 @@ class _Accumulator:
     """Meters and per-image lists of one group of images (a line, or all lines)."""
 
     def __init__(
-        self, tasks: tuple[str, ...], num_classes: int | None, miou_rule: str, roles: _Roles
+        self,
+        tasks: tuple[str, ...],
+        num_classes: int | None,
+        miou_rule: str,
+        roles: _Roles,
+        pixels: PixelFigures | None = None,
     ) -> None:
         from cta_model.tasks import get_task, make_meters
 
@@ -190,12 +253,16 @@ class _Accumulator:
         self.meters, self.boundary = new(), new()
         self.height = roles.height
         self.dropout = get_task(roles.height).make_meter() if roles.height else None
+        self.pixels = pixels
         self.scores = LineScores(per_image={task: [] for task in tasks})
 
     def finish(self, deep: bool, has_height: bool) -> LineScores:
         from cta_model.tasks import metric_key
 
         self.scores.metrics = metrics_of(self.meters)
+        if self.pixels is not None:
+            self.scores.pixel = self.pixels.figures()
+            self.pixels = None  # the pixels kept can be large: free them now
         if deep:
             self.scores.boundary = metrics_of(self.boundary)
             if self.dropout is not None:
@@ -231,15 +298,19 @@ def score_split(
     boundary_px: int = 2,
     features: Mapping[str, list[dict[str, Any]]] | None = None,
     progress: str | None = None,
+    max_pixels: int | None = None,
+    aupro_max_fpr: float = 0.3,
 ) -> tuple[dict[str, LineScores], LineScores]:
     """Score ``predictor`` on the samples ``by_line`` of ``dataset``: (per line, overall).
 
-    Without ``deep`` only the pooled metrics and the per-image inspection inputs are kept (what
-    a threshold on ``val`` needs). ``deep`` needs ``dataset`` built with ``include_clean``.
+    ``reject_classes`` say which TARGET pixels are defects (the candidate's, also when a
+    champion is scored, so both are judged on the same truth). Without ``deep`` only the
+    pooled metrics and the per-image inspection inputs are kept (what a threshold on ``val``
+    needs). ``deep`` needs ``dataset`` built with ``include_clean``; with ``max_pixels`` it also
+    gives the pixel figures of models that score defects (one line: ``overall`` shares them).
     """
     import torch
 
-    from cta_model.inspection import reject_area
     from cta_model.tasks import get_task
 
     tasks = tuple(predictor.tasks)
@@ -247,22 +318,37 @@ def score_split(
     roles = _Roles.of_registry()
     has_height = roles.height in tasks
     features = features or {}
-    reject = np.asarray(reject_classes)
-    overall = _Accumulator(tasks, num_classes, miou_rule, roles)
+    reject = np.asarray(reject_classes, dtype=np.int64)
+    with_pixels = deep and max_pixels is not None and predictor.score is not None
+    shared_pixels = len(by_line) == 1
+
+    def pixel_figures() -> PixelFigures | None:
+        return PixelFigures(max_pixels, aupro_max_fpr) if with_pixels else None
+
+    overall = _Accumulator(
+        tasks, num_classes, miou_rule, roles, None if shared_pixels else pixel_figures()
+    )
     per_line: dict[str, LineScores] = {}
     for line_id in sorted(by_line):
         if progress:
             log.info("%s: line %s, %d image(s)", progress, line_id, len(by_line[line_id]))
-        line = _Accumulator(tasks, num_classes, miou_rule, roles)
+        line = _Accumulator(tasks, num_classes, miou_rule, roles, pixel_figures())
         for samples in _batches(dataset, by_line[line_id], batch_size):
-            predictions = predictor.predict([sample["image"] for sample in samples])
+            inspection = predictor.inspect([sample["image"] for sample in samples])
+            predictions = inspection.outputs
             target_ids = _class_targets(samples, roles.classes)
             labelled = [bool(s["present"].get(roles.classes)) for s in samples]
-            defective = np.isin(target_ids, reject).any(axis=(1, 2)).tolist()
-            if roles.classes in predictions:
-                areas = reject_area(predictions[roles.classes], reject_classes).tolist()
+            shown = [np.intersect1d(ids, reject) for ids in target_ids]
+            defective = [bool(ids.size) for ids in shown]
+            if inspection.defect_score is not None:
+                image_scores = inspection.defect_score.astype(np.float64).tolist()
             else:
-                areas = [0] * len(samples)
+                image_scores = [math.nan] * len(samples)
+            for i, has_label in enumerate(labelled):
+                if has_label and inspection.defect_map is not None:
+                    for group in (line, overall):
+                        if group.pixels is not None:
+                            group.pixels.add(inspection.defect_map[i], target_ids[i], reject)
             boundary = None
             if deep:
                 target_ids = torch.from_numpy(target_ids)
@@ -271,9 +357,11 @@ def score_split(
             for group in (line, overall):
                 scores = group.scores
                 scores.sample_ids += [s["sample_id"] for s in samples]
+                scores.part_ids += [s.get("part_id") for s in samples]
                 scores.labelled += labelled
                 scores.defective += defective
-                scores.reject_area += areas
+                scores.defect_classes += [tuple(int(c) for c in ids) for ids in shown]
+                scores.score += image_scores
             for task in tasks:
                 pred, target, present = meter_inputs(task, predictions[task], samples, num_classes)
                 values = _per_image_primary(task, pred, target, present, num_classes, miou_rule)
@@ -287,7 +375,10 @@ def score_split(
                 for group in (line, overall):
                     _score_dropout_and_dimensions(predictions, samples, features, roles, group)
         per_line[line_id] = line.finish(deep, has_height)
-    return per_line, overall.finish(deep, has_height)
+    finished = overall.finish(deep, has_height)
+    if shared_pixels and with_pixels:
+        finished.pixel = next(iter(per_line.values())).pixel
+    return per_line, finished
 
 
 def _class_targets(samples: list[dict[str, Any]], classes: str | None) -> np.ndarray:
@@ -327,6 +418,7 @@ def _score_dropout_and_dimensions(
 
 __all__ = [
     "LineScores",
+    "PixelFigures",
     "boundary_mask",
     "dimension_errors",
     "json_number",

@@ -10,12 +10,19 @@
 - Predictions (at the image resolution) go into the task registry's meters (pooled, DESIGN 5.1)
   per line and over the whole split; absent labels are skipped through the presence flags and
   invalid pixels by each task's invalid marker.
+- Defects are scored with the model's own definition (``Predictor.inspect``: its reject classes
+  and score window from model.yaml; the inspection config's only for folders without one);
+  the target recall and ``min_score`` of the operating threshold come from the inspection
+  config. Class names are the model card's (else the dataset's, else ``class_<id>``).
 - Inspection figures, robustness (boundary / drop-out), dimensions and bootstrap replicates:
   ``scoring.py`` and ``inspection.py``; Delta_m against the registered STL baselines and the
   champion comparison: ``references.py`` (only with a tracking URI and a model name; else null
   with a reason); latency: ``latency.py``; affinity-map images: ``explain.py``.
 - ``evaluation.json`` is checked against ``schemas/evaluation.schema.json`` before it is
-  written (atomically); NaN metrics (nothing valid seen) are written as null.
+  written (atomically); NaN metrics (nothing valid seen) are written as null. Its top-level
+  ``warnings`` gather every entry's (val cannot reach the target recall, no defective image,
+  pixel limit), each prefixed with where it applies, and a dataset that names other defect
+  classes than the model scores.
 """
 
 from __future__ import annotations
@@ -31,8 +38,13 @@ from cta_model.errors import ConfigError
 
 EVALUATION_NAME = "evaluation.json"
 SCHEMA_NAME = "evaluation"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DELTA_M_NO_BASELINES = "no STL baselines registered"
+#: AUPRO integrates the PRO curve up to this false-positive rate (MVTec AD).
+AUPRO_MAX_FPR = 0.3
+#: Pixels kept per group for pixel AUROC / AUPRO by default: 4 bytes each, about 60 while a
+#: figure is computed (cta_model.detection_metrics.PixelDetectionAccumulator).
+DEFAULT_MAX_PIXELS = 1 << 24
 log = logging.getLogger("cta.evaluate")
 EXPLAIN_IMAGES = 2  # sample images whose affinity maps are drawn
 
@@ -55,12 +67,13 @@ def _dataset_root(uri: str) -> str:
     return uri.rstrip("/") if is_remote(uri) else str(local_path(uri).resolve())
 
 
-def _load_predictor(model_dir: str | os.PathLike[str]) -> Any:
-    """Predictor of a model folder (SHA256SUMS verified) whose tasks a line dataset labels."""
+def _load_predictor(model_dir: str | os.PathLike[str], default_score: Any) -> Any:
+    """Predictor of a model folder (SHA256SUMS verified) whose tasks a line dataset labels;
+    ``default_score`` defines the defect score of folders that do not record their own."""
     from cta_model.inference import Predictor
     from cta_model.tasks import line_dataset_tasks
 
-    predictor = Predictor.from_folder(model_dir, verify=True)
+    predictor = Predictor.from_folder(model_dir, verify=True, default_score=default_score)
     unsupported = [task for task in predictor.tasks if task not in line_dataset_tasks()]
     if unsupported:
         raise ConfigError(
@@ -97,14 +110,13 @@ class _Scored:
         deep: bool,
         label: str,
     ) -> None:
-        from components.evaluate.inspection import choose_line_threshold
+        from components.evaluate.inspection import ThresholdOnVal, choose_line_threshold
         from components.evaluate.scoring import score_split
-        from cta_model.tasks import task_of_kind
 
         config = settings["inspection"]
         common = {
             "batch_size": settings["batch_size"],
-            "reject_classes": tuple(config.reject_classes),
+            "reject_classes": settings["reject_classes"],
             "miou_rule": settings["miou_rule"],
         }
         self.predictor = predictor
@@ -116,11 +128,13 @@ class _Scored:
             boundary_px=settings["boundary_px"],
             features=settings.get("features"),
             progress=f"{label}: test",
+            max_pixels=settings["max_pixels"] if deep else None,
+            aupro_max_fpr=AUPRO_MAX_FPR,
             **common,
         )
-        self.thresholds: dict[str, int] | None = None
-        self.overall_threshold: int | None = None
-        if task_of_kind("classes", predictor.tasks) is not None:  # it predicts defects
+        self.thresholds: dict[str, ThresholdOnVal] | None = None
+        self.overall_threshold: ThresholdOnVal | None = None
+        if predictor.score is not None:  # it scores defects
             val_lines, val_overall = {}, None
             if val is not None and val.by_line:
                 val_lines, val_overall = score_split(
@@ -135,6 +149,13 @@ class _Scored:
                 line: choose_line_threshold(val_lines.get(line), config) for line in self.per_line
             }
             self.overall_threshold = choose_line_threshold(val_overall, config)
+
+    @property
+    def threshold_values(self) -> dict[str, float] | None:
+        """Each line's operating threshold; None when the model scores no defects."""
+        if self.thresholds is None:
+            return None
+        return {line: on_val.threshold for line, on_val in self.thresholds.items()}
 
 
 def _dimensions(scores: Any) -> dict[str, Any] | None:
@@ -152,7 +173,24 @@ def _dimensions(scores: Any) -> dict[str, Any] | None:
     }
 
 
-def _entry(scores: Any, threshold: int | None, config: Any) -> dict[str, Any]:
+def class_names_of(card: Any, dataset: Any, class_ids: tuple[int, ...]) -> dict[int, str]:
+    """{class id: name} of the reject classes: the model card's names, else the dataset's,
+    else ``class_<id>``; a name given twice gets its id appended, so keys stay unique."""
+    names = tuple(card.class_names) or tuple(dataset.class_names)
+    out: dict[int, str] = {}
+    for class_id in class_ids:
+        name = names[class_id] if class_id < len(names) else f"class_{class_id}"
+        out[class_id] = f"{name}_{class_id}" if name in out.values() else name
+    return out
+
+
+def _entry(
+    scores: Any,
+    on_val: Any,
+    config: Any,
+    class_names: Mapping[int, str],
+    resamples: Any,
+) -> dict[str, Any]:
     from components.evaluate.inspection import inspection_figures, n_defective
 
     return {
@@ -160,7 +198,9 @@ def _entry(scores: Any, threshold: int | None, config: Any) -> dict[str, Any]:
         "n_defective": n_defective(scores),
         "metrics": scores.metrics,
         "inspection": (
-            None if threshold is None else inspection_figures(scores, threshold, config)
+            None
+            if on_val is None
+            else inspection_figures(scores, on_val, config, class_names, resamples)
         ),
         "dimensions": _dimensions(scores),
         "robustness": {"boundary": scores.boundary, "dropout": scores.dropout},
@@ -206,7 +246,7 @@ def _registry_sections(
                 folder = references.fetch_version(
                     version.name, version.version, Path(staging) / f"stl-{task}", tracking_uri
                 )
-                predictor = _load_predictor(folder)
+                predictor = _load_predictor(folder, settings["default_score"])
                 scored = _Scored(predictor, test, None, settings, False, f"baseline {task}")
                 baseline_predictors.append(predictor)
                 baselines[task] = {
@@ -229,14 +269,15 @@ def _registry_sections(
             folder = references.fetch_version(
                 model_name, champion.version, Path(staging) / "champion", tracking_uri
             )
-            scored = _Scored(_load_predictor(folder), test, val, settings, False, "champion")
+            champion_predictor = _load_predictor(folder, settings["default_score"])
+            scored = _Scored(champion_predictor, test, val, settings, False, "champion")
             comparison = compare_with_champion(
                 candidate.per_line,
                 scored.per_line,
                 candidate.overall.metrics,
                 scored.overall.metrics,
-                candidate.thresholds,
-                scored.thresholds,
+                candidate.threshold_values,
+                scored.threshold_values,
                 resamples,
             )
             sections["vs_champion"] = {
@@ -267,23 +308,30 @@ def run(
     latency_repeats: int = 5,
     boundary_px: int = 2,
     explain: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
     """Evaluate ``model_dir`` on ``split`` of ``data_uri``; writes and returns evaluation.json.
 
     The registry (STL baselines for Delta_m, the champion) is consulted only when both
     ``tracking_uri`` and ``model_name`` are given; otherwise both are null with a reason.
+    ``max_pixels`` caps the pixels kept per line (and overall) for pixel AUROC / AUPRO: over
+    it those figures are null with a warning instead of exhausting memory.
     """
     import numpy as np
 
     from components.artifacts import write_json_atomic
     from components.evaluate.explain import not_explainable_reason, write_affinity_images
-    from components.evaluate.inspection import bootstrap_replicates, line_resamples
+    from components.evaluate.inspection import bootstrap_replicates, resamples_of, stratified
     from components.evaluate.latency import measure_latency
     from components.evaluate.scoring import read_features
     from components.storage import opener_for
     from cta_model.data.dataset_ref import check_manifest, quarantined_ids, refuse_empty_split
     from cta_model.data.line_dataset import MANIFEST_NAME, LineDataset, sha256_hex
-    from cta_model.inspection import DEFAULT_INSPECTION_CONFIG, load_inspection_config
+    from cta_model.inspection import (
+        DEFAULT_INSPECTION_CONFIG,
+        ScoreDefinition,
+        load_inspection_config,
+    )
     from cta_model.model_folder import folder_sha256
 
     if batch_size < 1:
@@ -292,12 +340,14 @@ def run(
         ("bootstrap_n", bootstrap_n),
         ("latency_repeats", latency_repeats),
         ("boundary_px", boundary_px),
+        ("max_pixels", max_pixels),
     ):
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
     config = load_inspection_config(inspection_config or DEFAULT_INSPECTION_CONFIG)
+    default_score = ScoreDefinition(tuple(config.reject_classes), config.score_window_px)
     # Checksums first: a tampered folder is refused before anything is read or computed.
-    predictor = _load_predictor(model_dir)
+    predictor = _load_predictor(model_dir, default_score)
     model_sha256 = folder_sha256(model_dir)
     tasks = tuple(predictor.tasks)
 
@@ -314,31 +364,44 @@ def run(
     n_images = sum(len(indices) for indices in test.by_line.values())
     refuse_empty_split(n_images, root=root, split=split)
     val = _Split(dataset, "val", quarantine)
+    score = predictor.score
+    reject_classes = tuple(score.reject_classes) if score is not None else ()
+    class_names = class_names_of(predictor.card, dataset, reject_classes)
     settings = {
         "batch_size": batch_size,
         "miou_rule": miou_rule,
         "boundary_px": boundary_px,
         "inspection": config,
+        "reject_classes": reject_classes,
+        "default_score": default_score,
+        "max_pixels": max_pixels,
         "features": read_features(dataset),
     }
     candidate = _Scored(predictor, test, val, settings, True, "candidate")
     thresholds = candidate.thresholds or {}
-    per_line = {
-        line: _entry(scores, thresholds.get(line), config)
-        for line, scores in candidate.per_line.items()
-    }
-    overall = _entry(candidate.overall, candidate.overall_threshold, config)
-
     resamples = {
-        line: line_resamples(scores.n_images, bootstrap_n, bootstrap_seed, line)
+        line: resamples_of(scores, bootstrap_n, bootstrap_seed, line)
         for line, scores in candidate.per_line.items()
     }
+    per_line = {
+        line: _entry(scores, thresholds.get(line), config, class_names, resamples[line])
+        for line, scores in candidate.per_line.items()
+    }
+    overall = _entry(
+        candidate.overall,
+        candidate.overall_threshold,
+        config,
+        class_names,
+        stratified(resamples, candidate.per_line),
+    )
+    warnings = _dataset_warnings(dataset, reject_classes) + _warnings(
+        per_line, overall, score is not None
+    )
+    for warning in warnings:
+        log.warning("evaluation warning: %s", warning)
+
     replicates = {
-        line: bootstrap_replicates(
-            scores,
-            thresholds.get(line, config.min_area_px),
-            resamples[line],
-        )
+        line: bootstrap_replicates(scores, thresholds[line].threshold, resamples[line].images)
         if candidate.thresholds is not None
         else {"recall": [None] * bootstrap_n, "frr": [None] * bootstrap_n}
         for line, scores in candidate.per_line.items()
@@ -400,13 +463,23 @@ def run(
             "reduction": "pooled",
             "miou_rule": miou_rule,
             "boundary_px": boundary_px,
-            "reject_classes": list(config.reject_classes),
+            "reject_classes": list(reject_classes),
+            "reject_class_names": [class_names[c] for c in reject_classes],
+            "score_window_px": None if score is None else score.score_window_px,
+            "score_definition": (
+                None
+                if score is None
+                else ("model" if predictor.card.inspection is not None else "inspection config")
+            ),
             "target_recall": config.target_recall,
-            "min_area_px": config.min_area_px,
+            "min_score": config.min_score,
             "threshold_split": "val",
+            "aupro_max_fpr": AUPRO_MAX_FPR,
+            "max_pixels": max_pixels,
         },
         "per_line": per_line,
         "overall": overall,
+        "warnings": warnings,
         **registry,
         "bootstrap": {
             "unit": "image",
@@ -422,4 +495,45 @@ def run(
     return evaluation
 
 
-__all__ = ["DELTA_M_NO_BASELINES", "EVALUATION_NAME", "resolve_data", "run"]
+def _dataset_warnings(dataset: Any, reject_classes: tuple[int, ...]) -> list[str]:
+    """A dataset that names other defect classes than the model scores."""
+    named = dataset.reject_classes
+    if not reject_classes or named is None or set(named) == set(reject_classes):
+        return []
+    return [
+        f"dataset: it calls classes {sorted(named)} defects but the model scores "
+        f"{sorted(reject_classes)}; every figure uses the model's (its own definition wins)"
+    ]
+
+
+def _warnings(
+    per_line: Mapping[str, Mapping[str, Any]], overall: Mapping[str, Any], scores_defects: bool
+) -> list[str]:
+    """Every entry's inspection warnings, prefixed with where they apply (``overall`` only
+    with several lines: with one it repeats the line's)."""
+    scopes = [(f"line {line}", entry) for line, entry in sorted(per_line.items())]
+    if len(per_line) > 1:
+        scopes.append(("overall", overall))
+    out = []
+    for scope, entry in scopes:
+        inspection = entry.get("inspection")
+        if inspection is None:
+            if scores_defects:
+                out.append(
+                    f"{scope}: no test image has a class label: no defect figures "
+                    "(recall, FRR, AUROC) for it"
+                )
+            continue
+        out += [f"{scope}: {warning}" for warning in inspection["warnings"]]
+    return out
+
+
+__all__ = [
+    "AUPRO_MAX_FPR",
+    "DEFAULT_MAX_PIXELS",
+    "DELTA_M_NO_BASELINES",
+    "EVALUATION_NAME",
+    "class_names_of",
+    "resolve_data",
+    "run",
+]

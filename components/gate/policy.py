@@ -21,7 +21,8 @@ from cta_model.config import StrictModel, load_config
 POLICY_VERSION = 1
 #: The strict policy shipped with the package (what a pipeline uses when given none).
 DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "configs" / "gate.yaml"
-INSPECTION_FIGURES = ("recall", "frr")
+#: evaluation.json vs_champion.inspection figures a policy may hold to a margin.
+INSPECTION_FIGURES = ("recall", "frr", "image_auroc")
 
 
 def _finite(value: float, what: str) -> float:
@@ -40,6 +41,7 @@ class InspectionMargins(StrictModel):
 
     recall: float | None = Field(default=None, ge=0)
     frr: float | None = Field(default=None, ge=0)
+    image_auroc: float | None = Field(default=None, ge=0)
 
 
 class NonInferiority(StrictModel):

@@ -38,7 +38,8 @@ from components.registry.names import (
 )
 from components.registry.records import gate_records
 
-_INSPECTION_KEYS = ("threshold_px", "target_recall", "recall", "frr", "n_defective", "n_good")
+_CLASS_KEYS = ("n_images", "recall", "image_auroc", "image_ap", "pixel_auroc", "aupro")
+_PART_KEYS = ("n_parts", "n_defective", "n_good", "recall", "frr")
 _DIMENSION_KEYS = ("n_features", "mae_mm", "p95_mm", "in_tol_acc")
 _ROI_KEYS = ("p_roi_positive", "npv", "payback_label", "roi_pct_p10", "roi_pct_p50", "roi_pct_p90")
 
@@ -64,6 +65,94 @@ def _pick(mapping: Mapping[str, Any], keys: Sequence[str]) -> list[Any]:
     return [mapping.get(key) for key in keys]
 
 
+def _with_interval(inspection: Mapping[str, Any], key: str) -> str:
+    """``0.91 [0.85, 0.96]``: the figure and its bootstrap p05-p95, when evaluate gave one."""
+    value = inspection.get(key)
+    interval = (inspection.get("intervals") or {}).get(key) or {}
+    if value is None or interval.get("p05") is None or interval.get("p95") is None:
+        return _fmt(value)
+    return f"{_fmt(value)} [{_fmt(interval['p05'])}, {_fmt(interval['p95'])}]"
+
+
+def _inspection_rows(inspection: Sequence[tuple[str, Mapping[str, Any]]]) -> list[list[Any]]:
+    rows = []
+    for line, i in inspection:
+        f1 = i.get("f1_max_oracle") or {}
+        rows.append(
+            [
+                line,
+                i.get("threshold"),
+                i.get("target_recall"),
+                (i.get("threshold_choice") or {}).get("reached"),
+                _with_interval(i, "recall"),
+                _with_interval(i, "frr"),
+                _with_interval(i, "image_auroc"),
+                i.get("image_ap"),
+                f1.get("f1"),
+                i.get("pixel_auroc"),
+                i.get("aupro"),
+                i.get("n_defective"),
+                i.get("n_good"),
+            ]
+        )
+    return rows
+
+
+def _inspection_section(
+    evaluation: Mapping[str, Any], inspection: Sequence[tuple[str, Mapping[str, Any]]]
+) -> list[str]:
+    max_fpr = (evaluation.get("metric_settings") or {}).get("aupro_max_fpr", 0.3)
+    out = ["", "### Inspection (threshold chosen on val, applied to this split)", ""]
+    out += _table(
+        [
+            "line",
+            "threshold",
+            "target recall",
+            "reached on val",
+            "recall [p05, p95]",
+            "false-reject rate [p05, p95]",
+            "image AUROC [p05, p95]",
+            "image AP",
+            "F1-max (oracle)",
+            "pixel AUROC",
+            f"AUPRO (FPR <= {_fmt(max_fpr)})",
+            "defective",
+            "good",
+        ],
+        _inspection_rows(inspection),
+    )
+    out += [
+        "",
+        "Scores are the model's own defect scores; recall and false-reject rate are at the "
+        "operating threshold, intervals from the bootstrap. F1-max is an oracle figure: its "
+        "threshold is picked on this split itself.",
+    ]
+    per_class = [
+        [line, name, *_pick(figures, _CLASS_KEYS)]
+        for line, i in inspection
+        for name, figures in sorted((i.get("per_class") or {}).items())
+    ]
+    if per_class:
+        out += ["", "### Per defect class", ""]
+        out += _table(
+            ["line", "class", "images", "recall", "image AUROC", "image AP", "pixel AUROC"]
+            + ["AUPRO"],
+            per_class,
+        )
+    parts = [[line, *_pick(i["parts"], _PART_KEYS)] for line, i in inspection if i.get("parts")]
+    if parts:
+        out += ["", "### Part verdicts (a part's score: the max of its images')", ""]
+        out += _table(["line", "parts", "defective", "good", "recall", "false-reject rate"], parts)
+    return out
+
+
+def _warnings_section(evaluation: Mapping[str, Any]) -> list[str]:
+    warnings = evaluation.get("warnings") or []
+    if not warnings:
+        return []
+    return ["## Warnings", "", *[f"- {warning}" for warning in warnings], ""]
+
+
 def _scored_sets(evaluation: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     return [*sorted(evaluation["per_line"].items()), ("overall", evaluation["overall"])]
 
@@ -79,19 +168,7 @@ def _metrics_section(evaluation: Mapping[str, Any]) -> list[str]:
     out += _table(["line", "images", "defective", *keys], rows)
     inspection = [(line, s["inspection"]) for line, s in sets if s.get("inspection")]
     if inspection:
-        out += ["", "### Inspection (threshold chosen on val, applied to this split)", ""]
-        out += _table(
-            [
-                "line",
-                "threshold px",
-                "target recall",
-                "recall",
-                "false-reject rate",
-                "defective",
-                "good",
-            ],
-            [[line, *_pick(i, _INSPECTION_KEYS)] for line, i in inspection],
-        )
+        out += _inspection_section(evaluation, inspection)
     dimensions = [(line, s["dimensions"]) for line, s in sets if s.get("dimensions")]
     if dimensions:
         out += ["", "### Dimensions", ""]
@@ -321,6 +398,7 @@ def render_card(client: Any, model_name: str, version: str | int) -> str:
         )
         out += [
             "",
+            *_warnings_section(evaluation),
             *_metrics_section(evaluation),
             "",
             *_delta_m_section(evaluation),

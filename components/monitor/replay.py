@@ -1,7 +1,8 @@
 """Send a line's `qa` split through its server, optionally under a lighting change.
 
 Used by `cta monitor --qa-server` (agreement of the served verdict with the QA labels) and by
-the demo, which replays one line with brighter light to show that monitoring flags it.
+the demo, which replays one line with brighter light to show that monitoring flags it. The
+verdicts, scores and reject classes are the server's (its model's), never a global default.
 """
 
 from __future__ import annotations
@@ -32,16 +33,20 @@ def replay_qa(
     brightness: float = 1.0,
     repeat: int = 1,
 ) -> dict[str, Any]:
-    """Post every qa image of the line ``repeat`` times; returns counts and QA agreement."""
+    """Post every qa image of the line ``repeat`` times; returns counts, QA agreement of the
+    server's verdicts (a sample is defective by the reject classes of the SERVED model) and
+    the mean defect score of defective and good samples."""
     import requests
 
-    from components.rollout.health import load_qa_samples
-    from cta_model.inspection import load_inspection_config, recall_and_frr
+    from components.rollout.health import load_qa_samples, served_defect
+    from cta_model.inspection import recall_and_frr
 
-    samples = load_qa_samples(data_uri, line_id, load_inspection_config().reject_classes)
+    served = served_defect(server_url)
+    samples = load_qa_samples(data_uri, line_id, tuple(served["reject_class_ids"]))
     session = requests.Session()
     session.trust_env = False  # a proxy from the environment must not capture line servers
     verdicts, truths, errors = [], [], 0
+    scores: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(repeat):
         for sample in samples:
             body = sample.png if brightness == 1.0 else relight(sample.png, brightness)
@@ -54,8 +59,13 @@ def replay_qa(
             if answer.status_code != 200:
                 errors += 1
                 continue
-            if sample.defective is not None:
-                verdicts.append(bool(answer.json()["defect"]["reject"]))
+            if sample.defective is None:
+                continue
+            defect = answer.json()["defect"]
+            if defect["score"] is not None:
+                scores[sample.defective].append(float(defect["score"]))
+            if defect["reject"] is not None:  # null: the server has no operating threshold
+                verdicts.append(bool(defect["reject"]))
                 truths.append(sample.defective)
     labelled = len(truths)
     agreement = float(np.mean(np.array(verdicts) == np.array(truths))) if labelled else None
@@ -67,5 +77,8 @@ def replay_qa(
         "agreement": agreement,
         "recall": recall,
         "false_reject_rate": frr,
+        "threshold": served["threshold"],
+        "mean_score_defective": float(np.mean(scores[True])) if scores[True] else None,
+        "mean_score_good": float(np.mean(scores[False])) if scores[False] else None,
         "brightness": brightness,
     }

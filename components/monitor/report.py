@@ -1,7 +1,8 @@
 """The monitoring report as one self-contained HTML file (template
 components/reporting/templates/monitor.html.j2): the plain-words verdict first, then
 time-series charts of the statistics that moved (window means against the reference's
-5th-95th percentile band), the reject rate per window, and the full table. Inline CSS, charts
+5th-95th percentile band), the reject rate per window (against the production prevalence and
+the reference images' rate at the served threshold), and the full table. Inline CSS, charts
 as base64 PNG data URIs, no URL anywhere."""
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ def _reject_chart(report: dict[str, Any]) -> str | None:
     axes.step(times, [w["reject_rate"] for w in windows], where="post", label="reject rate")
     prevalence = report["defect_rate"]["production_prevalence"]
     axes.axhline(prevalence, color="#6b7280", linestyle="--", label="production prevalence")
+    reference = report["defect_rate"].get("reference_reject_rate")
+    if reference is not None:
+        axes.axhline(
+            reference, color="#2e7d32", linestyle=":", label="reference images at the threshold"
+        )
     axes.set_ylim(bottom=0)
     axes.set_title("reject rate per window")
     axes.legend(loc="upper left", fontsize=7)

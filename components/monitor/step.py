@@ -6,8 +6,10 @@ components/serve/stats.py: ``stats-*.jsonl``, one row per served image); the ref
 to that line's rows when it has any. Each configured statistic gets a PSI and a KS test; it
 MOVED when PSI > threshold, the KS p-value < alpha / (number of statistics) and its mean moved
 by at least the statistic's ``min_shift`` (none when unconfigured). The line
-DRIFTED when any statistic moved. The defect (reject) rate per time window is tracked against
-the line's production prevalence; with a QA replay (``qa``: the line's `qa` split sent
+DRIFTED when any statistic moved; the defect score (``pred_defect_score``, the model's own
+score of each image) is one of the statistics. The line's reject rate (overall and per time
+window) is tracked against its production prevalence and against the rate the reference images
+would have at the served threshold; with a QA replay (``qa``: the line's `qa` split sent
 through its server), agreement of the server's verdict with the QA labels is reported too.
 """
 
@@ -105,10 +107,50 @@ def windows(recent, window_s: float, columns: list[str]) -> list[dict[str, Any]]
     out = []
     for key, group in recent.groupby(index):
         row = {"start_unix": start + key * window_s, "n": int(len(group))}
-        row["reject_rate"] = float(group["reject"].mean()) if "reject" in group else None
+        row["reject_rate"] = reject_rate(group)
         row["means"] = {c: _finite(group[c].mean()) for c in columns}
         out.append(row)
     return out
+
+
+def reject_rate(rows) -> float | None:
+    """Share of served images judged reject, over those with a verdict (a server without an
+    operating threshold records null); None when none has one."""
+    if "reject" not in rows:
+        return None
+    verdicts = rows["reject"].dropna()
+    return float(verdicts.astype(bool).mean()) if len(verdicts) else None
+
+
+def defect_rates(reference, recent, prevalence: float, factor: float, enough: bool) -> dict:
+    """The line's reject rate now, the rate its model's reference images would have at the
+    served threshold (same score, same threshold: a gap means the scores moved), and a flag
+    when the recent rate is far above the line's production prevalence."""
+    from cta_model.inspection import is_reject
+
+    recent_rate = reject_rate(recent) if len(recent) else None
+    threshold = None
+    if "threshold" in recent and recent["threshold"].notna().any():
+        threshold = float(recent["threshold"].dropna().iloc[-1])
+    reference_rate = None
+    if threshold is not None and "pred_defect_score" in reference:
+        scores = reference["pred_defect_score"].dropna().to_numpy(dtype=float)
+        if scores.size:
+            reference_rate = float(is_reject(scores, threshold).mean())
+    defect = {
+        "recent_reject_rate": recent_rate,
+        "reference_reject_rate": reference_rate,
+        "threshold": threshold,
+        "production_prevalence": prevalence,
+    }
+    if enough and recent_rate is not None and prevalence > 0:
+        ratio = recent_rate / prevalence
+        if ratio > factor:
+            defect["flag"] = (
+                f"The reject rate {recent_rate:.1%} is {ratio:.1f}x the production prevalence "
+                f"{prevalence:.1%}: check the line or the model."
+            )
+    return defect
 
 
 def _plain_summary(line_id: str, enough: bool, n: int, moved: dict, defect: dict) -> str:
@@ -173,15 +215,9 @@ def run(
     statistics = compare(reference, recent, config) if enough else {}
     moved = {name: s for name, s in statistics.items() if s["moved"]}
     columns = _compared_columns(config.statistics, reference, recent) if len(recent) else []
-    recent_reject = float(recent["reject"].mean()) if len(recent) and "reject" in recent else None
-    defect = {"recent_reject_rate": recent_reject, "production_prevalence": line.defect_prevalence}
-    if enough and recent_reject is not None and line.defect_prevalence > 0:
-        ratio = recent_reject / line.defect_prevalence
-        if ratio > config.defect_rate_factor:
-            defect["flag"] = (
-                f"The reject rate {recent_reject:.1%} is {ratio:.1f}x the production prevalence "
-                f"{line.defect_prevalence:.1%}: check the line or the model."
-            )
+    defect = defect_rates(
+        reference, recent, line.defect_prevalence, config.defect_rate_factor, enough
+    )
     report = {
         "schema_version": SCHEMA_VERSION,
         "line_id": line_id,

@@ -59,13 +59,13 @@ def run(
     """
     from components.artifacts import read_json, write_json_atomic
     from cta_model.atomic import write_bytes_atomic
-    from cta_model.data.lines import DEFAULT_LINES_CONFIG, load_lines_config
+    from cta_model.data.lines import load_lines_config
 
     from .report import render_html, render_markdown
 
     evaluation_path = Path(evaluation)
     evaluation_data = read_json(evaluation_path, schema_name="evaluation")
-    lines = load_lines_config(lines_config or DEFAULT_LINES_CONFIG)
+    lines = load_lines_config(lines_config or None)
     config = load_roi_config(roi_config or DEFAULT_ROI_CONFIG, lines)
     print(f"roi_report: pricing {len(lines.ids)} lines from {evaluation_path}", flush=True)
 

@@ -27,7 +27,7 @@ from typing import Any
 from components.registry.client import mlflow_client
 from components.rollout import registry
 from components.rollout.backends import Backend, ModelRef
-from components.rollout.health import describe, judge, load_qa_samples, replay
+from components.rollout.health import describe, judge, load_qa_samples, replay, served_defect
 from components.rollout.plan import RolloutPlan, Wave
 from components.rollout.state import (
     DEFAULT_LOCK_TTL_S,
@@ -82,9 +82,10 @@ class Engine:
     backend: Backend
     tracking_uri: str | None = None
     data_uri: str | None = None
+    # Recorded so that resume and rollback start line servers with the same inventory.
+    lines_config: str | None = None
     owner: str = field(default_factory=new_owner)
     lock_ttl_s: float = DEFAULT_LOCK_TTL_S
-    reject_classes: tuple[int, ...] | None = None
     _samples: dict[str, Any] = field(default_factory=dict)
     _held: set[str] = field(default_factory=set)
 
@@ -152,6 +153,7 @@ class Engine:
             "backend": self.backend.name,
             "data_uri": self.data_uri,
             "tracking_uri": self.tracking_uri,
+            "lines_config": self.lines_config,
             "created_at": utc_now(),
             "updated_at": utc_now(),
             "status": RUNNING,
@@ -308,13 +310,12 @@ class Engine:
 
         self._save(rollout_id, apply)
 
-    def _qa_samples(self, line_id: str) -> list:
+    def _qa_samples(self, line_id: str, verdict: dict[str, Any]) -> list:
+        """The line's qa images, defective by the reject classes of the served model."""
         if line_id not in self._samples:
             if not self.data_uri:
                 raise ConfigError("--data is required: health replays the line's qa split")
-            from cta_model.inspection import load_inspection_config
-
-            reject = self.reject_classes or load_inspection_config().reject_classes
+            reject = tuple(verdict["reject_class_ids"])
             self._samples[line_id] = load_qa_samples(self.data_uri, line_id, reject)
         return self._samples[line_id]
 
@@ -372,10 +373,16 @@ class Engine:
         compare_url = None
         if wave.mode == "shadow" and previous and self.backend.is_running(previous):
             compare_url = previous.get("url")
-        samples = self._qa_samples(line_id)
+        # The candidate judges with its model's reject classes and the threshold its server
+        # found for this line (the version's evaluation.json), never a global default.
+        verdict = served_defect(candidate["url"])
+        if verdict["reason"]:
+            print(f"[rollout] {line_id}: the candidate gives no verdict: {verdict['reason']}")
+        samples = self._qa_samples(line_id, verdict)
         print(
             f"[rollout] {line_id}: replaying {len(samples)} qa images (bake "
-            f"{wave.bake.min_samples} samples, {wave.bake.min_seconds:g} s)",
+            f"{wave.bake.min_samples} samples, {wave.bake.min_seconds:g} s; threshold "
+            f"{verdict['threshold']} from {verdict['threshold_source']})",
             flush=True,
         )
         values = replay(
@@ -385,6 +392,10 @@ class Engine:
             compare_url,
             keep_going=self._keep_going(rollout_id, line_id),
         )
+        values["verdict"] = {
+            key: verdict.get(key)
+            for key in ("threshold", "threshold_source", "reject_classes", "reason")
+        }
         if not values["complete"]:
             return PAUSED
         passed, checks = judge(values, wave.health)

@@ -2,9 +2,12 @@
 
 Every number comes from real requests: client-side timings and status codes of ``POST
 /predict`` plus the server's own ``/metrics`` counters (``cta_requests_total{code}``) read
-before and after the replay. A sample is defective when its TARGET segmentation has at least
-one pixel of a reject class (``configs/inspection.yaml``); samples without segmentation labels
-count for error rate, latency and agreement but not for recall.
+before and after the replay. The verdicts are the servers' own (``defect.reject``: the defect
+score against the operating threshold each server found for its line); a server without a
+threshold answers null, which counts for neither agreement nor recall. A sample is defective
+when its TARGET segmentation has at least one pixel of a reject class of the candidate MODEL
+(its ``/readyz`` ``defect.reject_class_ids``: what its model.yaml names); samples without
+segmentation labels count for error rate, latency and agreement but not for recall.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ class QaSample:
 
 
 def load_qa_samples(data_uri: str, line_id: str, reject_classes: tuple[int, ...]) -> list[QaSample]:
-    """The line's ``qa`` images as PNG bytes, with the defect truth from their labels."""
+    """The line's ``qa`` images as PNG bytes, with the defect truth from their labels
+    (``reject_classes``: the served model's, `served_defect`)."""
     from components.storage import opener_for
     from cta_model.data.line_dataset import LineDataset
     from cta_model.tasks import task_of_kind
@@ -58,6 +62,18 @@ def _session() -> Any:
     session = requests.Session()
     session.trust_env = False  # a proxy from the environment must not capture line servers
     return session
+
+
+def served_defect(url: str) -> dict[str, Any]:
+    """The verdict a line server gives (its ``/readyz`` ``defect``): reject classes of its
+    model (``reject_class_ids``, ``reject_classes`` names), ``threshold``, ``threshold_source``
+    and, without a verdict, its ``reason``."""
+    answer = _session().get(f"{url}/readyz", timeout=REQUEST_TIMEOUT_S)
+    answer.raise_for_status()
+    defect = answer.json().get("defect")
+    if not isinstance(defect, dict) or "reject_class_ids" not in defect:
+        raise DataError(f"{url}/readyz names no defect verdict: not a cta serve of this version")
+    return defect
 
 
 def server_counters(session: Any, url: str) -> dict[str, float]:
@@ -94,7 +110,8 @@ def _predict(session: Any, url: str, png: bytes, log: TargetLog) -> None:
             timeout=REQUEST_TIMEOUT_S,
         )
         code = answer.status_code
-        reject = bool(answer.json()["defect"]["reject"]) if code == 200 else None
+        # The server's own verdict; null when it has no operating threshold.
+        reject = answer.json()["defect"]["reject"] if code == 200 else None
     except Exception:  # noqa: BLE001 - any failed request is an error of the candidate
         code, reject = 0, None
     log.latencies_ms.append((time.perf_counter() - started) * 1000.0)
@@ -170,7 +187,13 @@ def summarise(
         values["agreement"] = (
             round(sum(a == b for a, b in pairs) / len(pairs), 6) if pairs else None
         )
-    defective = [reject for reject, truth in zip(candidate.rejects, truths, strict=True) if truth]
+    # A failed request misses its defect; an answer without a verdict (no threshold) says
+    # nothing about recall.
+    defective = [
+        reject
+        for reject, truth, code in zip(candidate.rejects, truths, candidate.codes, strict=True)
+        if truth and not (code == 200 and reject is None)
+    ]
     if defective:
         values["recall"] = round(sum(bool(r) for r in defective) / len(defective), 6)
     return values

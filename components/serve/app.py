@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -38,7 +39,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from components.serve.decode import BadInput, decode_image
+from components.serve.decode import BadInput, decode_views
+from components.serve.inspection import LineResolution, OperatingThreshold
 from components.serve.stats import (
     AGGREGATES,
     WindowedStats,
@@ -46,8 +48,8 @@ from components.serve.stats import (
     now_fields,
     prediction_statistics,
 )
-from cta_model.errors import DataError
-from cta_model.inspection import reject_area
+from cta_model.errors import ConfigError, DataError
+from cta_model.inspection import is_reject
 from cta_model.tasks import TASKS, task_of_kind
 
 log = logging.getLogger("cta.serve")
@@ -57,14 +59,17 @@ RETRY_AFTER_S = "1"
 # No *_created series: they double every counter's lines and no consumer reads them.
 disable_created_metrics()
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Defect scores are in [0, 1]; finer near 0, where most good parts score.
+SCORE_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
 @dataclass
 class ServeSettings:
     model: dict[str, str | None]  # {uri, name, version, sha256}
     line: str | None
-    threshold_px: int
-    reject_classes: tuple[int, ...]
+    threshold: OperatingThreshold
+    # The line's 3-pixel rule; None without --line or for a line outside the fleet inventory.
+    resolution: LineResolution | None = None
     max_concurrency: int = 8
     inference_threads: int = 1
     max_pixels: int = 16_000_000
@@ -93,6 +98,18 @@ class _Metrics:
         )
         self.inflight = Gauge("cta_inflight_requests", "/predict requests in flight", registry=r)
         self.rejects = Counter("cta_rejects", "images judged defective (reject)", registry=r)
+        self.scores = Histogram(
+            "cta_defect_score",
+            "defect score of each served image (cta_model.inspection)",
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.threshold = Gauge(
+            "cta_defect_threshold",
+            "operating threshold on the defect score (NaN: none, no verdict) and its source",
+            ["source"],
+            registry=r,
+        )
         self.info = Gauge(
             "cta_model_info", "the served model", ["name", "version", "sha256", "line"], registry=r
         )
@@ -130,25 +147,68 @@ def _class_names(predictor: Any) -> list[str]:
     return names if len(names) == count else [f"class_{i}" for i in range(count)]
 
 
+@dataclass(frozen=True)
+class DefectRule:
+    """How the served model judges an image: its own score definition (reject classes and
+    window: the model's, the inspection config's only for older folders) and the operating
+    threshold. ``no_score`` says why there is no score (no class task), else None."""
+
+    threshold: OperatingThreshold
+    reject_class_ids: tuple[int, ...]
+    reject_classes: tuple[str, ...]
+    window_px: int | None
+    no_score: str | None = None
+
+    @classmethod
+    def of(cls, predictor: Any, class_names: list[str], threshold: OperatingThreshold):
+        score = predictor.score
+        if score is None:
+            reason = (
+                "the model has no class task to score defects on"
+                if predictor.class_task is None
+                else "the model names no reject classes (model.yaml inspection) and the "
+                "defaults of configs/inspection.yaml are not classes of it"
+            )
+            return cls(threshold, (), (), None, reason)
+        names = tuple(
+            class_names[c] if c < len(class_names) else f"class_{c}" for c in score.reject_classes
+        )
+        return cls(threshold, tuple(score.reject_classes), names, score.score_window_px)
+
+    def describe(self) -> dict[str, Any]:
+        """The verdict's definition (/readyz, and part of every ``defect``)."""
+        reason = self.no_score
+        if reason is None and self.threshold.value is None:
+            reason = f"no operating threshold: {self.threshold.reason}"
+        return {
+            "threshold": self.threshold.value,
+            "threshold_source": self.threshold.source,
+            "reject_classes": list(self.reject_classes),
+            "reject_class_ids": list(self.reject_class_ids),
+            "window_px": self.window_px,
+            "reason": reason,
+        }
+
+    def judge(self, score: float | None) -> dict[str, Any]:
+        """The JSON ``defect`` of one image (or of a part, with its largest view score)."""
+        reject = None
+        if score is not None and self.threshold.value is not None:
+            reject = bool(is_reject(score, self.threshold.value))
+        return {"score": score, "reject": reject, **self.describe()}
+
+
 def summarise(
-    prediction: Mapping[str, np.ndarray],
-    class_names: list[str],
-    threshold_px: int,
-    reject_classes: tuple[int, ...],
+    prediction: Mapping[str, np.ndarray], class_names: list[str], defect: dict[str, Any]
 ) -> dict[str, Any]:
-    """The JSON body's defect verdict, per-task summaries (``TaskSpec.summarize``, in registry
-    order) and region dimensions of one image. The verdict reads the ``classes`` task, the
-    dimensions its regions' ``surface_height``."""
+    """The JSON body's defect verdict (``DefectRule.judge``), per-task summaries
+    (``TaskSpec.summarize``, in registry order) and region dimensions of one image; the
+    dimensions read the ``classes`` task's regions and their ``surface_height``."""
     tasks = {
         name: spec.summarize(prediction[name], class_names)
         for name, spec in TASKS.items()
         if name in prediction
     }
-    defect: dict[str, Any] = {"reject": None, "reject_area_px": None, "threshold_px": threshold_px}
     class_ids = prediction.get(task_of_kind("classes", prediction))
-    if class_ids is not None:
-        area = int(reject_area(class_ids, reject_classes))
-        defect.update(reject=area >= threshold_px, reject_area_px=area)
     heights = prediction.get(task_of_kind("surface_height", prediction))
     dimensions = []
     if class_ids is not None and heights is not None:
@@ -165,6 +225,16 @@ def summarise(
                 }
             )
     return {"defect": defect, "tasks": tasks, "dimensions": dimensions}
+
+
+def part_verdict(rule: DefectRule, views: list[dict[str, Any]]) -> dict[str, Any]:
+    """A part's verdict from its views': score = the largest view score, so the part is a
+    reject exactly when one of its views is."""
+    scores = [view["defect"]["score"] for view in views]
+    part = rule.judge(None if None in scores else max(scores))
+    part["n_views"] = len(views)
+    part["rejected_views"] = [view["view"] for view in views if view["defect"]["reject"]]
+    return part
 
 
 class ServeApp:
@@ -184,6 +254,11 @@ class ServeApp:
             sha256=model.get("sha256") or "",
             line=settings.line or "",
         ).set(1)
+        threshold = settings.threshold
+        self.metrics.threshold.labels(source=threshold.source).set(
+            math.nan if threshold.value is None else threshold.value
+        )
+        self.rule: DefectRule | None = None
         self._inflight = 0
         self._inference_slots = threading.BoundedSemaphore(settings.inference_threads)
         self.stats = (
@@ -236,24 +311,35 @@ class ServeApp:
                 self.on_load_failure(exc)
             return
         self.class_names = _class_names(predictor)
+        self.rule = DefectRule.of(predictor, self.class_names, self.settings.threshold)
         self.predictor = predictor
         model = self.settings.model
         log.info(
-            "ready: model %s (name %s, version %s, sha256 %s) line %s threshold_px %d",
+            "ready: model %s (name %s, version %s, sha256 %s) line %s; defect score over "
+            "reject classes %s (window %s px), threshold %s (%s)",
             model.get("uri"),
             model.get("name"),
             model.get("version"),
             model.get("sha256"),
             self.settings.line,
-            self.settings.threshold_px,
+            list(self.rule.reject_classes),
+            self.rule.window_px,
+            self.settings.threshold.value,
+            self.settings.threshold.source,
         )
+        if self.rule.no_score:
+            log.warning("no defect verdict: %s", self.rule.no_score)
 
     # ---------------------------------------------------------------- endpoints
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     def _ready_body(self) -> dict[str, Any]:
-        return {"model": dict(self.settings.model), "line": self.settings.line}
+        return {
+            "model": dict(self.settings.model),
+            "line": self.settings.line,
+            "defect": self.rule.describe(),
+        }
 
     async def readyz(self, request: Request) -> Response:
         if self.predictor is None:
@@ -285,28 +371,69 @@ class ServeApp:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    def _inspect(self, images: list[np.ndarray]) -> list[tuple[dict[str, Any], float | None]]:
+        """Per image its decoded outputs and defect score (`Predictor.inspect`); the views of a
+        part that share a size share a forward pass."""
+        results: list[Any] = [None] * len(images)
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for index, image in enumerate(images):
+            by_size.setdefault(image.shape, []).append(index)
+        with self._inference_slots:
+            for indices in by_size.values():
+                inspection = self.predictor.inspect(np.stack([images[i] for i in indices]))
+                scores = inspection.defect_score
+                for k, index in enumerate(indices):
+                    outputs = {task: array[k] for task, array in inspection.outputs.items()}
+                    results[index] = (outputs, None if scores is None else float(scores[k]))
+        return results
+
+    def _check_resolution(self, views: list[tuple[str | None, np.ndarray]]) -> None:
+        resolution = self.settings.resolution
+        if resolution is None:
+            return
+        for name, image in views:
+            try:
+                resolution.check_image(image.shape[0], image.shape[1])
+            except ConfigError as exc:
+                raise BadInput(422, str(exc) if name is None else f"view {name!r}: {exc}") from None
+
     def _handle(self, body: bytes, content_type: str | None, as_npz: bool) -> dict[str, Any]:
-        """Decode, predict, summarise (in a worker thread: all of it is CPU work)."""
-        image = decode_image(body, content_type, self.settings.max_pixels)
+        """Decode, check, inspect, summarise (in a worker thread: all of it is CPU work)."""
+        views, is_part = decode_views(body, content_type, self.settings.max_pixels)
+        self._check_resolution(views)
         try:
-            with self._inference_slots:
-                batch = self.predictor.predict(image)
+            inspected = self._inspect([image for _, image in views])
         except DataError as exc:  # e.g. a size the model's resize policy refuses
             raise BadInput(422, str(exc)) from None
-        prediction = {task: array[0] for task, array in batch.items()}
-        settings = self.settings
-        summary = summarise(
-            prediction, self.class_names, settings.threshold_px, settings.reject_classes
-        )
-        result: dict[str, Any] = {"summary": summary}
-        if self.stats is not None:
-            result["stats"] = {
-                **image_statistics(image),
-                **prediction_statistics(prediction, self.class_names),
-            }
+        summaries, rows, arrays = [], [], {}
+        for (name, image), (outputs, score) in zip(views, inspected, strict=True):
+            summary = summarise(outputs, self.class_names, self.rule.judge(score))
+            summaries.append(summary if name is None else {"view": name, **summary})
+            if self.stats is not None:
+                rows.append(
+                    {
+                        **image_statistics(image),
+                        **prediction_statistics(outputs, self.class_names, score),
+                        "view": name,
+                        "reject": summary["defect"]["reject"],
+                    }
+                )
+            if as_npz:
+                arrays.update(
+                    outputs if name is None else {f"{name}/{t}": a for t, a in outputs.items()}
+                )
+        if is_part:
+            answer = {"part": part_verdict(self.rule, summaries), "views": summaries}
+        else:
+            answer = summaries[0]
+        result: dict[str, Any] = {
+            "answer": answer,
+            "defects": [summary["defect"] for summary in summaries],
+            "rows": rows,
+        }
         if as_npz:
             buffer = io.BytesIO()
-            np.savez(buffer, **prediction)
+            np.savez(buffer, **arrays)
             result["npz"] = buffer.getvalue()
         return result
 
@@ -352,27 +479,28 @@ class ServeApp:
             return _error(400, "client disconnected before the body was complete")
         latency_s = time.perf_counter() - start
         self.metrics.latency.observe(latency_s)
-        summary = result["summary"]
-        if summary["defect"]["reject"]:
-            self.metrics.rejects.inc()
+        for defect in result["defects"]:
+            if defect["score"] is not None:
+                self.metrics.scores.observe(defect["score"])
+            if defect["reject"]:
+                self.metrics.rejects.inc()
         model = self.settings.model
         if self.stats is not None:
-            self.stats.record(
-                {
-                    **now_fields(),
-                    "line_id": self.settings.line,
-                    "model_name": model.get("name"),
-                    "model_version": model.get("version"),
-                    "model_sha256": model.get("sha256"),
-                    **result["stats"],
-                    "reject": summary["defect"]["reject"],
-                    "reject_area_px": summary["defect"]["reject_area_px"],
-                    "latency_ms": latency_s * 1000,
-                }
-            )
+            identity = {
+                **now_fields(),
+                "line_id": self.settings.line,
+                "model_name": model.get("name"),
+                "model_version": model.get("version"),
+                "model_sha256": model.get("sha256"),
+                "threshold": self.settings.threshold.value,
+            }
+            for row in result["rows"]:
+                self.stats.record({**identity, **row, "latency_ms": latency_s * 1000})
         if as_npz:
             return Response(result["npz"], media_type=NPZ)
-        return JSONResponse({"model": dict(model), "latency_ms": latency_s * 1000, **summary})
+        return JSONResponse(
+            {"model": dict(model), "latency_ms": latency_s * 1000, **result["answer"]}
+        )
 
 
-__all__ = ["ServeApp", "ServeSettings", "summarise"]
+__all__ = ["DefectRule", "ServeApp", "ServeSettings", "part_verdict", "summarise"]

@@ -1,20 +1,28 @@
-"""Request bodies -> one uint8 RGB image, refusing bad input with an HTTP status and a reason.
+"""Request bodies -> uint8 RGB images (one image, or the views of one part), refusing bad input
+with an HTTP status and a reason.
 
 Sizes are checked from headers before any pixel is decoded: a PNG/JPEG header claiming
-100000 x 100000 pixels or an .npy header with a huge shape is refused without allocating it.
+100000 x 100000 pixels or an .npy header (also inside an .npz) with a huge shape is refused
+without allocating it; an .npz member is decompressed only up to the size its header states.
 Pillow's own decompression-bomb guard is set to the same limit as a second line of defence.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zipfile
+import zlib
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-PNG, JPEG, NPY = "image/png", "image/jpeg", "application/x-npy"
-CONTENT_TYPES = (PNG, JPEG, NPY)
+PNG, JPEG, NPY, NPZ = "image/png", "image/jpeg", "application/x-npy", "application/x-npz"
+CONTENT_TYPES = (PNG, JPEG, NPY, NPZ)
+#: Most views one part request may hold.
+MAX_VIEWS = 64
 # Pillow modes that convert to RGB without losing meaning (16-bit and float modes do not).
 _CONVERTIBLE_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr"}
 _FORMATS = {PNG: "PNG", JPEG: "JPEG"}
@@ -80,8 +88,8 @@ def _decode_picture(body: bytes, kind: str, max_pixels: int) -> np.ndarray:
     return np.array(rgb, dtype=np.uint8)  # writable, unlike np.asarray of an image
 
 
-def _decode_npy(body: bytes, max_pixels: int) -> np.ndarray:
-    stream = io.BytesIO(body)
+def _read_npy_header(stream: Any, what: str) -> tuple[tuple[int, ...], bool]:
+    """(shape, fortran order) of a uint8 .npy header; BadInput for anything else."""
     try:
         major, _ = np.lib.format.read_magic(stream)
         if major == 1:
@@ -91,22 +99,94 @@ def _decode_npy(body: bytes, max_pixels: int) -> np.ndarray:
         else:
             raise ValueError(f"unsupported .npy version {major}")
     except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
-        raise BadInput(400, f"{NPY} body is not a valid .npy array: {exc}") from None
+        raise BadInput(400, f"{what} is not a valid .npy array: {exc}") from None
     if dtype != np.uint8:
-        raise BadInput(400, f"{NPY} body: dtype {dtype} must be uint8 (H, W, 3) RGB")
-    if len(shape) != 3 or shape[2] != 3:
-        raise BadInput(400, f"{NPY} body: shape {tuple(shape)} must be (H, W, 3) RGB")
-    _check_dims(int(shape[0]), int(shape[1]), max_pixels, f"{NPY} body")
-    offset = stream.tell()
+        raise BadInput(400, f"{what}: dtype {dtype} must be uint8 (H, W, 3) RGB")
+    return tuple(int(n) for n in shape), bool(fortran)
+
+
+def _npy_data(data: bytes, shape: tuple[int, ...], fortran: bool, what: str) -> np.ndarray:
     expected = int(np.prod(shape))
-    if len(body) - offset != expected:
-        raise BadInput(
-            400,
-            f"{NPY} body: {len(body) - offset} data bytes, shape {tuple(shape)} needs {expected}",
-        )
-    array = np.frombuffer(body, dtype=np.uint8, count=expected, offset=offset)
+    if len(data) != expected:
+        raise BadInput(400, f"{what}: {len(data)} data bytes, shape {shape} needs {expected}")
+    array = np.frombuffer(data, dtype=np.uint8, count=expected)
     # A copy: frombuffer views the immutable body, and torch wants writable arrays.
     return array.reshape(shape, order="F" if fortran else "C").copy()
+
+
+def _decode_npy(body: bytes, max_pixels: int) -> np.ndarray:
+    what = f"{NPY} body"
+    stream = io.BytesIO(body)
+    shape, fortran = _read_npy_header(stream, what)
+    if len(shape) != 3 or shape[2] != 3:
+        raise BadInput(400, f"{what}: shape {shape} must be (H, W, 3) RGB")
+    _check_dims(shape[0], shape[1], max_pixels, what)
+    return _npy_data(body[stream.tell() :], shape, fortran, what)
+
+
+def _npz_member(
+    archive: zipfile.ZipFile,
+    info: zipfile.ZipInfo,
+    max_pixels: int,
+    pixels_before: int,
+    views_before: int,
+) -> np.ndarray:
+    """One array of a part's .npz: (H, W, 3) or (B, H, W, 3) uint8; with the part's views and
+    pixels so far, at most MAX_VIEWS views and ``max_pixels`` pixels. The header is checked
+    before any pixel is decompressed."""
+    what = f"{NPZ} body: array {info.filename[:-4]!r}"
+    with archive.open(info) as stream:
+        shape, fortran = _read_npy_header(stream, what)
+        if len(shape) not in (3, 4) or shape[-1] != 3:
+            raise BadInput(400, f"{what}: shape {shape} must be (H, W, 3) or (B, H, W, 3) RGB")
+        views = shape[0] if len(shape) == 4 else 1
+        if views < 1:
+            raise BadInput(400, f"{what}: no view in shape {shape}")
+        if views_before + views > MAX_VIEWS:
+            raise BadInput(400, f"{what}: the part has over {MAX_VIEWS} views")
+        _check_dims(shape[-3], shape[-2], max_pixels, what)
+        total = pixels_before + views * shape[-3] * shape[-2]
+        if total > max_pixels:
+            raise BadInput(
+                413, f"{what}: the part's views hold {total} pixels, over the limit of {max_pixels}"
+            )
+        # Reads (decompresses) no more than the header announces, so a zip bomb stops here.
+        data = stream.read(int(np.prod(shape)))
+        if stream.read(1):
+            raise BadInput(400, f"{what}: more data than its shape {shape} holds")
+    return _npy_data(data, shape, fortran, what)
+
+
+def _decode_npz(body: bytes, max_pixels: int) -> list[tuple[str, np.ndarray]]:
+    """The views of one part: every array of the archive, a (B, H, W, 3) one as B views named
+    ``<key>/<i>``; at most MAX_VIEWS views and ``max_pixels`` pixels in all."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(body))
+        members = archive.infolist()
+        if not members:
+            raise BadInput(400, f"{NPZ} body holds no array; send one per view of the part")
+        if len(members) > MAX_VIEWS:
+            raise BadInput(400, f"{NPZ} body: {len(members)} arrays, at most {MAX_VIEWS} views")
+        names = [info.filename for info in members]
+        if len(set(names)) != len(names) or not all(n.endswith(".npy") for n in names):
+            raise BadInput(400, f"{NPZ} body: members must be distinct .npy arrays, got {names}")
+        views: list[tuple[str, np.ndarray]] = []
+        pixels = 0
+        for info in members:
+            array = _npz_member(archive, info, max_pixels, pixels, len(views))
+            key = info.filename[:-4]
+            batch = array if array.ndim == 4 else array[None]
+            views.extend(
+                (key if array.ndim == 3 else f"{key}/{i}", image) for i, image in enumerate(batch)
+            )
+            pixels += int(np.prod(batch.shape[:3]))
+    except BadInput:
+        raise
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as exc:
+        raise BadInput(400, f"{NPZ} body is not a readable .npz archive: {exc}") from None
+    except (OSError, EOFError, ValueError, struct.error) as exc:
+        raise BadInput(400, f"{NPZ} body: cannot read the archive: {exc}") from None
+    return views
 
 
 def decode_image(body: bytes, content_type: str | None, max_pixels: int) -> np.ndarray:
@@ -114,9 +194,23 @@ def decode_image(body: bytes, content_type: str | None, max_pixels: int) -> np.n
     kind = media_type(content_type)
     if not body:
         raise BadInput(400, "empty body; send the image bytes")
+    if kind == NPZ:
+        raise BadInput(415, f"{NPZ} is a part of several views; send one image here")
     if kind == NPY:
         return _decode_npy(body, max_pixels)
     return _decode_picture(body, kind, max_pixels)
 
 
-__all__ = ["CONTENT_TYPES", "BadInput", "decode_image", "media_type"]
+def decode_views(
+    body: bytes, content_type: str | None, max_pixels: int
+) -> tuple[list[tuple[str | None, np.ndarray]], bool]:
+    """(views, is_part): one unnamed image for PNG / JPEG / .npy bodies, or the named views of
+    one part for an .npz body; BadInput (4xx) for anything else."""
+    if media_type(content_type) == NPZ:
+        if not body:
+            raise BadInput(400, "empty body; send the views of the part as an .npz archive")
+        return list(_decode_npz(body, max_pixels)), True
+    return [(None, decode_image(body, content_type, max_pixels))], False
+
+
+__all__ = ["CONTENT_TYPES", "MAX_VIEWS", "BadInput", "decode_image", "decode_views", "media_type"]

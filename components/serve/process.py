@@ -134,9 +134,10 @@ def start_server(
 ) -> ServerHandle:
     """Start ``cta serve --model model_uri`` and return once /readyz answers 200.
 
-    ``opts`` are ``cta serve`` options by their Python names: host, sha256, line, threshold_px,
-    max_concurrency, tracking_uri, stats_dir, stats_window_s, log_level, ... Without ``port`` a
-    free loopback port is picked (and another one tried if it was taken in between).
+    ``opts`` are ``cta serve`` options by their Python names: host, sha256, line, threshold,
+    lines_config, max_concurrency, tracking_uri, stats_dir, stats_window_s, log_level, ...
+    Without ``port`` a free loopback port is picked (and another one tried if it was taken in
+    between).
     Raises ServerStartError (with the log's tail) when the server exits or is not ready in time.
     """
     if log_path is None:

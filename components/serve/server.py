@@ -1,9 +1,11 @@
 """Serve one model over HTTP in this process until it is stopped: what `cta serve` runs.
 
-The model folder is verified (SHA256SUMS and the folder digest) before anything loads; the
-server answers /healthz at once and /readyz once the model is loaded in the background. A
-refused model raises the CtaError of the check; a load failure after the start, or a port that
-could not be bound, raises :class:`ServerFailed`.
+Before the port is bound: the model folder is verified (SHA256SUMS and the folder digest), its
+model.yaml read, the line's resolution rule checked (components/serve/inspection.py) and the
+operating threshold found. The server then answers /healthz at once and /readyz once the model
+is loaded in the background. A refused model or set-up raises the CtaError of the check (exit
+2); a load failure after the start, or a port that could not be bound, raises
+:class:`ServerFailed`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 
 class ServerFailed(RuntimeError):
@@ -24,7 +27,9 @@ def run(
     host: str,
     expected_sha256: str | None,
     line_id: str | None,
-    threshold_px: int | None,
+    threshold: float | None,
+    evaluation: Path | None,
+    lines_config: Path | None,
     max_concurrency: int,
     tracking_uri: str | None,
     max_pixels: int,
@@ -52,12 +57,12 @@ def run(
 
     from components.registry.models import CACHE_ENV, fetch_model
     from components.serve.app import ServeApp, ServeSettings
-    from cta_model.inspection import load_inspection_config
+    from components.serve.inspection import operating_threshold
+    from cta_model.model_folder import read_model_card
 
     log = logging.getLogger("cta.serve")
     if model_cache is not None:
         os.environ[CACHE_ENV] = str(model_cache)
-    inspection = load_inspection_config()
     # Verified before anything is loaded: SHA256SUMS and the folder digest.
     fetched = fetch_model(model_uri, tracking_uri=tracking_uri, expected_sha256=expected_sha256)
     folder = fetched.folder
@@ -76,6 +81,29 @@ def run(
         host,
         port,
     )
+    card = read_model_card(folder)
+    resolution = _line_resolution(line_id, lines_config, card, log)
+    operating = operating_threshold(
+        threshold,
+        fetched.name,
+        fetched.version,
+        line_id,
+        tracking_uri,
+        evaluation_file=evaluation,
+        served_sha256=fetched.sha256,
+    )
+    if operating.value is None:
+        log.warning(
+            "no operating threshold (%s): /predict gives defect scores but no verdict "
+            "(reject null); pass --threshold, or serve a registered version whose "
+            "evaluation.json records one",
+            operating.reason,
+        )
+    else:
+        log.info(
+            "operating threshold %g on the defect score (%s)", operating.value, operating.source
+        )
+    default_score = _default_score(card, log)
 
     def load():
         import torch
@@ -83,13 +111,13 @@ def run(
         from cta_model.inference import Predictor
 
         torch.set_num_threads(torch_threads)
-        return Predictor.from_folder(folder)
+        return Predictor.from_folder(folder, default_score=default_score)
 
     settings = ServeSettings(
         model=model,
         line=line_id,
-        threshold_px=threshold_px or inspection.min_area_px,
-        reject_classes=tuple(inspection.reject_classes),
+        threshold=operating,
+        resolution=resolution,
         max_concurrency=max_concurrency,
         inference_threads=inference_threads,
         max_pixels=max_pixels,
@@ -120,3 +148,49 @@ def run(
         raise ServerFailed(f"model {model_uri} failed to load: {failures[0]}")
     if not server.started:
         raise ServerFailed(f"could not serve on {host}:{port} (see the log above)")
+
+
+def _line_resolution(line_id: str | None, lines_config: Path | None, card: Any, log: Any):
+    """The line's 3-pixel rule, checked for its camera now (ConfigError naming the line); None
+    without --line or for a line the fleet inventory does not list (nothing to check)."""
+    from components.serve.inspection import LineResolution
+    from cta_model.data.lines import load_lines_config
+
+    if not line_id:
+        return None
+    lines = load_lines_config(lines_config)
+    if line_id not in lines.ids:
+        log.warning(
+            "line %s is not in %s: its defect resolution is not checked",
+            line_id,
+            lines.source,
+        )
+        return None
+    resolution = LineResolution(lines.get(line_id), card, str(lines.source))
+    resolution.check_camera()
+    return resolution
+
+
+def _default_score(card: Any, log: Any):
+    """configs/inspection.yaml's score definition, for a folder whose model.yaml names no
+    reject classes of its own; None when those ids are not classes of this model."""
+    from cta_model.inspection import ScoreDefinition, load_inspection_config
+    from cta_model.tasks import task_of_kind
+
+    if card.inspection is not None or task_of_kind("classes", card.spec.tasks) is None:
+        return None
+    config = load_inspection_config()
+    classes = card.spec.num_classes or 0
+    if not all(c < classes for c in config.reject_classes):
+        log.warning(
+            "the model folder names no reject classes and configs/inspection.yaml's %s are "
+            "not classes of this %d-class model: no defect score",
+            list(config.reject_classes),
+            classes,
+        )
+        return None
+    log.info(
+        "the model folder names no reject classes: configs/inspection.yaml's %s apply",
+        list(config.reject_classes),
+    )
+    return ScoreDefinition(tuple(config.reject_classes), config.score_window_px)

@@ -5,9 +5,10 @@ Per image (one row; the column names are those of reference_stats.parquet so mon
 compares like with like): ``brightness``, ``contrast``, ``ratio_rg``, ``ratio_bg`` (the
 data-validation definitions, `cta_model.data.statistics`), ``image_height``, ``image_width``,
 ``pred_frac_<class>`` (predicted class histogram), ``pred_height_mean_mm``,
-``pred_height_std_mm``, ``pred_depth_mean``, ``pred_normals_z_mean``; plus serving columns
-``time`` (ISO 8601 UTC), ``unix_time``, ``line_id``, ``model_name``, ``model_version``,
-``model_sha256``, ``reject``, ``reject_area_px``, ``latency_ms``.
+``pred_height_std_mm``, ``pred_depth_mean``, ``pred_normals_z_mean``, ``pred_defect_score``;
+plus serving columns ``time`` (ISO 8601 UTC), ``unix_time``, ``line_id``, ``model_name``,
+``model_version``, ``model_sha256``, ``view`` (a part's view name, else null), ``reject`` (the
+verdict, null without an operating threshold), ``threshold``, ``latency_ms``.
 
 Windows: rows collect in the current window of ``window_s`` seconds; when it ends with at
 least one image, its aggregates (count, mean, std, p05, p50, p95 per numeric statistic)
@@ -49,7 +50,7 @@ def _aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
             for key, value in row.items()
             if key not in _SERVING_TEXT_COLUMNS and isinstance(value, int | float)
         }
-        - {"unix_time"}
+        - {"unix_time", "threshold"}
     )
     result: dict[str, dict[str, float]] = {}
     for column in columns:

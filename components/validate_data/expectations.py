@@ -155,8 +155,11 @@ def line_table(samples: pd.DataFrame, lines_config: LinesConfig) -> pd.DataFrame
 Spec = tuple[str, Callable[[], gxe.Expectation]]
 
 
-def sample_expectations(thresholds: Thresholds, line_ids: list[str]) -> list[Spec]:
-    """(name, factory) of every expectation on the samples table."""
+def sample_expectations(
+    thresholds: Thresholds, line_ids: list[str], num_classes: int = NUM_CLASSES
+) -> list[Spec]:
+    """(name, factory) of every expectation on the samples table; ``num_classes``: the
+    dataset's class count (NUM_CLASSES in the expectation's name)."""
     t = thresholds
     ratio_low, ratio_high = t.colour_ratio
     height_low, height_high = t.height_range_mm
@@ -183,7 +186,7 @@ def sample_expectations(thresholds: Thresholds, line_ids: list[str]) -> list[Spe
         ),
         (
             "semseg class ids in [0, NUM_CLASSES)",
-            partial(_between, "semseg_max_class", 0, NUM_CLASSES - 1),
+            partial(_between, "semseg_max_class", 0, num_classes - 1),
         ),
         ("height dtype", partial(_in_set, "height_dtype", list(t.float_dtypes))),
         (
@@ -272,8 +275,10 @@ def validate(
     samples: pd.DataFrame,
     lines_config: LinesConfig,
     thresholds: Thresholds | None = None,
+    num_classes: int = NUM_CLASSES,
 ) -> tuple[SuiteOutcome, pd.DataFrame]:
-    """Run both suites; returns the outcome and the per-line table that was validated."""
+    """Run both suites; returns the outcome and the per-line table that was validated.
+    ``num_classes``: the dataset's class count (default: the synthetic scenes')."""
     thresholds = thresholds or Thresholds()
     lines = line_table(samples, lines_config)
     context = gx.get_context(mode="ephemeral")
@@ -285,7 +290,7 @@ def validate(
         data_source,
         SAMPLES_TABLE,
         _prepared(samples),
-        sample_expectations(thresholds, list(lines_config.ids)),
+        sample_expectations(thresholds, list(lines_config.ids), num_classes),
     )
     outcomes += _run_table(
         context, data_source, LINES_TABLE, _prepared(lines), line_expectations(thresholds)

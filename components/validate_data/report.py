@@ -40,6 +40,8 @@ class ReportInputs:
     bad_samples: dict[str, list[str]]  # sample id -> reasons
     bad_lines: dict[str, list[str]]  # line id -> reasons
     thresholds: Thresholds = field(default_factory=Thresholds)
+    class_names: tuple[str, ...] = CLASS_NAMES  # the dataset's, by class id
+    warnings: Sequence[str] = ()  # shown above everything; they do not fail validation
 
 
 def render_report(inputs: ReportInputs) -> str:
@@ -61,15 +63,19 @@ def render_report(inputs: ReportInputs) -> str:
         line_rows=None
         if inputs.lines.empty
         else [[_format(value) for value in row] for row in inputs.lines.itertuples(index=False)],
-        figures=None if validated.empty else _figures(validated, inputs.thresholds),
+        figures=None
+        if validated.empty
+        else _figures(validated, inputs.thresholds, inputs.class_names),
     )
 
 
-def _figures(validated: pd.DataFrame, thresholds: Thresholds) -> list[tuple[str, str]]:
+def _figures(
+    validated: pd.DataFrame, thresholds: Thresholds, class_names: Sequence[str]
+) -> list[tuple[str, str]]:
     """(title, base64 PNG) of each figure the data allows."""
     figures = [
         ("brightness per line", _brightness_figure(validated)),
-        ("class frequency per line", _class_frequency_figure(validated)),
+        ("class frequency per line", _class_frequency_figure(validated, class_names)),
         ("split sizes per line", _split_figure(validated)),
         ("cross-task label quality", _label_quality_figure(validated, thresholds)),
     ]
@@ -99,20 +105,33 @@ def _brightness_figure(frame: pd.DataFrame) -> str | None:
     return png_base64(figure)
 
 
-def _class_frequency_figure(frame: pd.DataFrame) -> str | None:
-    per_line = frame.groupby("line_id", sort=True)[list(SEMSEG_FRACTION_COLUMNS)].mean()
+def class_frequency_columns(class_names: Sequence[str]) -> list[tuple[str, str]]:
+    """(bar label, statistics column) per class of the dataset, by id. The statistics hold a
+    share per id up to the synthetic class count; ids past it are one pooled bar."""
+    known = len(SEMSEG_FRACTION_COLUMNS)
+    bars = list(zip(class_names[:known], SEMSEG_FRACTION_COLUMNS, strict=False))
+    if len(class_names) > known:
+        pooled = f"ids {known}-{len(class_names) - 1} ({len(class_names) - known} classes)"
+        bars.append((pooled, "semseg_frac_unknown"))
+    return bars
+
+
+def _class_frequency_figure(frame: pd.DataFrame, class_names: Sequence[str]) -> str | None:
+    bars = class_frequency_columns(class_names)
+    labels = [label for label, _ in bars]
+    per_line = frame.groupby("line_id", sort=True)[[column for _, column in bars]].mean()
     per_line = per_line.dropna(how="all")
     if per_line.empty:
         return None
     figure = _new_figure(height=3.6)
     axes = figure.add_subplot()
-    positions = np.arange(len(CLASS_NAMES))
+    positions = np.arange(len(labels))
     width = 0.8 / len(per_line)
     for offset, (line_id, row) in enumerate(per_line.iterrows()):
         fractions = np.nan_to_num(row.to_numpy(dtype=float))
         axes.bar(positions + offset * width - 0.4 + width / 2, fractions, width, label=line_id)
     axes.set_yscale("log")
-    axes.set_xticks(positions, CLASS_NAMES, rotation=30, ha="right")
+    axes.set_xticks(positions, labels, rotation=30, ha="right")
     axes.set_ylabel("share of labelled pixels")
     axes.set_title("Class frequency per line (log scale)")
     axes.legend(fontsize="small")

@@ -6,10 +6,18 @@ Outputs in ``out_dir`` (every run writes all of them, also when validation fails
 - ``statistics.parquet``: per-sample statistics (cta_model.data.statistics) plus a
   ``quarantined`` column;
 - ``validation_result.json``: every expectation with its table, column, success and up to 50
-  unexpected ids;
+  unexpected ids, and the warnings;
 - ``validation_report.html``: the self-contained report;
 - ``dataset_ref.json``: {uri, manifest_sha256, dvc_rev, passed, quarantine}, checked against
   ``schemas/dataset_ref.schema.json``.
+
+Classes are the dataset's own (``LineDataset.class_names``; the synthetic ``CLASS_NAMES`` when
+it names none): the class-id range check and the report's class-frequency chart use them. The
+check that defect masks show in the height knows the synthetic classes only (scratch, dent,
+bump, crack on the part's top faces): for a dataset with other classes its columns are left
+empty. Warnings (stderr, the report, ``validation_result.json``) never fail validation: a
+train split without reject-class pixels (reject classes: the dataset's own, else
+configs/inspection.yaml) cannot teach a model what a defect is.
 
 A failed validation raises ValidationFailed after writing them; its message names the failed
 expectations and the bad samples. Problems that leave nothing to validate (no manifest, a bad
@@ -23,6 +31,7 @@ import io
 import json
 import math
 import os
+import sys
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,8 +50,10 @@ from components.validate_data.expectations import (
 from components.validate_data.report import ReportInputs, render_report
 from cta_model.atomic import write_bytes_atomic
 from cta_model.data.line_dataset import MANIFEST_NAME, LineDataset, Opener
-from cta_model.data.statistics import compute_statistics
+from cta_model.data.statistics import SEMSEG_FRACTION_COLUMNS, compute_statistics
+from cta_model.data.synthetic import CLASS_NAMES
 from cta_model.errors import ConfigError, DataError
+from cta_model.inspection import load_inspection_config
 
 STATISTICS_NAME = "statistics.parquet"
 RESULT_NAME = "validation_result.json"
@@ -57,6 +68,8 @@ MAX_IDS_IN_MESSAGE = 10
 MAX_BAD_SAMPLES_IN_RESULT = 1000
 # Columns whose value is already the explanation of a failure.
 _TEXT_COLUMNS = ("read_error", "shape_mismatch")
+# Statistics that assume the synthetic classes (cta_model.data.statistics.defect_height_anomaly).
+_SYNTHETIC_CLASS_COLUMNS = ("defect_pixels", "defect_height_anomaly")
 
 
 class ValidationFailed(DataError):
@@ -105,10 +118,17 @@ def run(
         read_quarantine(quarantine, dataset.sample_ids, uri) if quarantine is not None else []
     )
 
+    class_names = dataset.class_names or CLASS_NAMES
     statistics = compute_statistics(dataset, progress=progress, workers=workers)
+    if tuple(class_names) != CLASS_NAMES:
+        for column in _SYNTHETIC_CLASS_COLUMNS:  # every value null, the dtype kept
+            statistics[column] = statistics[column].mask(statistics[column].notna())
     statistics["quarantined"] = statistics["sample_id"].isin(set(quarantined))
     validated = statistics[~statistics["quarantined"]].reset_index(drop=True)
-    outcome, lines = validate(validated, dataset.lines_config, thresholds)
+    outcome, lines = validate(validated, dataset.lines_config, thresholds, len(class_names))
+    warnings = data_warnings(validated, dataset.reject_classes)
+    for warning in warnings:
+        print(warning, file=sys.stderr)
 
     passed = outcome.success
     bad_samples = _reasons(outcome, validated, SAMPLES_TABLE, "sample_id")
@@ -135,6 +155,8 @@ def run(
             "n_bad_samples": len(bad_samples),
             "bad_samples": list(bad_samples)[:MAX_BAD_SAMPLES_IN_RESULT],
             "bad_lines": list(bad_lines),
+            "class_names": list(class_names),
+            "warnings": warnings,
             "expectations": [item.as_dict() for item in outcome.expectations],
         },
     )
@@ -151,6 +173,8 @@ def run(
             bad_samples=bad_samples,
             bad_lines=bad_lines,
             thresholds=thresholds,
+            class_names=tuple(class_names),
+            warnings=warnings,
         )
     )
     write_bytes_atomic(report_path, report.encode("utf-8"))
@@ -166,6 +190,36 @@ def run(
             bad_samples=list(bad_samples),
         )
     return dataset_ref
+
+
+def data_warnings(validated: pd.DataFrame, dataset_rejects: Sequence[int] | None) -> list[str]:
+    """What deserves a loud word without failing validation: lines whose train split shows no
+    reject-class pixel (reject classes: the dataset's own, else configs/inspection.yaml).
+
+    The statistics pool the shares of class ids past the synthetic ones (``semseg_frac_unknown``);
+    that pool counts as reject pixels when any reject class lies in it.
+    """
+    if dataset_rejects is not None:
+        rejects, source = tuple(dataset_rejects), "the dataset's reject_classes"
+    else:
+        rejects, source = load_inspection_config().reject_classes, "configs/inspection.yaml"
+    train = validated[validated["split"] == "train"]
+    if train.empty:
+        return []  # the split-size expectation names it
+    known = len(SEMSEG_FRACTION_COLUMNS)
+    columns = [SEMSEG_FRACTION_COLUMNS[c] for c in rejects if 0 <= c < known]
+    if any(c >= known for c in rejects):
+        columns.append("semseg_frac_unknown")
+    shares = train[columns].fillna(0.0).sum(axis=1)
+    with_defects = set(train.loc[shares > 0, "line_id"].astype(str))
+    without = sorted(set(train["line_id"].astype(str)) - with_defects)
+    if not without:
+        return []
+    return [
+        f"WARNING: the train split of line(s) {', '.join(without)} has no reject-class pixel "
+        f"(reject classes {list(rejects)}, from {source}): training needs data.anomalies or "
+        "labelled defects, else the model can only learn that every part is good"
+    ]
 
 
 def dataset_uri(data_uri: str | os.PathLike[str]) -> str:

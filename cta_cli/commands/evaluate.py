@@ -34,7 +34,7 @@ import click
     "--lines-config",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="fleet inventory (default: configs/lines.yaml)",
+    help="fleet inventory (default: $CTA_LINES_CONFIG, else configs/lines.yaml)",
 )
 @click.option(
     "--miou-rule",
@@ -53,7 +53,8 @@ import click
     "--inspection-config",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="reject classes and target recall (default: configs/inspection.yaml)",
+    help="target recall and min_score of the operating threshold; reject classes and score "
+    "window for model folders that do not record their own (default: configs/inspection.yaml)",
 )
 @click.option("--bootstrap-n", default=1000, show_default=True, type=click.IntRange(min=1))
 @click.option("--bootstrap-seed", default=0, show_default=True, type=int)
@@ -64,6 +65,14 @@ import click
     show_default=True,
     type=click.IntRange(min=1),
     help="pixels this close to a label boundary count as 'near a boundary'",
+)
+@click.option(
+    "--max-pixels",
+    default=1 << 24,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="pixels kept per line for pixel AUROC / AUPRO (4 bytes each, ~60 while computing); "
+    "over it those figures are null with a warning",
 )
 @click.option(
     "--explain/--no-explain",
@@ -87,6 +96,7 @@ def evaluate(
     bootstrap_seed,
     latency_repeats,
     boundary_px,
+    max_pixels,
     explain,
 ):
     """Score a model folder on one split per line and overall; write evaluation.json."""
@@ -109,6 +119,7 @@ def evaluate(
         latency_repeats=latency_repeats,
         boundary_px=boundary_px,
         explain=explain,
+        max_pixels=max_pixels,
     )
     overall = result["overall"]
     click.echo(

@@ -7,6 +7,7 @@ Every subcommand takes ``--state URI`` (default ``$CTA_ROLLOUT_STATE``, else
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -54,7 +55,16 @@ def _with_backend_options(function):
     return function
 
 
-def _engine(state_uri, tracking_uri, data_uri, backend, namespace_prefix, gitops_repo, record=None):
+def _engine(
+    state_uri,
+    tracking_uri,
+    data_uri,
+    backend,
+    namespace_prefix,
+    gitops_repo,
+    record=None,
+    lines_config=None,
+):
     from components.rollout.backends import make_backend
     from components.rollout.engine import Engine
     from components.rollout.state import LocalStateStore, open_store
@@ -64,9 +74,11 @@ def _engine(state_uri, tracking_uri, data_uri, backend, namespace_prefix, gitops
         backend = backend or record["backend"]
         tracking_uri = tracking_uri or record.get("tracking_uri")
         data_uri = data_uri or record.get("data_uri")
+        lines_config = lines_config or record.get("lines_config")
     options: dict = {}
     if backend == "local":
         options["tracking_uri"] = tracking_uri
+        options["lines_config"] = lines_config
         if isinstance(store, LocalStateStore):
             options["log_dir"] = store.root / "logs"
     elif backend == "kubernetes":
@@ -74,7 +86,11 @@ def _engine(state_uri, tracking_uri, data_uri, backend, namespace_prefix, gitops
     elif backend == "gitops":
         options["repo"] = gitops_repo
     return Engine(
-        store, make_backend(backend, **options), tracking_uri=tracking_uri, data_uri=data_uri
+        store,
+        make_backend(backend, **options),
+        tracking_uri=tracking_uri,
+        data_uri=data_uri,
+        lines_config=str(Path(lines_config).absolute()) if lines_config else None,
     )
 
 
@@ -100,7 +116,8 @@ def rollout() -> None:
     "--lines-config",
     default=None,
     type=click.Path(exists=True, dir_okay=False),
-    help="fleet inventory the plan's lines are checked against",
+    help="fleet inventory the plan's lines are checked against (and, on the local backend, "
+    "the line servers' resolution rule)",
 )
 @state_option
 @tracking_option
@@ -124,7 +141,15 @@ def start(
     from cta_model.data.lines import load_lines_config
 
     plan = load_plan(plan_path, load_lines_config(lines_config) if lines_config else None)
-    engine = _engine(state_uri, tracking_uri, data_uri, backend, namespace_prefix, gitops_repo)
+    engine = _engine(
+        state_uri,
+        tracking_uri,
+        data_uri,
+        backend,
+        namespace_prefix,
+        gitops_repo,
+        lines_config=lines_config,
+    )
     model = pin_version(model_name, version, tracking_uri)
     record = engine.start(plan, model, plan_source=str(plan_path), all_waves=all_waves)
     _echo_status(engine.store, record["rollout_id"], as_json=False)

@@ -1,6 +1,7 @@
 """`cta serve` (also ``python -m cta_cli serve``, what start_server launches): flag parsing
-only; calls components.serve.server.run(), which verifies the model folder's sha256, then
-serves it over HTTP until stopped."""
+only; calls components.serve.server.run(), which verifies the model folder's sha256, checks the
+line's defect resolution, finds the operating threshold, then serves it over HTTP until
+stopped."""
 
 from __future__ import annotations
 
@@ -22,10 +23,27 @@ EXIT_LOAD_FAILED = 3
 @click.option("--sha256", "expected_sha256", default=None, help="expected folder sha256")
 @click.option("--line", "line_id", default=None, help="production line this server is for")
 @click.option(
-    "--threshold-px",
-    type=click.IntRange(min=1),
+    "--threshold",
+    type=click.FloatRange(0.0, 1.0),
     default=None,
-    help="reject-area threshold (default: configs/inspection.yaml min_area_px)",
+    help="operating threshold on the defect score: reject when score >= it [default: for a "
+    "registered version, the one its evaluation.json records for --line, else overall; none: "
+    "scores without a verdict]",
+)
+@click.option(
+    "--evaluation",
+    "evaluation",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="evaluation.json of THIS model (`cta evaluate`): its threshold for --line, else its "
+    "overall one (for a model folder; a registered version carries its own)",
+)
+@click.option(
+    "--lines-config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="fleet inventory whose --line entry sets the resolution rule [default: "
+    "$CTA_LINES_CONFIG, else configs/lines.yaml]",
 )
 @click.option("--max-concurrency", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--tracking-uri", default=None, help="MLflow URI for models:/ (default: env)")

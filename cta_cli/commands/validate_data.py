@@ -15,7 +15,7 @@ import click
     "--lines-config",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="fleet inventory (default: configs/lines.yaml)",
+    help="fleet inventory (default: $CTA_LINES_CONFIG, else configs/lines.yaml)",
 )
 @click.option(
     "--quarantine",

@@ -15,6 +15,14 @@ columns ``<task>_path``, ``has_<task>`` and ``sha256_<task>`` of every task it c
 synthetic generator writes semseg (uint8 PNG, 255 = invalid), height and height_clean (float32
 mm, NaN = drop-out) and normals (float32 H x W x 3, (0, 0, 0) = invalid).
 
+A manifest may carry the optional column ``part_id`` (nullable string): the part an image
+shows, where a line takes several images per part (evaluate and serve then also give the
+part's verdict). A part's images share one line and one split. Writers add the column only
+when some sample has a part id, so datasets without parts keep the format's bytes.
+
+A dataset may carry its own fleet inventory, ``lines.yaml`` at the root (an imported benchmark's
+categories are not production lines): readers use it when the caller names no lines config.
+
 Paths in the manifest are relative to the root and may never leave it. Every file carries a
 sha256 in the manifest. All bytes are deterministic: the same seed gives a byte-identical tree.
 """
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -35,8 +44,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from cta_model.config import parse_yaml
 from cta_model.data.lines import (
-    DEFAULT_LINES_CONFIG,
     LINE_ID_PATTERN,
     LinesConfig,
     load_lines_config,
@@ -48,9 +57,16 @@ FORMAT_NAME = "cta-line-dataset"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.parquet"
 FEATURES_NAME = "features.parquet"
+#: The dataset's own fleet inventory (optional), beside the manifest.
+DATASET_LINES_NAME = "lines.yaml"
+#: Manifest metadata key of the JSON record of how the data were made (class_names, and
+#: reject_classes where the dataset defines its defects).
+GENERATOR_KEY = "cta.generator"
 SPLITS: tuple[str, ...] = ("train", "val", "test", "qa")
 IMAGE = "image"
 IMAGE_DIR = "images"
+#: Optional manifest column: the part an image shows (several images per part on some lines).
+PART_ID = "part_id"
 _PNG_LABEL_MODES = ("L", "I;16")  # 8- and 16-bit integer ids
 
 
@@ -90,9 +106,11 @@ def modalities(tasks: Iterable[str]) -> tuple[str, ...]:
     return tuple(file.modality for file in sample_files(tasks))
 
 
-def manifest_schema(tasks: Sequence[str]) -> pa.Schema:
-    """The manifest of a dataset carrying ``tasks`` (in this order)."""
+def manifest_schema(tasks: Sequence[str], part_ids: bool = False) -> pa.Schema:
+    """The manifest of a dataset carrying ``tasks`` (in this order); with ``part_ids`` the
+    optional last column ``part_id``."""
     files = modalities(tasks)
+    optional = [pa.field(PART_ID, pa.string(), nullable=True)] if part_ids else []
     return pa.schema(
         [
             pa.field("sample_id", pa.string(), nullable=False),
@@ -107,6 +125,7 @@ def manifest_schema(tasks: Sequence[str]) -> pa.Schema:
             pa.field("image_width", pa.int32(), nullable=False),
             pa.field("has_defect", pa.bool_(), nullable=False),
             pa.field("n_defects", pa.int32(), nullable=False),
+            *optional,
         ]
     )
 
@@ -150,10 +169,28 @@ def sha256_hex(data: bytes) -> str:
 
 
 def as_lines_config(lines_config: LinesConfig | str | Path | None) -> LinesConfig:
-    """``lines_config`` as given, or loaded from its path (default ``configs/lines.yaml``)."""
+    """``lines_config`` as given, or loaded from its path (default: ``$CTA_LINES_CONFIG``, else
+    ``configs/lines.yaml``)."""
     if isinstance(lines_config, LinesConfig):
         return lines_config
-    return load_lines_config(DEFAULT_LINES_CONFIG if lines_config is None else lines_config)
+    return load_lines_config(lines_config)
+
+
+def dataset_lines_config(opener: Opener, location: str) -> LinesConfig | None:
+    """The inventory the dataset carries (``<root>/lines.yaml``, read through ``opener``), or
+    None when it carries none."""
+    source = f"{location}/{DATASET_LINES_NAME}"
+    try:
+        data = opener(DATASET_LINES_NAME)
+    except (FileNotFoundError, DataError):  # DataError: a missing S3 object
+        return None
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{source}: cannot read: {exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text: {exc}") from None
+    return LinesConfig.from_dict(parse_yaml(text, source), source=source)
 
 
 # --- reader ---
@@ -197,8 +234,9 @@ class LineDataset:
     carry (``line_dataset_tasks()``; numpy layout), ``present`` {task: bool} and
     ``pitch_mm_per_px``; with ``include_clean`` also the companions (e.g. ``height_clean``).
     ``tasks`` are the tasks whose columns the manifest has; a task without them is absent from
-    every sample. ``lines_config`` (a LinesConfig or a path; default ``configs/lines.yaml``) is
-    the inventory every ``line_id`` is checked against. ``opener`` reads a root-relative path
+    every sample. ``lines_config`` (a LinesConfig or a path) is the inventory every ``line_id``
+    is checked against; without one, the dataset's own ``lines.yaml`` if it carries one, else
+    ``configs/lines.yaml``. ``opener`` reads a root-relative path
     and returns its bytes; the default reads the local folder ``root``; remote stores pass
     their own.
     """
@@ -215,7 +253,11 @@ class LineDataset:
     ) -> None:
         self.location = str(root).rstrip("/")
         self.opener = opener if opener is not None else LocalOpener(root)
-        self.lines_config = as_lines_config(lines_config)
+        self.lines_config = (
+            as_lines_config(lines_config)
+            if lines_config is not None
+            else dataset_lines_config(self.opener, self.location) or as_lines_config(None)
+        )
         self.split = split
         self.verify_checksums = verify_checksums
         self.include_clean = include_clean
@@ -251,6 +293,29 @@ class LineDataset:
     @property
     def line_ids(self) -> list[str]:
         return sorted({row["line_id"] for row in self.rows})
+
+    @property
+    def generator(self) -> dict[str, Any]:
+        """The manifest's ``cta.generator`` record: how the data were made (JSON)."""
+        try:
+            value = json.loads(self.metadata.get(GENERATOR_KEY) or "{}")
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{self._where(MANIFEST_NAME)}: {GENERATOR_KEY}: {exc}") from None
+        if not isinstance(value, dict):
+            raise DataError(f"{self._where(MANIFEST_NAME)}: {GENERATOR_KEY}: not a JSON object")
+        return value
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The segmentation classes by id, when the dataset names them."""
+        return tuple(str(name) for name in self.generator.get("class_names") or ())
+
+    @property
+    def reject_classes(self) -> tuple[int, ...] | None:
+        """The class ids the dataset itself calls defects (an imported benchmark does); None
+        when it leaves that to the inspection config (the synthetic scenes do)."""
+        value = self.generator.get("reject_classes")
+        return None if value is None else tuple(int(c) for c in value)
 
     def require_tasks(self, tasks: Iterable[str], what: str = "tasks") -> None:
         """ConfigError naming the ``tasks`` this dataset carries no labels for."""
@@ -353,6 +418,7 @@ class LineDataset:
     def _check_rows(self, rows: list[dict[str, Any]]) -> None:
         where = self._where(MANIFEST_NAME)
         seen: dict[str, int] = {}
+        parts: dict[str, tuple[str, str, int]] = {}  # part_id -> (line, split, first row)
         known = set(self.lines_config.ids)
         for number, row in enumerate(rows):
             sample_id, line_id = row["sample_id"], row["line_id"]
@@ -389,6 +455,27 @@ class LineDataset:
                     raise DataError(f"{at}: {modality}_path: {exc}") from None
                 if self.verify_checksums and not row.get(f"sha256_{modality}"):
                     raise DataError(f"{at}: sha256_{modality}: missing for {path}")
+            self._check_part(row, number, at, parts)
+
+    @staticmethod
+    def _check_part(
+        row: dict[str, Any], number: int, at: str, parts: dict[str, tuple[str, str, int]]
+    ) -> None:
+        """A part id is a non-empty string whose images share one line and one split (a part
+        split across train and test would leak)."""
+        part_id = row.get(PART_ID)
+        if part_id is None:
+            return
+        if not isinstance(part_id, str) or not part_id:
+            raise DataError(f"{at}: {PART_ID}: {part_id!r} is not a non-empty string")
+        place = (row["line_id"], row["split"])
+        first = parts.setdefault(part_id, (*place, number))
+        if first[:2] != place:
+            raise DataError(
+                f"{at}: {PART_ID}: part {part_id!r} is on line {place[0]}, split {place[1]}, but "
+                f"row {first[2]} puts it on line {first[0]}, split {first[1]}: a part's images "
+                "share one line and one split"
+            )
 
     def _read_checked(self, row: dict[str, Any], modality: str) -> tuple[str, bytes]:
         relative = row[f"{modality}_path"]

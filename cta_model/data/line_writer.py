@@ -23,12 +23,15 @@ from PIL import Image
 
 from cta_model.atomic import write_bytes_atomic
 from cta_model.data.line_dataset import (
+    DATASET_LINES_NAME,
     FEATURES_NAME,
     FEATURES_SCHEMA,
     FORMAT_NAME,
     FORMAT_VERSION,
+    GENERATOR_KEY,
     IMAGE,
     MANIFEST_NAME,
+    PART_ID,
     manifest_schema,
     sample_files,
     sha256_hex,
@@ -38,9 +41,10 @@ from cta_model.tasks import get_task
 
 
 def encode_png(array: np.ndarray) -> bytes:
-    """PNG bytes without timestamps or text chunks (identical for identical arrays)."""
+    """PNG bytes without timestamps or text chunks (identical for identical arrays). zlib level 1:
+    a 384x384 scene encodes 3x faster than at the default 6 for 17 % more bytes (measured)."""
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG", compress_level=6, optimize=False)
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=1, optimize=False)
     return buffer.getvalue()
 
 
@@ -85,6 +89,7 @@ class SampleRecord:
     has_defect: bool = False
     n_defects: int = 0
     features: list[dict[str, Any]] = field(default_factory=list)
+    part_id: str | None = None  # the part the image shows, where a line images a part often
 
 
 @dataclass
@@ -102,10 +107,10 @@ class WrittenSample:
 
 def prepare_root(root: str | Path, tasks: Sequence[str], overwrite: bool = False) -> None:
     """Create ``root`` for a new dataset of ``tasks``; an existing one (any of its folders, its
-    manifest or features) is removed only with ``overwrite``, else DataError."""
+    manifest, features or own lines.yaml) is removed only with ``overwrite``, else DataError."""
     root = Path(root)
     folders = [file.folder for file in sample_files(tasks)]
-    ours = [*folders, MANIFEST_NAME, FEATURES_NAME]
+    ours = [*folders, MANIFEST_NAME, FEATURES_NAME, DATASET_LINES_NAME]
     existing = [name for name in ours if (root / name).exists()]
     if existing and not overwrite:
         raise DataError(
@@ -113,7 +118,7 @@ def prepare_root(root: str | Path, tasks: Sequence[str], overwrite: bool = False
             "pass overwrite=True (--overwrite) to replace it"
         )
     # Remove the manifest first: an interrupted overwrite then reads as incomplete.
-    for name in [MANIFEST_NAME, FEATURES_NAME, *folders]:
+    for name in [MANIFEST_NAME, FEATURES_NAME, DATASET_LINES_NAME, *folders]:
         target = root / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -170,6 +175,8 @@ def write_sample(root: str | Path, record: SampleRecord, tasks: Sequence[str]) -
         has_defect=record.has_defect,
         n_defects=record.n_defects,
     )
+    if record.part_id is not None:
+        row[PART_ID] = record.part_id
     features = [
         {**feature, "sample_id": record.sample_id, "line_id": record.line_id, "split": record.split}
         for feature in record.features
@@ -185,12 +192,12 @@ def write_manifest(
 ) -> Path:
     """Write ``features.parquet`` and then ``manifest.parquet`` (last and durable: a folder
     without one is an interrupted run); returns the root. ``generator`` (JSON) says how the
-    data were made; training reads its ``class_names``."""
+    data were made; training reads its ``class_names`` and, when present, ``reject_classes``."""
     root = Path(root)
     metadata = {
         "cta.format": FORMAT_NAME,
         "cta.format_version": str(FORMAT_VERSION),
-        "cta.generator": json.dumps(dict(generator), sort_keys=True),
+        GENERATOR_KEY: json.dumps(dict(generator), sort_keys=True),
     }
     feature_rows = [feature for sample in samples for feature in sample.features]
     features = pa.Table.from_pylist(feature_rows, schema=FEATURES_SCHEMA)
@@ -198,7 +205,9 @@ def write_manifest(
         root / FEATURES_NAME, encode_parquet(features.replace_schema_metadata(metadata))
     )
     rows = [sample.row for sample in samples]
-    manifest = pa.Table.from_pylist(rows, schema=manifest_schema(tasks))
+    # The part_id column only where some sample has one: datasets without parts keep their bytes.
+    part_ids = any(row.get(PART_ID) is not None for row in rows)
+    manifest = pa.Table.from_pylist(rows, schema=manifest_schema(tasks, part_ids))
     write_bytes_atomic(
         root / MANIFEST_NAME, encode_parquet(manifest.replace_schema_metadata(metadata))
     )

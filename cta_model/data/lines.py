@@ -7,6 +7,7 @@ Every error raised while loading names the file and the key path, e.g.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +32,15 @@ LINE_ID_PATTERN = r"^[a-z]([a-z0-9-]{0,29}[a-z0-9])?$"
 _LINE_ID_RE = re.compile(LINE_ID_PATTERN)
 
 DEFAULT_LINES_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "lines.yaml"
+#: Names the fleet inventory used wherever none is given (flag > this > configs/lines.yaml).
+LINES_CONFIG_ENV = "CTA_LINES_CONFIG"
+
+
+def default_lines_config() -> Path:
+    """The inventory used when a caller names none: $CTA_LINES_CONFIG, else configs/lines.yaml."""
+    value = os.environ.get(LINES_CONFIG_ENV)
+    return Path(value) if value else DEFAULT_LINES_CONFIG
+
 
 SensorName = Literal["rgb", "height"]
 ServingTarget = Literal["local", "kubernetes", "gitops"]
@@ -133,6 +143,9 @@ class LineSpec(_Strict):
     defect_prevalence: float = Field(ge=0, le=1)
     pilot: bool
     serving_target: ServingTarget
+    # The narrowest reject defect the line must catch (mm); the model must see it over at least
+    # cta_model.inspection.MIN_DEFECT_PX pixels. None: the line states none (nothing checked).
+    min_defect_width_mm: float | None = Field(default=None, gt=0, le=1000)
     # None for a real line that has no synthetic twin; `cta data generate` refuses such a line.
     synthetic: SyntheticLineSpec | None = None
 
@@ -242,8 +255,10 @@ class LinesConfig(_Strict):
         return config
 
 
-def load_lines_config(path: str | Path = DEFAULT_LINES_CONFIG) -> LinesConfig:
-    """Read and validate a lines file; every problem is a ConfigError naming file and key."""
+def load_lines_config(path: str | Path | None = None) -> LinesConfig:
+    """Read and validate a lines file (default: `default_lines_config()`); every problem is a
+    ConfigError naming file and key."""
+    path = default_lines_config() if path is None else path
     return LinesConfig.from_dict(read_yaml(path), source=str(path))
 
 

@@ -364,12 +364,17 @@ def monitored_image_statistics(image: np.ndarray) -> dict[str, float]:
 
 
 def prediction_statistics(
-    prediction: Mapping[str, np.ndarray], class_names: Sequence[str]
+    prediction: Mapping[str, np.ndarray],
+    class_names: Sequence[str],
+    defect_score: float | None = None,
 ) -> dict[str, float]:
     """One image's prediction statistics (decoded Predictor outputs for that image):
     ``pred_frac_<class>``, ``pred_height_mean_mm`` / ``_std_mm``, ``pred_depth_mean``,
-    ``pred_normals_z_mean``."""
+    ``pred_normals_z_mean``, and ``pred_defect_score`` (`Predictor.inspect`'s score of the
+    image, when it has one)."""
     row: dict[str, float] = {}
+    if defect_score is not None:
+        row["pred_defect_score"] = float(defect_score)
     if "semseg" in prediction:
         counts = np.bincount(prediction["semseg"].ravel(), minlength=max(len(class_names), 1))
         total = counts.sum()

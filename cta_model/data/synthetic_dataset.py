@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -142,8 +142,12 @@ def generate_dataset(
     progress: bool = True,
     overwrite: bool = False,
     workers: int = 1,
+    line_samples: Mapping[str, int] | None = None,
 ) -> Path:
     """Generate the synthetic dataset of the first ``n_lines`` lines; returns the root.
+
+    ``line_samples`` overrides ``samples_per_line`` for the lines it names (e.g. more samples
+    for the pilot line, whose test split needs enough good and defective parts).
 
     Files are written atomically; ``manifest.parquet`` is written last, so a folder without one
     is an interrupted generation. An existing dataset is replaced only with ``overwrite``.
@@ -155,8 +159,16 @@ def generate_dataset(
     for line in lines:
         if line.synthetic is None:
             raise ConfigError(f"{config.source}: line {line.id!r} has no 'synthetic' block")
-    if samples_per_line < 1:
-        raise ConfigError(f"samples_per_line must be >= 1, got {samples_per_line}")
+    counts = {line.id: samples_per_line for line in lines}
+    for line_id, count in (line_samples or {}).items():
+        if line_id not in counts:
+            raise ConfigError(
+                f"line_samples: line {line_id!r} is not among the generated lines "
+                f"({', '.join(counts)})"
+            )
+        counts[line_id] = count
+    if min(counts.values()) < 1:
+        raise ConfigError(f"samples per line must be >= 1, got {counts}")
     if len(splits) != len(SPLITS) or min(splits) < 0 or abs(sum(splits) - 1) > 1e-6:
         raise ConfigError(
             f"splits must be {len(SPLITS)} fractions >= 0 for {'/'.join(SPLITS)} summing to 1, "
@@ -174,7 +186,7 @@ def generate_dataset(
     jobs = [
         (root, line, sample_index, seed, height, width)
         for line in lines
-        for sample_index in range(samples_per_line)
+        for sample_index in range(counts[line.id])
     ]
     ordered: list[WrittenSample] = []
     with (
@@ -185,8 +197,10 @@ def generate_dataset(
         for written_sample in run(jobs):
             results.append(written_sample)
             bar.update(1)
-        for line_number, line in enumerate(lines):
-            written = results[line_number * samples_per_line : (line_number + 1) * samples_per_line]
+        start = 0
+        for line in lines:
+            written = results[start : start + counts[line.id]]
+            start += counts[line.id]
             split_rng = np.random.default_rng([seed, line_key(line.id), _SPLIT_STREAM])
             labels = assign_splits([w.row["has_defect"] for w in written], splits, split_rng)
             for item, label in zip(written, labels, strict=True):
@@ -197,6 +211,7 @@ def generate_dataset(
         "seed": seed,
         "n_lines": n_lines,
         "samples_per_line": samples_per_line,
+        **({"line_samples": dict(line_samples)} if line_samples else {}),
         "height": height,
         "width": width,
         "splits": list(splits),

@@ -79,6 +79,8 @@ def to_tensors(sample: Mapping[str, Any], tasks: str | Iterable[str]) -> Sample:
             present[task] = torch.tensor(False)
     out["present"] = present
     out["pitch_mm_per_px"] = float(sample.get("pitch_mm_per_px", math.nan))
+    if "anomalies" in sample:  # how many synthetic anomalies PasteAnomalies put in
+        out["anomalies"] = int(sample["anomalies"])
     return out
 
 
@@ -251,6 +253,131 @@ class Resize:
             out[task] = TASKS[task].resize(sample[task], self.size, scale=1.0)
         pitch = float(sample.get("pitch_mm_per_px", math.nan))
         out["pitch_mm_per_px"] = pitch * in_w / self.size[1]
+        return out
+
+
+class RandomTile:
+    """Cut a ``size`` window at the image's own pitch (no resampling): the training and
+    validation tiles of a tiled model (cta_model.inference tiles the same way at inference).
+
+    With probability ``defect_fraction`` (when the sample's ``class_task`` label has pixels of
+    ``reject_classes``) the window holds a random reject-class pixel, else a random labelled
+    pixel (any pixel without a class label); the pixel lands anywhere but the outer eighth of
+    the window. Images smaller than the window are padded at the bottom / right (image 0,
+    labels invalid). ``pitch_mm_per_px`` is unchanged.
+    """
+
+    def __init__(
+        self,
+        size: Sequence[int],
+        class_task: str | None,
+        reject_classes: Sequence[int] = (),
+        defect_fraction: float = 0.0,
+    ) -> None:
+        checked = _check_size(size, "RandomTile")
+        assert checked is not None
+        if not 0.0 <= defect_fraction <= 1.0:
+            raise ConfigError(
+                f"RandomTile: defect_fraction must be in [0, 1], got {defect_fraction}"
+            )
+        self.size = checked
+        self.class_task = class_task
+        self.reject_classes = torch.tensor([int(c) for c in reject_classes], dtype=torch.int64)
+        self.defect_fraction = defect_fraction
+
+    def _centre(self, sample: Sample, generator: torch.Generator | None) -> tuple[int, int]:
+        height, width = _image(sample).shape[-2:]
+        # Always draw, so the stream position does not depend on the label.
+        want_defect = torch.rand((), generator=generator).item() < self.defect_fraction
+        pick = torch.rand((), generator=generator).item()
+        label = sample.get(self.class_task) if self.class_task else None
+        if label is not None and bool(sample["present"][self.class_task]):
+            pool = torch.isin(label, self.reject_classes) if want_defect else None
+            if pool is None or not bool(pool.any()):
+                pool = label >= 0
+            points = pool.nonzero()
+            if points.shape[0]:
+                y, x = points[min(int(pick * points.shape[0]), points.shape[0] - 1)].tolist()
+                return y, x
+        return min(int(pick * height), height - 1), min(
+            int(torch.rand((), generator=generator).item() * width), width - 1
+        )
+
+    def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
+        image = _image(sample)
+        tile_h, tile_w = self.size
+        pad_h, pad_w = max(0, tile_h - image.shape[-2]), max(0, tile_w - image.shape[-1])
+        out = dict(sample)
+        if pad_h or pad_w:
+            out["image"] = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
+            for task in _label_keys(sample):
+                spec = TASKS[task]
+                out[task] = _pad(
+                    sample[task], pad_h, pad_w, spec.fill_value, spec.label_channels == 0
+                )
+        centre_y, centre_x = self._centre(out, generator)
+        height, width = out["image"].shape[-2:]
+        margin_h, margin_w = tile_h // 8, tile_w // 8
+        offset_y = int(
+            torch.randint(margin_h, max(margin_h + 1, tile_h - margin_h), (), generator=generator)
+        )
+        offset_x = int(
+            torch.randint(margin_w, max(margin_w + 1, tile_w - margin_w), (), generator=generator)
+        )
+        top = min(max(centre_y - offset_y, 0), height - tile_h)
+        left = min(max(centre_x - offset_x, 0), width - tile_w)
+        window = (slice(top, top + tile_h), slice(left, left + tile_w))
+        out["image"] = out["image"][..., window[0], window[1]]
+        for task in _label_keys(out):
+            out[task] = out[task][..., window[0], window[1]]
+        return out
+
+
+class PasteAnomalies:
+    """Synthetic anomalies (cta_model.data.anomalies) pasted into a RAW sample (numpy, before
+    ToTensors) that has a class label: the label becomes ``class_id`` under each pasted
+    anomaly and every other task's label its invalid value there (a pasted defect has unknown
+    geometry, so the tasks never contradict each other). Anomalies go where the class label is
+    in ``region_classes`` (anywhere labelled when None). Samples without a class label are left
+    alone (nothing would learn from the paste). The number pasted is recorded as
+    ``sample["anomalies"]`` (an int, 0 when none)."""
+
+    def __init__(
+        self,
+        config: Any,
+        class_task: str,
+        class_id: int,
+        region_classes: Sequence[int] | None = None,
+    ) -> None:
+        self.config = config
+        self.class_task = class_task
+        self.class_id = int(class_id)
+        self.region_classes = None if region_classes is None else np.asarray(region_classes)
+
+    def __call__(self, sample: Mapping[str, Any], generator: torch.Generator | None = None):
+        from cta_model.data.anomalies import paste_anomalies
+
+        # Always draw, so the stream position does not depend on the sample.
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (), generator=generator)))
+        out = dict(sample)
+        out["anomalies"] = 0
+        labelled = bool(sample.get("present", {}).get(self.class_task, True))
+        if self.class_task not in sample or not labelled:
+            return out
+        label = np.asarray(sample[self.class_task])
+        wanted = self.region_classes
+        region = label >= 0 if wanted is None else np.isin(label, wanted)
+        pasted = paste_anomalies(np.asarray(sample["image"]), rng, self.config, region=region)
+        if not pasted.kinds:
+            return out
+        out["anomalies"] = len(pasted.kinds)
+        out["image"] = pasted.image
+        for task in _label_keys(sample):
+            value = np.array(sample[task], copy=True)
+            value[pasted.mask] = (
+                self.class_id if task == self.class_task else TASKS[task].fill_value
+            )
+            out[task] = value
         return out
 
 

@@ -51,6 +51,7 @@ class DataBundle:
     class_names: tuple[str, ...]
     depth_is_disparity: bool
     lineage: dict[str, Any]
+    reject_classes: tuple[int, ...] | None = None  # the dataset's own defect classes, if any
 
 
 class Subset:
@@ -78,10 +79,10 @@ def synthetic_cache_root(data: DataConfig) -> Path:
         synthetic_defects,
         synthetic_parts,
     )
-    from cta_model.data.lines import DEFAULT_LINES_CONFIG
+    from cta_model.data.lines import default_lines_config
 
     assert data.synthetic is not None
-    lines_path = Path(data.lines_config) if data.lines_config else DEFAULT_LINES_CONFIG
+    lines_path = Path(data.lines_config) if data.lines_config else default_lines_config()
     try:
         lines_sha = sha256_hex(lines_path.read_bytes())
     except OSError as exc:
@@ -182,8 +183,7 @@ def open_datasets(
     train_set, train_skipped = open_split(data.train_split)
     val_set, val_skipped = open_split(data.val_split)
     base = train_set.base if isinstance(train_set, Subset) else train_set
-    generator_meta = json.loads(base.metadata.get("cta.generator", "{}") or "{}")
-    class_names = tuple(generator_meta.get("class_names") or CLASS_NAMES)
+    class_names = base.class_names or CLASS_NAMES
     manifest_sha = sha256_hex(opener(MANIFEST_NAME))
     check_manifest(ref, manifest_sha, root=uri, ref_path=data.dataset_ref)
     lineage = {
@@ -197,7 +197,7 @@ def open_datasets(
         "splits": {"train": data.train_split, "val": data.val_split},
         "sizes": {"train": len(train_set), "val": len(val_set)},
     }
-    return DataBundle(train_set, val_set, class_names, False, lineage)
+    return DataBundle(train_set, val_set, class_names, False, lineage, base.reject_classes)
 
 
 def open_datasets_on_every_rank(

@@ -6,6 +6,11 @@
   resumption;
 * val: `ShardSampler` (rank r gets r::world_size, no padding, no duplicates), so pooled metrics
   merged over ranks are the same on 1 and N processes.
+
+With ``data.tiling`` each image stands for ``tiles_per_image`` training tiles (a different
+random tile each time, defects oversampled) and ``val_tiles_per_image`` validation tiles drawn
+once from the stream of (seed, index), so validation sees the same tiles every epoch. With
+``data.anomalies`` synthetic anomalies are pasted into the raw training sample first.
 """
 
 from __future__ import annotations
@@ -98,6 +103,23 @@ class EpochTagged(Sampler[tuple[int, int]]):
         return len(self.sampler)
 
 
+class Repeated:
+    """Each sample of ``base`` ``times`` times in a row: index i -> base[i // times]."""
+
+    def __init__(self, base: Any, times: int) -> None:
+        self.base, self.times = base, times
+
+    def __len__(self) -> int:
+        return len(self.base) * self.times
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.base[index // self.times]
+
+
+def tiled(dataset: Any, times: int) -> Any:
+    return dataset if times == 1 else Repeated(dataset, times)
+
+
 class TrainView:
     """Raw samples -> tensors -> augmentation with the stream of (seed, epoch, index)."""
 
@@ -113,14 +135,18 @@ class TrainView:
 
 
 class EvalView:
-    def __init__(self, base: Any, transform: T.Compose) -> None:
-        self.base, self.transform = base, transform
+    """Raw samples -> tensors; with a seed, random transforms (validation tiles) draw from the
+    stream of (seed, index), the same every epoch."""
+
+    def __init__(self, base: Any, transform: T.Compose, seed: int | None = None) -> None:
+        self.base, self.transform, self.seed = base, transform, seed
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.transform(self.base[index], None)
+        generator = None if self.seed is None else T.sample_generator(self.seed, 0, index)
+        return self.transform(self.base[index], generator)
 
 
 class ResizeTo:
@@ -137,12 +163,30 @@ class ResizeTo:
 
 
 def build_transforms(
-    config: TrainConfig, contract: InputContract, depth_is_disparity: bool = False
+    config: TrainConfig,
+    contract: InputContract,
+    depth_is_disparity: bool = False,
+    class_task: str | None = None,
+    reject_classes: tuple[int, ...] = (),
 ) -> tuple[T.Compose, T.Compose]:
-    """(train, eval) transforms: tensors -> input size -> [scale-crop] -> [flip] -> normalise."""
+    """(train, eval) transforms: [anomalies] -> tensors -> input size (resize, or a tile at the
+    image's pitch) -> [scale-crop] -> [flip] -> normalise."""
     size = config.model.input_size
     augment = config.data.augment
-    train_steps: list[Any] = [T.ToTensors(config.model.tasks), ResizeTo(size)]
+    tiling = config.data.tiling
+    to_size: Any = ResizeTo(size)
+    eval_size: Any = to_size
+    if tiling is not None:
+        to_size = T.RandomTile(size, class_task, reject_classes, tiling.defect_fraction)
+        eval_size = T.RandomTile(size, class_task, reject_classes, tiling.defect_fraction)
+    train_steps: list[Any] = []
+    anomalies = config.data.anomalies
+    if anomalies is not None and class_task is not None:
+        class_id = anomalies.class_id if anomalies.class_id is not None else reject_classes[0]
+        train_steps.append(
+            T.PasteAnomalies(anomalies, class_task, class_id, anomalies.region_classes)
+        )
+    train_steps += [T.ToTensors(config.model.tasks), to_size]
     if any(s != 1.0 for s in augment.scales):
         train_steps.append(
             T.RandomScaleCrop(augment.scales, size=size, depth_is_disparity=depth_is_disparity)
@@ -151,7 +195,7 @@ def build_transforms(
         train_steps.append(T.RandomHorizontalFlip(0.5))
     normalize = T.Normalize(contract.mean, contract.std)
     train_steps.append(normalize)
-    eval_steps = [T.ToTensors(config.model.tasks), ResizeTo(size), normalize]
+    eval_steps = [T.ToTensors(config.model.tasks), eval_size, normalize]
     return T.Compose(train_steps), T.Compose(eval_steps)
 
 
@@ -176,6 +220,10 @@ def build_loaders(
 ) -> Loaders:
     """This rank's train loader (micro-batches, last short one dropped) and val loader."""
     train_tf, eval_tf = transforms
+    tiling = config.data.tiling
+    if tiling is not None:
+        train_set = tiled(train_set, tiling.tiles_per_image)
+        val_set = tiled(val_set, tiling.val_tiles_per_image)
     sampler = ResumableDistributedSampler(
         len(train_set), env.world_size, env.rank, config.seed, shuffle=True
     )
@@ -191,7 +239,7 @@ def build_loaders(
         pin_memory=pin_memory,
     )
     val = DataLoader(
-        EvalView(val_set, eval_tf),
+        EvalView(val_set, eval_tf, None if tiling is None else config.seed),
         batch_size=eval_batch,
         sampler=ShardSampler(len(val_set), env.world_size, env.rank),
         collate_fn=T.collate,

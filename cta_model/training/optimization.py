@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from cta_model import tasks as task_registry
-from cta_model.losses import MultiTaskLoss, build_weighting
+from cta_model.losses import DefectAwareCrossEntropy, MultiTaskLoss, build_weighting
 from cta_model.nn.models import MultiTaskNet
 from cta_model.train_config import OptimConfig, ScheduleConfig, TrainConfig
 from cta_model.training.distributed import is_distributed
@@ -40,9 +40,17 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_loss(config: TrainConfig) -> MultiTaskLoss:
-    """The registry's pixel loss per task under the configured weighting."""
+def build_loss(config: TrainConfig, reject_classes: tuple[int, ...] = ()) -> MultiTaskLoss:
+    """The registry's pixel loss per task under the configured weighting; the class task's is
+    the defect-aware cross-entropy when ``loss.defects`` asks for it."""
     tasks = config.model.tasks
+    pixel_losses = {t: task_registry.pixel_loss(t) for t in tasks}
+    class_task = task_registry.task_of_kind("classes", tasks)
+    defects = config.loss.defects
+    if class_task is not None and not defects.is_plain:
+        pixel_losses[class_task] = DefectAwareCrossEntropy(
+            reject_classes, defects.reject_weight, defects.focal_gamma, defects.dice_weight
+        )
     weighting_options: dict[str, Any] = {}
     if config.loss.weighting == "fixed":
         weighting_options["weights"] = config.loss.weights
@@ -50,7 +58,7 @@ def build_loss(config: TrainConfig) -> MultiTaskLoss:
         weighting_options["temperature"] = config.loss.dwa_temperature
     weighting = build_weighting(config.loss.weighting, tasks, **weighting_options)
     return MultiTaskLoss(
-        {t: task_registry.pixel_loss(t) for t in tasks},
+        pixel_losses,
         weighting,
         deep_supervision=config.loss.deep_supervision,
     )
@@ -129,13 +137,14 @@ class Optimization:
         *,
         bf16: bool,
         total_steps: int,
+        reject_classes: tuple[int, ...] = (),
     ) -> None:
         self.config = config
         self.tasks = config.model.tasks
         self.model = model
         self.device = device
         self.bf16 = bf16
-        self.loss = build_loss(config).to(device)
+        self.loss = build_loss(config, reject_classes).to(device)
         self.teacher = (
             EMATeacher(model, config.distill.ema_decay, config.distill.seg_confidence)
             if config.distill.enabled
@@ -194,6 +203,8 @@ class Optimization:
             step_loss += value / accum
             epoch_acc.loss_sum += value
             epoch_acc.micro_batches += 1
+            if "anomalies" in batch:
+                epoch_acc.anomalies += int(batch["anomalies"].sum())
             for task in self.tasks:
                 if bool(present[task].any()):
                     epoch_acc.task_sums[task] = epoch_acc.task_sums.get(task, 0.0) + per_task[task]

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import torch
 
 from cta_model.atomic import write_bytes_atomic
+from cta_model.inspection import ScoreDefinition
 from cta_model.model_folder import InputContract, save_model_folder
 from cta_model.nn.models import MultiTaskNet
 from cta_model.training.lineage import LINEAGE_FILE
@@ -65,6 +66,8 @@ def write_model_folder(
     *,
     class_names: Sequence[str],
     contract: InputContract,
+    inspection: ScoreDefinition | None,
+    trained_pitch_mm_per_px: tuple[float, float] | None,
     lineage: dict[str, Any],
     reference_data: Any,
     device: torch.device,
@@ -82,6 +85,8 @@ def write_model_folder(
             Path(staging) / MODEL_DIR,
             class_names=class_names,
             input_contract=contract,
+            inspection=inspection,
+            trained_pitch_mm_per_px=trained_pitch_mm_per_px,
             extra_files={LINEAGE_FILE: lineage_bytes},
         )
         predictor = Predictor.from_folder(staged, device=device)
@@ -93,6 +98,8 @@ def write_model_folder(
         output / MODEL_DIR,
         class_names=class_names,
         input_contract=contract,
+        inspection=inspection,
+        trained_pitch_mm_per_px=trained_pitch_mm_per_px,
         extra_files={LINEAGE_FILE: lineage_bytes, REFERENCE_STATS_FILE: buffer.getvalue()},
         overwrite=True,
     )

@@ -49,6 +49,7 @@ class EpochAccumulator:
     task_counts: dict[str, int] = field(default_factory=dict)
     grad_norm_sum: float = 0.0
     steps: int = 0
+    anomalies: int = 0  # synthetic anomalies pasted into this epoch's training samples
 
     def to_state(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,6 +64,7 @@ class EpochAccumulator:
         """(train logs, mean loss per task) over all ranks' micro-batches: the same on every
         rank (DWA must agree). Tasks without a label in the epoch have no mean."""
         sums = [self.loss_sum, float(self.micro_batches), self.grad_norm_sum, float(self.steps)]
+        sums.append(float(self.anomalies))
         for task in tasks:
             sums += [self.task_sums.get(task, 0.0), float(self.task_counts.get(task, 0))]
         reduced = all_reduce_sum(sums, device)
@@ -71,9 +73,11 @@ class EpochAccumulator:
             "grad_norm": reduced[2] / max(reduced[3], 1.0),
             "lr": lr,
         }
+        if reduced[4]:
+            logs["anomalies"] = reduced[4]
         mean_losses: dict[str, float] = {}
         for i, task in enumerate(tasks):
-            total, count = reduced[4 + 2 * i], reduced[5 + 2 * i]
+            total, count = reduced[5 + 2 * i], reduced[6 + 2 * i]
             if count > 0:
                 mean_losses[task] = total / count
                 logs[f"loss_{task}"] = total / count

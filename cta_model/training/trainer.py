@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from cta_model.atomic import write_bytes_atomic
 from cta_model.errors import ConfigError
-from cta_model.model_folder import WEIGHTS, InputContract, verify_checksums
+from cta_model.model_folder import WEIGHTS, verify_checksums
 from cta_model.nn.models import build_model
 from cta_model.tasks import get_task
 from cta_model.train_config import VAL_LOSS, TrainConfig
@@ -59,6 +59,14 @@ from cta_model.training.distributed import (
     broadcast_object,
     device_for,
     distributed_session,
+)
+from cta_model.training.inspection_setup import (
+    check_resolution,
+    defect_census,
+    inspection_setup,
+    lines_of,
+    require_class_task_for_anomalies,
+    warn_if_defect_free,
 )
 from cta_model.training.lineage import run_lineage
 from cta_model.training.loaders import build_loaders, build_transforms
@@ -113,7 +121,12 @@ class Trainer:
             bf16=self.bf16,
         )
         self.optimization = Optimization(
-            config, self.model, self.device, bf16=self.bf16, total_steps=self.total_steps
+            config,
+            self.model,
+            self.device,
+            bf16=self.bf16,
+            total_steps=self.total_steps,
+            reject_classes=self.inspection.reject_classes,
         )
         self.state = RunState()
         self.epoch_acc = EpochAccumulator()
@@ -123,20 +136,46 @@ class Trainer:
     def _build_data(self, opener_for: OpenerFor | None) -> None:
         config = self.config
         self.data = open_datasets_on_every_rank(config, self.env, opener_for)
-        self.contract = InputContract()
+        self.inspection = inspection_setup(config, self.data.train, self.data.reject_classes)
+        require_class_task_for_anomalies(config, self.inspection.class_task)
+        self.contract = self.inspection.contract
+        if config.data.format == "line":
+            check_resolution(config, self.data.train, self.contract, lines_of(self.data.train))
+            self._census()
         self.loaders = build_loaders(
             config,
             self.env,
             self.data.train,
             self.data.val,
-            build_transforms(config, self.contract, self.data.depth_is_disparity),
+            build_transforms(
+                config,
+                self.contract,
+                self.data.depth_is_disparity,
+                self.inspection.class_task,
+                self.inspection.reject_classes,
+            ),
             micro_batch=self.micro_batch,
             eval_batch=self.eval_batch,
             pin_memory=self.device.type == "cuda",
         )
+        tiles = config.data.tiling.tiles_per_image if config.data.tiling else 1
         self.steps_per_epoch, self.total_steps, self.num_epochs = run_length(
-            config, len(self.data.train), self.env.world_size
+            config, len(self.data.train) * tiles, self.env.world_size
         )
+
+    def _census(self) -> None:
+        """Log how many training images show defects; shout when none do and nothing is
+        pasted (rank 0 only: the others train on the same data)."""
+        setup = self.inspection
+        if setup.class_task is None or not self.env.is_main:
+            return
+        census = defect_census(self.data.train, setup.class_task, setup.reject_classes)
+        self._info("train split: %s", census.describe())
+        warning = warn_if_defect_free(
+            census, self.config.data.anomalies is not None, self.config.data.train_split
+        )
+        if warning:
+            log.warning(warning)
 
     def _build_model(self) -> None:
         config = self.config
@@ -263,14 +302,20 @@ class Trainer:
         selection = (
             "" if metric == VAL_LOSS else f", {metric} {val_metrics.get(metric, math.nan):.4f}"
         )
+        pasted = (
+            f", {int(train_logs['anomalies'])} synthetic anomalies pasted"
+            if train_logs.get("anomalies")
+            else ""
+        )
         self._info(
-            "epoch %d/%d step %d: train loss %.4f, val_loss %.4f%s%s",
+            "epoch %d/%d step %d: train loss %.4f, val_loss %.4f%s%s%s",
             epoch_number,
             self.num_epochs,
             self.state.global_step,
             train_logs["loss"],
             val_metrics[VAL_LOSS],
             selection,
+            pasted,
             " (best)" if improved else "",
         )
         self.state.epoch += 1
@@ -374,6 +419,8 @@ class Trainer:
                 self.output,
                 class_names=self.class_names,
                 contract=self.contract,
+                inspection=self.inspection.score,
+                trained_pitch_mm_per_px=self.inspection.trained_pitch_mm_per_px,
                 lineage=self.lineage(),
                 reference_data=self.data.val,
                 device=self.device,

@@ -71,7 +71,7 @@ def registered(tmp_path: Path) -> tuple[str, str, str]:
     }
     metrics = {"semseg.miou": 0.6, "height.abs_err_mm": 0.3}
     evaluation = {
-        "schema_version": 1,
+        "schema_version": 2,
         "model": {
             "name": None,
             "version": None,
@@ -82,6 +82,7 @@ def registered(tmp_path: Path) -> tuple[str, str, str]:
         "data": {"uri": "/data", "manifest_sha256": "cd" * 32, "split": "test"},
         "per_line": {"press-a": {"n_images": 4, "metrics": metrics}},
         "overall": {"n_images": 4, "metrics": metrics},
+        "warnings": [],
         "delta_m": None,
         "delta_m_reason": "no STL baselines",
     }

@@ -16,13 +16,14 @@ pytestmark = pytest.mark.e2e
 
 def _inspection(recall: float, frr: float) -> dict:
     return {
-        "threshold_px": 10,
+        "threshold": 0.4,
         "target_recall": 0.95,
         "recall": recall,
         "frr": frr,
         "n_defective": 6,
         "n_good": 6,
-        "pr_curve": {"threshold_px": [10], "recall": [recall], "precision": [0.9], "frr": [frr]},
+        "pr_curve": {"threshold": [0.4], "recall": [recall], "precision": [0.9], "frr": [frr]},
+        "warnings": [],
     }
 
 
@@ -30,7 +31,7 @@ def _write_evaluation(folder: Path) -> Path:
     """A minimal contract-shaped evaluation.json: defect figures for the pilot line only."""
     scored = {"n_images": 12, "metrics": {"semseg.miou": 0.5}, "inspection": _inspection(0.9, 0.05)}
     evaluation = {
-        "schema_version": 1,
+        "schema_version": 2,
         "model": {
             "name": None,
             "version": None,
@@ -41,6 +42,7 @@ def _write_evaluation(folder: Path) -> Path:
         "data": {"uri": "/data", "manifest_sha256": "d" * 64, "split": "test"},
         "per_line": {"press-a": scored},
         "overall": scored,
+        "warnings": [],
         "delta_m": None,
         "delta_m_reason": "no STL baselines registered",
     }

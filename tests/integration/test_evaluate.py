@@ -189,7 +189,7 @@ def test_cli_prints_summary_and_json(dataset_root: Path, model_dir: Path, tmp_pa
         ],
     )
     assert result.exit_code == 0, result.output
-    summary, _, payload = result.output.partition("\n")
+    summary, _, payload = result.stdout.partition("\n")
     assert summary.startswith("evaluated ") and "val image(s)" in summary
     assert json.loads(payload)["data"]["split"] == "val"
     assert (out / EVALUATION_NAME).is_file()

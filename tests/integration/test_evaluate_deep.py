@@ -15,11 +15,14 @@ from mlflow import MlflowClient
 
 from components.artifacts import read_json, validation_problems
 from components.evaluate.inspection import (
+    Resamples,
+    ThresholdOnVal,
     bootstrap_replicates,
     choose_line_threshold,
     compare_with_champion,
     inspection_figures,
     line_resamples,
+    resamples_of,
 )
 from components.evaluate.scoring import LineScores, boundary_mask, dimension_errors
 from components.evaluate.step import DELTA_M_NO_BASELINES, EVALUATION_NAME, run
@@ -27,7 +30,7 @@ from components.register_model.step import run as register
 from components.train.logged_model import log_model_folder
 from cta_model.data.line_dataset import MANIFEST_NAME, sha256_hex
 from cta_model.data.synthetic_dataset import generate_dataset
-from cta_model.inspection import InspectionConfig, pr_curve, recall_and_frr
+from cta_model.inspection import InspectionConfig, ThresholdChoice, pr_curve, recall_and_frr
 from cta_model.model_folder import save_model_folder
 from cta_model.nn.models import ModelSpec, build_model
 from cta_model.tasks import get_task
@@ -35,15 +38,25 @@ from cta_model.tasks import get_task
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("restore_mlflow_globals")]
 
 B = 50
-CONFIG = InspectionConfig(reject_classes=(5, 6, 7, 8), target_recall=0.75, min_area_px=2)
+CONFIG = InspectionConfig(reject_classes=(5, 6, 7, 8), target_recall=0.75, min_score=0.2)
 
 
-def _scores(areas: list[int], defective: list[bool], labelled: list[bool] | None = None):
+def _scores(scores: list[float], defective: list[bool], labelled: list[bool] | None = None):
     return LineScores(
-        sample_ids=[f"s{i}" for i in range(len(areas))],
-        reject_area=areas,
+        sample_ids=[f"s{i}" for i in range(len(scores))],
+        part_ids=[None] * len(scores),
+        score=scores,
         defective=defective,
-        labelled=labelled if labelled is not None else [True] * len(areas),
+        labelled=labelled if labelled is not None else [True] * len(scores),
+        defect_classes=[(5,) if bad else () for bad in defective],
+    )
+
+
+def _figures(test: LineScores, threshold: float) -> dict | None:
+    """inspection_figures at a given operating threshold (as if chosen on val)."""
+    on_val = ThresholdOnVal(ThresholdChoice(threshold, True, 1.0), 1, 1, 0)
+    return inspection_figures(
+        test, on_val, CONFIG, {5: "scratch"}, resamples_of(test, B, 0, "press-a")
     )
 
 
@@ -51,24 +64,20 @@ def _scores(areas: list[int], defective: list[bool], labelled: list[bool] | None
 
 
 def test_recall_frr_and_pr_curve_on_a_hand_made_case() -> None:
-    # 4 defective parts with predicted areas 0, 3, 5, 9; 4 good ones with 0, 0, 2, 6.
-    test = _scores([0, 3, 5, 9, 0, 0, 2, 6], [True] * 4 + [False] * 4)
-    figures = inspection_figures(test, threshold_px=3, config=CONFIG)
-    assert figures["recall"] == 0.75  # 3, 5, 9 >= 3
-    assert figures["frr"] == 0.25  # only the good part with 6
+    # 4 defective parts with scores 0, 0.3, 0.5, 0.9; 4 good ones with 0, 0, 0.2, 0.6.
+    test = _scores([0, 0.3, 0.5, 0.9, 0, 0, 0.2, 0.6], [True] * 4 + [False] * 4)
+    figures = _figures(test, 0.3)
+    assert figures["threshold"] == 0.3
+    assert figures["recall"] == 0.75  # 0.3, 0.5, 0.9 >= 0.3
+    assert figures["frr"] == 0.25  # only the good part with 0.6
     assert (figures["n_defective"], figures["n_good"]) == (4, 4)
     curve = figures["pr_curve"]
-    assert curve["threshold_px"] == [2, 3, 5, 6, 9]
-    assert curve["recall"] == [0.75, 0.75, 0.5, 0.25, 0.25]
-    assert curve["frr"] == [0.5, 0.25, 0.25, 0.25, 0.0]
-    assert curve["precision"] == [0.6, 0.75, 2 / 3, 0.5, 1.0]
+    assert curve["threshold"] == [0.0, 0.2, 0.3, 0.5, 0.6, 0.9]
+    assert curve["recall"] == [1.0, 0.75, 0.75, 0.5, 0.25, 0.25]
+    assert curve["frr"] == [1.0, 0.5, 0.25, 0.25, 0.25, 0.0]
+    assert curve["precision"] == [0.5, 0.6, 0.75, 2 / 3, 0.5, 1.0]
     # Unlabelled parts count in neither rate; nothing labelled: no figures at all.
-    assert (
-        inspection_figures(
-            _scores([9, 9], [True, False], [False, False]), threshold_px=3, config=CONFIG
-        )
-        is None
-    )
+    assert _figures(_scores([0.9, 0.9], [True, False], [False, False]), 0.3) is None
     nothing_predicted = pr_curve(np.array([0, 0]), np.array([True, False]), np.array([5]))
     assert nothing_predicted["precision"] == [None] and nothing_predicted["recall"] == [0.0]
 
@@ -76,33 +85,33 @@ def test_recall_frr_and_pr_curve_on_a_hand_made_case() -> None:
 @pytest.mark.parametrize("seed", range(5))
 def test_threshold_chosen_on_val_reaches_the_target_recall_on_val(seed: int) -> None:
     rng = np.random.default_rng(seed)
-    areas = rng.integers(0, 40, size=30).tolist()
-    defective = (rng.random(30) < 0.5).tolist()
-    val = _scores(areas, defective)
-    threshold = choose_line_threshold(val, CONFIG)
-    recall, _ = recall_and_frr(np.asarray(areas) >= threshold, np.asarray(defective))
-    assert threshold >= CONFIG.min_area_px
-    assert recall >= CONFIG.target_recall or threshold == CONFIG.min_area_px
-    # The largest such threshold: one more pixel misses the target.
-    higher, _ = recall_and_frr(np.asarray(areas) >= threshold + 1, np.asarray(defective))
+    scores = rng.integers(0, 40, size=30) / 40
+    defective = rng.random(30) < 0.5
+    val = _scores(scores.tolist(), defective.tolist())
+    threshold = choose_line_threshold(val, CONFIG).threshold
+    recall, _ = recall_and_frr(scores >= threshold, defective)
+    assert threshold >= CONFIG.min_score
+    assert recall >= CONFIG.target_recall or threshold == CONFIG.min_score
+    # The largest such threshold: the next higher score misses the target.
+    higher, _ = recall_and_frr(scores > threshold, defective)
     assert higher < CONFIG.target_recall
-    assert choose_line_threshold(None, CONFIG) == CONFIG.min_area_px
+    assert choose_line_threshold(None, CONFIG).threshold == CONFIG.min_score
 
 
 def test_bootstrap_replicates_are_paired_and_reproducible() -> None:
-    test = _scores([0, 3, 5, 9, 0, 0, 2, 6], [True] * 4 + [False] * 4)
+    test = _scores([0, 0.3, 0.5, 0.9, 0, 0, 0.2, 0.6], [True] * 4 + [False] * 4)
     resamples = line_resamples(test.n_images, B, seed=0, line_id="press-a")
     assert resamples.shape == (B, 8)
     assert np.array_equal(resamples, line_resamples(8, B, seed=0, line_id="press-a"))
     assert not np.array_equal(resamples, line_resamples(8, B, seed=1, line_id="press-a"))
     assert not np.array_equal(resamples, line_resamples(8, B, seed=0, line_id="press-b"))
-    replicates = bootstrap_replicates(test, 3, resamples)
+    replicates = bootstrap_replicates(test, 0.3, resamples)
     assert len(replicates["recall"]) == len(replicates["frr"]) == B
     # Pairing: replicate k of both is the resample k, recomputed by hand.
-    area, defective, good = test.arrays()
+    score, defective, good = test.arrays()
     for k in (0, 17, B - 1):
         rows = resamples[k]
-        rejects = area[rows] >= 3
+        rejects = score[rows] >= 0.3
         bad, ok = defective[rows], good[rows]
         expected_recall = (rejects & bad).sum() / bad.sum() if bad.any() else None
         expected_frr = (rejects & ok).sum() / ok.sum() if ok.any() else None
@@ -113,33 +122,37 @@ def test_bootstrap_replicates_are_paired_and_reproducible() -> None:
 def test_champion_comparison_by_hand_and_where_it_has_no_number() -> None:
     nan = float("nan")
 
-    def line(ids, area, labelled, miou):
+    def line(ids, score, labelled, miou):
         # No image has a height label (NaN per image) and no labelled part is defective.
         return LineScores(
             sample_ids=ids,
-            reject_area=area,
+            score=score,
             defective=[False] * len(ids),
             labelled=labelled,
             per_image={"semseg": miou, "height": [nan] * len(ids)},
         )
 
     candidate = {
-        "a": line(["a0", "a1", "a2"], [0, 5, 0], [True, True, False], [0.5, 0.7, nan]),
-        "b": line(["b0", "b1"], [0, 4], [True, True], [0.4, 0.6]),
+        "a": line(["a0", "a1", "a2"], [0, 0.5, 0], [True, True, False], [0.5, 0.7, nan]),
+        "b": line(["b0", "b1"], [0, 0.4], [True, True], [0.4, 0.6]),
     }
     champion = {
-        "a": line(["a0", "a1", "a2"], [5, 5, 5], [True, True, False], [0.4, 0.7, nan]),
+        "a": line(["a0", "a1", "a2"], [0.5, 0.5, 0.5], [True, True, False], [0.4, 0.7, nan]),
         "b": line(["b0", "b1"], [0, 0], [True, True], [0.5, 0.2]),
     }
-    # Replicate 0: every image once; replicate 1: a0 three times, b1 twice.
-    resamples = {"a": np.array([[0, 1, 2], [0, 0, 0]]), "b": np.array([[0, 1], [1, 1]])}
+    # Replicate 0: every image once; replicate 1: a0 three times, b1 twice. The image AUROC
+    # resamples the labelled images (a0, a1; b0, b1).
+    resamples = {
+        "a": Resamples(np.array([[0, 1, 2], [0, 0, 0]]), np.array([[0, 1], [0, 0]])),
+        "b": Resamples(np.array([[0, 1], [1, 1]]), np.array([[0, 1], [1, 1]])),
+    }
     comparison = compare_with_champion(
         candidate,
         champion,
         {"semseg.miou": 0.55, "height.abs_err_mm": None},
         {"semseg.miou": 0.45, "height.abs_err_mm": None},
-        {"a": 3, "b": 3},
-        {"a": 3, "b": 3},
+        {"a": 0.3, "b": 0.3},
+        {"a": 0.3, "b": 0.3},
         resamples,
     )
     semseg = comparison["metrics"]["semseg"]
@@ -161,6 +174,8 @@ def test_champion_comparison_by_hand_and_where_it_has_no_number() -> None:
     # parts a0, a1, b0, b1; a2 is unlabelled): replicate 0 both 2/4; replicate 1 candidate
     # 2/5 (b1 twice), champion 3/5 (a0 three times): champion - candidate = 0, 0.2.
     assert comparison["inspection"]["recall"] == {"p05": None, "p50": None, "p95": None}
+    # No defective part: no AUROC either.
+    assert comparison["inspection"]["image_auroc"] == {"p05": None, "p50": None, "p95": None}
     frr = comparison["inspection"]["frr"]
     assert [frr["p05"], frr["p50"], frr["p95"]] == pytest.approx([0.01, 0.1, 0.19])
 
@@ -234,7 +249,7 @@ def test_deep_evaluation_validates_and_has_every_section(evaluation, dataset_roo
             continue
         assert inspection["n_defective"] == entry["n_defective"]
         assert inspection["n_defective"] + inspection["n_good"] == labelled
-        assert inspection["threshold_px"] in inspection["pr_curve"]["threshold_px"]
+        assert inspection["threshold"] in inspection["pr_curve"]["threshold"]
         assert set(entry["robustness"]["boundary"]) == set(entry["metrics"])
         replicates = on_disk["bootstrap"]["replicates"][line]
         assert len(replicates["recall"]) == len(replicates["frr"]) == B
@@ -293,7 +308,7 @@ def test_threshold_chosen_on_val_scores_val_at_the_target(
         if inspection and inspection["n_defective"]:
             assert (
                 inspection["recall"] >= config["target_recall"]
-                or inspection["threshold_px"] == config["min_area_px"]
+                or inspection["threshold"] == config["min_score"]
             )
     assert result["explain"] is None and result["explain_reason"] == "explain disabled"
 
@@ -396,7 +411,7 @@ def test_delta_m_and_champion_from_the_registry(
         assert entry["candidate"] == entry["champion"] == overall, task
         assert entry["diff_higher_better"] == 0.0, task
         assert [entry["p05"], entry["p50"], entry["p95"]] == [0.0, 0.0, 0.0], task
-    for figure in ("recall", "frr"):
+    for figure in ("recall", "frr", "image_auroc"):
         assert versus["inspection"][figure] == {"p05": 0.0, "p50": 0.0, "p95": 0.0}, figure
 
 
@@ -406,17 +421,17 @@ def test_cli_passes_the_new_flags(tiny_model_dir: Path, dataset_root: Path, tmp_
     from cta_cli.commands.evaluate import evaluate as evaluate_command
 
     config = tmp_path / "inspection.yaml"
-    config.write_text("reject_classes: [6, 8]\ntarget_recall: 0.9\nmin_area_px: 3\n")
+    config.write_text("reject_classes: [6, 8]\ntarget_recall: 0.9\nmin_score: 0.1\n")
     out = tmp_path / "out"
     arguments = ["--model", str(tiny_model_dir), "--data", str(dataset_root), "--out", str(out)]
     arguments += ["--bootstrap-n", "7", "--bootstrap-seed", "3", "--latency-repeats", "1"]
     arguments += ["--boundary-px", "1", "--no-explain", "--inspection-config", str(config)]
     result = CliRunner(env={"MLFLOW_TRACKING_URI": None}).invoke(evaluate_command, arguments)
     assert result.exit_code == 0, result.output
-    evaluation = json.loads(result.output.partition("\n")[2])
+    evaluation = json.loads(result.stdout.partition("\n")[2])
     assert evaluation["bootstrap"]["n"] == 7 and evaluation["bootstrap"]["seed"] == 3
     assert evaluation["latency"]["repeats"] == 1
     assert evaluation["explain"] is None
     settings = evaluation["metric_settings"]
     assert settings["boundary_px"] == 1 and settings["reject_classes"] == [6, 8]
-    assert settings["min_area_px"] == 3
+    assert settings["min_score"] == 0.1

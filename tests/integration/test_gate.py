@@ -52,20 +52,7 @@ def _scored(n_images: int, *, height: bool = True, miou: float = 0.7) -> dict[st
         "n_images": n_images,
         "n_defective": n_images // 2,
         "metrics": metrics,
-        "inspection": {
-            "threshold_px": 12,
-            "target_recall": 0.95,
-            "recall": 0.96,
-            "frr": 0.04,
-            "n_defective": n_images // 2,
-            "n_good": n_images - n_images // 2,
-            "pr_curve": {
-                "threshold_px": [4, 12],
-                "recall": [0.99, 0.96],
-                "precision": [0.6, 0.8],
-                "frr": [0.2, 0.04],
-            },
-        },
+        "inspection": inspection_entry(n_images // 2, n_images - n_images // 2),
         "dimensions": {"n_features": 4, "mae_mm": 0.05, "p95_mm": 0.1, "in_tol_acc": 0.97}
         if height
         else None,
@@ -76,6 +63,56 @@ def _scored(n_images: int, *, height: bool = True, miou: float = 0.7) -> dict[st
     }
 
 
+def inspection_entry(n_defective: int, n_good: int, recall: float = 0.96, frr: float = 0.04):
+    """An evaluation.json ``inspection`` entry (schema version 2) with every field."""
+    return {
+        "threshold": 0.42,
+        "target_recall": 0.95,
+        "threshold_choice": {
+            "split": "val",
+            "reached": True,
+            "recall": 0.96,
+            "n_defective": n_defective,
+            "n_good": n_good,
+            "reason": None,
+        },
+        "recall": recall,
+        "frr": frr,
+        "n_defective": n_defective,
+        "n_good": n_good,
+        "intervals": {
+            "recall": {"p05": recall - 0.05, "p50": recall, "p95": min(1.0, recall + 0.03)},
+            "frr": {"p05": max(0.0, frr - 0.03), "p50": frr, "p95": frr + 0.05},
+            "image_auroc": {"p05": 0.95, "p50": 0.98, "p95": 0.99},
+        },
+        "image_auroc": 0.98,
+        "image_ap": 0.97,
+        "f1_max_oracle": {"f1": 0.93, "threshold": 0.4, "note": "oracle figure"},
+        "pixel_auroc": 0.97,
+        "aupro": 0.88,
+        "per_class": {
+            "scratch": {
+                "class_id": 5,
+                "n_images": n_defective,
+                "recall": recall,
+                "image_auroc": 0.97,
+                "image_ap": 0.96,
+                "pixel_auroc": 0.96,
+                "aupro": 0.85,
+                "n_regions": n_defective,
+            }
+        },
+        "parts": None,
+        "pr_curve": {
+            "threshold": [0.1, 0.42],
+            "recall": [0.99, recall],
+            "precision": [0.6, 0.8],
+            "frr": [0.2, frr],
+        },
+        "warnings": [],
+    }
+
+
 def make_evaluation(
     model_id: str,
     sha256: str,
@@ -83,13 +120,14 @@ def make_evaluation(
     champion: dict[str, str] | None = None,
     semseg_p05: float = 0.01,
     recall_p05: float = 0.0,
+    auroc_p05: float = 0.0,
     delta_m: dict[str, Any] | None | str = "good",
     height_pct: float = 1.0,
 ) -> dict[str, Any]:
     """An evaluation.json as the evaluate step writes it (contracts.md), 2 lines, 3 tasks."""
     per_line = {LINES[0]: _scored(6), LINES[1]: _scored(6, height=False)}
     evaluation: dict[str, Any] = {
-        "schema_version": 1,
+        "schema_version": 2,
         "model": {
             "name": None,
             "version": None,
@@ -107,6 +145,7 @@ def make_evaluation(
         "metric_settings": {"reduction": "pooled", "miou_rule": "nanmean_union"},
         "per_line": per_line,
         "overall": _scored(12),
+        "warnings": [],
         "delta_m": None,
         "delta_m_reason": "no STL baseline registered for manifest " + MANIFEST[:12],
         "vs_champion": None,
@@ -168,6 +207,7 @@ def make_evaluation(
             "inspection": {
                 "recall": {"p05": recall_p05, "p50": recall_p05 + 0.01, "p95": 0.03},
                 "frr": {"p05": 0.0, "p50": 0.01, "p95": 0.02},
+                "image_auroc": {"p05": auroc_p05, "p50": auroc_p05 + 0.005, "p95": 0.01},
             },
         }
         evaluation["vs_champion_reason"] = None
@@ -479,7 +519,13 @@ def weak_candidate(
     assert first["verdict"] == PASS and _by_name(first)["champion"]["passed"]
     champion = {"name": name, "version": v1, "model_id": ids[3]}
     weak = make_evaluation(
-        ids[4], sha, champion=champion, semseg_p05=-0.05, recall_p05=-0.03, delta_m=None
+        ids[4],
+        sha,
+        champion=champion,
+        semseg_p05=-0.05,
+        recall_p05=-0.03,
+        auroc_p05=-0.04,
+        delta_m=None,
     )
     v2 = register_version(
         name, 4, evaluation=weak, roi=make_roi(0.4), dataset_ref=make_dataset_ref(passed=False)
@@ -510,6 +556,13 @@ FAIL_CASES = [
         -0.03,
         "p05 > -0.01",
         id="inspection-recall-below-margin",
+    ),
+    pytest.param(
+        {"non_inferiority": {"inspection": {"image_auroc": 0.02}}},
+        "non_inferiority.inspection.image_auroc",
+        -0.04,
+        "p05 > -0.02",
+        id="inspection-image-auroc-below-margin",
     ),
     pytest.param(
         {"delta_m": {"min_pct": 0.0}},

@@ -82,7 +82,14 @@ def test_card_shows_data_metrics_limits_gate_and_rollout(
     assert "validation passed: yes" in gated
     assert "| press-a | 6 | 3 | 0.2 | 0.3 | 8 | 0.7 | 0.9 |" in gated
     assert "| mill-c | 6 | 3 | n/a | n/a | n/a | 0.7 | 0.9 |" in gated
-    assert "| press-a | 12 | 0.95 | 0.96 | 0.04 | 3 | 3 |" in gated  # inspection
+    # Inspection at the operating threshold, intervals [p05, p95], threshold-free figures.
+    assert (
+        "| press-a | 0.42 | 0.95 | yes | 0.96 [0.91, 0.99] | 0.04 [0.01, 0.09] | "
+        "0.98 [0.95, 0.99] | 0.97 | 0.93 | 0.97 | 0.88 | 3 | 3 |"
+    ) in gated
+    assert "F1-max is an oracle figure" in gated
+    assert "| press-a | scratch | 3 | 0.96 | 0.97 | 0.96 | 0.96 | 0.85 |" in gated
+    assert "## Warnings" not in gated
     assert "| delta_m_primary_pct_higher_better | 1.5 |" in gated
     assert "| height | 1 |" in gated
     assert "Training resolution: [32, 32]" in gated
@@ -117,10 +124,22 @@ def test_card_shows_data_metrics_limits_gate_and_rollout(
     other = f"cta-card-vs-{uuid.uuid4().hex[:8]}"
     champion = {"name": name, "version": version, "model_id": model_id}
     compared = make_evaluation(other_id, sha, champion=champion, semseg_p05=-0.02, delta_m=None)
+    warning = "line mill-c: val cannot reach the target recall 0.95: it reaches 0.600"
+    compared["warnings"] = [warning]
+    compared["per_line"]["mill-c"]["inspection"]["parts"] = {
+        "n_parts": 3,
+        "n_defective": 2,
+        "n_good": 1,
+        "recall": 1.0,
+        "frr": 0.0,
+    }
     v_other = _register(tmp_path, other_id, other, compared, mlflow_server)
     card = read_card(client, other, v_other)
     assert f"Champion: {name} version {version}" in card
     assert "| semseg | miou | 0.7 | 0.69 | -0.02 | -0.01 | 0 |" in card
     assert "| inspection recall | recall | n/a | n/a | 0 | 0.01 | 0.03 |" in card
+    assert "| inspection image_auroc | image_auroc | n/a | n/a | 0 | 0.005 | 0.01 |" in card
+    assert f"## Warnings\n\n- {warning}\n" in card
+    assert "| mill-c | 3 | 2 | 1 | 1 | 0 |" in card  # part verdicts
     assert "Not computed: no STL baseline registered" in card
     assert "| pilot | 0.93 |" in card

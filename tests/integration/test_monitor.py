@@ -19,6 +19,7 @@ from cta_cli.commands.monitor import monitor
 pytestmark = pytest.mark.integration
 
 LINES = ("press-a", "press-b")
+THRESHOLD = 0.4
 WINDOWS_DEADLINE_S = 30.0
 
 
@@ -51,6 +52,7 @@ def monitored(tmp_path_factory):
     from cta_model.data.synthetic import CLASS_NAMES
     from cta_model.data.synthetic_dataset import generate_dataset
     from cta_model.inference import Predictor
+    from cta_model.inspection import ScoreDefinition
     from cta_model.model_folder import save_model_folder
     from cta_model.nn.models import ModelSpec, build_model
     from cta_model.training.reference_stats import REFERENCE_STATS_FILE, reference_statistics
@@ -75,7 +77,9 @@ def monitored(tmp_path_factory):
         num_classes=len(CLASS_NAMES),
     )
     model = build_model(spec)
-    draft = save_model_folder(model, root / "draft", class_names=CLASS_NAMES)
+    # The model names its own reject classes, as the trainer writes them.
+    score = ScoreDefinition((5, 6, 7, 8), 3)
+    draft = save_model_folder(model, root / "draft", class_names=CLASS_NAMES, inspection=score)
     table = reference_statistics(
         Predictor.from_folder(draft), LineDataset(data, split="val"), CLASS_NAMES
     )
@@ -85,9 +89,16 @@ def monitored(tmp_path_factory):
         model,
         root / "model",
         class_names=CLASS_NAMES,
+        inspection=score,
         extra_files={REFERENCE_STATS_FILE: buffer.getvalue()},
     )
-    return {"data": data, "model": folder, "root": root}
+    # The 32 px scenes cannot show the real lines' smallest defects: no resolution rule here.
+    lines = yaml.safe_load(Path("configs/lines.yaml").read_text())
+    for line in lines["lines"]:
+        line.pop("min_defect_width_mm", None)
+    lines_config = root / "lines.yaml"
+    lines_config.write_text(yaml.safe_dump(lines))
+    return {"data": data, "model": folder, "root": root, "lines_config": lines_config}
 
 
 def test_relit_line_drifts_and_the_unshifted_line_does_not(monitored, tmp_path, monkeypatch):
@@ -101,7 +112,12 @@ def test_relit_line_drifts_and_the_unshifted_line_does_not(monitored, tmp_path, 
     config.write_text(yaml.safe_dump({**settings, "min_samples": 15}))
     servers = {
         line: start_server(
-            str(monitored["model"]), line=line, stats_dir=str(stats), stats_window_s=1
+            str(monitored["model"]),
+            line=line,
+            threshold=THRESHOLD,
+            lines_config=str(monitored["lines_config"]),
+            stats_dir=str(stats),
+            stats_window_s=1,
         )
         for line in LINES
     }
@@ -147,6 +163,16 @@ def test_relit_line_drifts_and_the_unshifted_line_does_not(monitored, tmp_path, 
     )
     assert not calm["drifted"] and calm["moved"] == [], calm["statistics"]
     assert "has not drifted" in calm["summary"]
+    # The defect score is monitored like any statistic; the reject rate is the servers' own
+    # verdict, set beside the reference images' rate at the same threshold.
+    for report in reports.values():
+        assert "pred_defect_score" in report["statistics"]
+        rates = report["defect_rate"]
+        assert rates["threshold"] == THRESHOLD
+        assert 0.0 <= rates["recent_reject_rate"] <= 1.0
+        assert 0.0 <= rates["reference_reject_rate"] <= 1.0
+        assert all(0.0 <= w["reject_rate"] <= 1.0 for w in report["windows"])
+    assert plain["threshold"] == THRESHOLD and 0 < plain["n_labelled"] <= plain["n_sent"]
 
 
 def test_too_few_images_is_never_called_drift(monitored, tmp_path):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from test_gate import inspection_entry  # the contract-shaped inspection entry (same folder)
 
 from components.artifacts import validation_problems
 from components.roi_report.report import OWN_QUALITY_SOURCE, format_money, format_payback
@@ -38,20 +39,7 @@ PER_LINE_TABLE_FITS = (
 
 
 def _inspection(recall: float, frr: float) -> dict:
-    return {
-        "threshold_px": 12,
-        "target_recall": 0.95,
-        "recall": recall,
-        "frr": frr,
-        "n_defective": 10,
-        "n_good": 8,
-        "pr_curve": {
-            "threshold_px": [1, 12, 40],
-            "recall": [1.0, recall, 0.2],
-            "precision": [0.55, 0.9, 1.0],
-            "frr": [1.0, frr, 0.0],
-        },
-    }
+    return inspection_entry(10, 8, recall, frr)
 
 
 def _scored(recall: float | None, frr: float | None) -> dict:
@@ -96,7 +84,7 @@ def write_evaluation(folder: Path, *, complete: bool = True) -> Path:
             maps.append(f"explain/{name}")
     quantiles = {"p05": -0.01, "p50": 0.02, "p95": 0.05}
     evaluation = {
-        "schema_version": 1,
+        "schema_version": 2,
         "model": {
             "name": "cta-inspection",
             "version": None,
@@ -114,6 +102,7 @@ def write_evaluation(folder: Path, *, complete: bool = True) -> Path:
         "metric_settings": {"reduction": "pooled", "miou_rule": "nanmean_union"},
         "per_line": per_line,
         "overall": _scored(0.9, 0.05),
+        "warnings": [],
         "delta_m": {
             "delta_m_primary_pct_higher_better": 3.1,
             "delta_m_task_avg_pct_higher_better": 2.4,
@@ -147,7 +136,7 @@ def write_evaluation(folder: Path, *, complete: bool = True) -> Path:
                     **quantiles,
                 },
             },
-            "inspection": {"recall": quantiles, "frr": quantiles},
+            "inspection": {"recall": quantiles, "frr": quantiles, "image_auroc": quantiles},
         }
         if complete
         else None,

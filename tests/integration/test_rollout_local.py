@@ -18,6 +18,7 @@ import requests
 import yaml
 from click.testing import CliRunner
 from mlflow import MlflowClient
+from registered_thresholds import register_with_thresholds
 
 from components.register_model.step import run as register
 from components.registry.names import TAG_ROLLOUT_HISTORY
@@ -58,13 +59,28 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def lines_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """configs/lines.yaml without the smallest defect widths: the 32 px test images (and the
+    32x32 models) cannot show the real lines' 0.8 mm defects, and this test is about roll-outs,
+    not resolution (tests/integration/test_serve.py covers that)."""
+    data = yaml.safe_load(Path("configs/lines.yaml").read_text())
+    for line in data["lines"]:
+        line.pop("min_defect_width_mm", None)
+    path = tmp_path_factory.mktemp("lines") / "lines.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
 def zeroed_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model with its segmentation head's final conv zeroed: every pixel is class 0
-    (background), so it never rejects a part and its defect recall is 0."""
+    """The tiny model with its segmentation head's final conv zeroed but for a large
+    background bias: every pixel is class 0 with certainty, so its defect score is ~0, it never
+    rejects a part and its defect recall is 0."""
     model, card = load_model_folder(tiny_model_dir)
     final_conv = model.heads["semseg"][-1]
     final_conv.weight.data.zero_()
     final_conv.bias.data.zero_()
+    final_conv.bias.data[0] = 20.0
     return save_model_folder(
         model,
         tmp_path_factory.mktemp("zeroed") / "model",
@@ -121,13 +137,21 @@ def test_shadow_passes_live_recall_fails_and_the_wave_rolls_back(
     dataset: Path,
     tiny_model_dir: Path,
     zeroed_model_dir: Path,
+    lines_config: Path,
     mlflow_server: str,
     state: LocalStateStore,
     tmp_path: Path,
 ) -> None:
     name = f"cta-rollout-{uuid.uuid4().hex[:8]}"
-    base_version = register_folder(tiny_model_dir, name, mlflow_server)
-    zeroed_version = register_folder(zeroed_model_dir, name, mlflow_server)
+    # Each version carries per-line operating thresholds in its evaluation.json, as `cta
+    # evaluate` chooses them on val: the line servers judge with those.
+    thresholds = dict.fromkeys(LINES, 0.3)
+    base_version = register_with_thresholds(
+        tiny_model_dir, name, mlflow_server, tmp_path, thresholds
+    )
+    zeroed_version = register_with_thresholds(
+        zeroed_model_dir, name, mlflow_server, tmp_path, thresholds
+    )
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
     common = ["--data", str(dataset), "--state", state.uri, "--tracking-uri", mlflow_server]
 
@@ -146,6 +170,8 @@ def test_shadow_passes_live_recall_fails_and_the_wave_rolls_back(
         "--plan",
         str(base_plan),
         "--all-waves",
+        "--lines-config",
+        str(lines_config),
         *common,
     )
     base_servers = {line_id: running(state, line_id) for line_id in LINES}
@@ -174,7 +200,16 @@ def test_shadow_passes_live_recall_fails_and_the_wave_rolls_back(
         ],
     )
     output = invoke(
-        "start", "--model-name", name, "--version", zeroed_version, "--plan", str(plan), *common
+        "start",
+        "--model-name",
+        name,
+        "--version",
+        zeroed_version,
+        "--plan",
+        str(plan),
+        "--lines-config",
+        str(lines_config),
+        *common,
     )
     rollout_id = f"candidate--{name}--v{zeroed_version}"
     record = state.read(rollout_key(rollout_id)).data
@@ -202,6 +237,12 @@ def test_shadow_passes_live_recall_fails_and_the_wave_rolls_back(
     failed = record["lines"]["press-b"]
     assert failed["state"] == "rolled_back"
     assert failed["health"]["recall"] == 0.0 and failed["health"]["n_defective"] > 0
+    # The candidate's server judged with the threshold its version records for press-b.
+    verdict = failed["health"]["verdict"]
+    assert verdict["threshold"] == 0.3 and verdict["reason"] is None
+    assert verdict["threshold_source"] == (
+        f"models:/{name}/{zeroed_version} evaluation.json per_line.press-b.inspection.threshold"
+    )
     assert "recall 0 >= 0.5 FAIL" in failed["decision"]
     assert [h["state"] for h in failed["history"]] == [
         "deploying",
@@ -269,6 +310,7 @@ def _report_timings(store: LocalStateStore, *rollout_ids: str) -> None:
 def test_a_killed_start_is_completed_by_resume_without_a_stale_lock(
     dataset: Path,
     tiny_model_dir: Path,
+    lines_config: Path,
     mlflow_server: str,
     state: LocalStateStore,
     tmp_path: Path,
@@ -307,6 +349,8 @@ def test_a_killed_start_is_completed_by_resume_without_a_stale_lock(
                 state.uri,
                 "--tracking-uri",
                 mlflow_server,
+                "--lines-config",
+                str(lines_config),
             ],
             stdout=out,
             stderr=subprocess.STDOUT,

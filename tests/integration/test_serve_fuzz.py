@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from components.serve.process import start_server
 pytestmark = pytest.mark.integration
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+NPZ = "application/x-npz"
 NPY_MAGIC = b"\x93NUMPY"
 MAX_BODY_MB = 2
 # Growth of the server's resident memory over the whole fuzz run that counts as bounded:
@@ -60,6 +62,29 @@ def _npy_claiming(shape: tuple[int, ...], dtype: str = "|u1") -> bytes:
     header = repr({"descr": dtype, "fortran_order": False, "shape": shape}).encode()
     header = header + b" " * (63 - (len(header) + 10) % 64) + b"\n"
     return NPY_MAGIC + b"\x01\x00" + struct.pack("<H", len(header)) + header + b"\x00" * 16
+
+
+def _zip(members: dict[str, bytes], compress: bool = False) -> bytes:
+    buffer = io.BytesIO()
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(buffer, "w", method) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def _npz(compress: bool = False, **arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    (np.savez_compressed if compress else np.savez)(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _corrupt_npz() -> bytes:
+    """A deflated .npz whose member's compressed bytes are overwritten after its header."""
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    body = bytearray(_npz(compress=True, view=image))
+    body[120:200] = b"\xff" * 80
+    return bytes(body)
 
 
 def _good_png() -> bytes:
@@ -113,6 +138,43 @@ CASES = {
     ),
     "truncated npy": (_npy(np.zeros((8, 8, 3), np.uint8))[:-5], "application/x-npy", 400),
     "body over the size limit": (b"\x00" * (MAX_BODY_MB * 1024 * 1024 + 1), "image/png", 413),
+    # A part's views (.npz): every array checked from its header before it is decompressed.
+    "npz that is not a zip": (b"PK\x03\x04" + bytes(range(64)), NPZ, 400),
+    "npz without arrays": (_zip({}), NPZ, 400),
+    "npz with a text member": (_zip({"notes.txt": b"hello"}), NPZ, 400),
+    "npz of int16 views": (_npz(view=np.zeros((8, 8, 3), np.int16)), NPZ, 400),
+    "npz with a 2-d view": (_npz(view=np.zeros((8, 8), np.uint8)), NPZ, 400),
+    "npz of object arrays (pickle)": (
+        _zip({"view.npy": _npy(np.array([{"a": 1}], dtype=object))}),
+        NPZ,
+        400,
+    ),
+    "npz claiming 100000x100000x3": (
+        _zip({"view.npy": _npy_claiming((100_000, 100_000, 3))}),
+        NPZ,
+        413,
+    ),
+    "npz bomb (3000x3000 zeros, compressed)": (
+        _npz(compress=True, view=np.zeros((3000, 3000, 3), np.uint8)),
+        NPZ,
+        413,
+    ),
+    "npz views over the pixel limit together": (
+        _npz(compress=True, **{f"v{i}": np.zeros((1000, 1000, 3), np.uint8) for i in range(5)}),
+        NPZ,
+        413,
+    ),
+    "npz with too many views": (
+        _npz(**{f"v{i}": np.zeros((2, 2, 3), np.uint8) for i in range(65)}),
+        NPZ,
+        400,
+    ),
+    "truncated npz member": (
+        _zip({"view.npy": _npy(np.zeros((8, 8, 3), np.uint8))[:-5]}),
+        NPZ,
+        400,
+    ),
+    "npz member with a corrupt stream": (_corrupt_npz(), NPZ, 400),
 }
 
 
@@ -132,9 +194,13 @@ def test_bad_input_is_refused_with_a_reason(server, case: str) -> None:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(
-    prefix=st.sampled_from([b"", PNG_MAGIC, NPY_MAGIC + b"\x01\x00", b"\xff\xd8\xff"]),
+    prefix=st.sampled_from(
+        [b"", PNG_MAGIC, NPY_MAGIC + b"\x01\x00", b"\xff\xd8\xff", b"PK\x03\x04"]
+    ),
     tail=st.binary(max_size=2048),
-    content_type=st.sampled_from(["image/png", "image/jpeg", "application/x-npy", "image/gif"]),
+    content_type=st.sampled_from(
+        ["image/png", "image/jpeg", "application/x-npy", NPZ, "image/gif"]
+    ),
 )
 def test_random_bodies_get_4xx(server, prefix: bytes, tail: bytes, content_type: str) -> None:
     answer = _session().post(

@@ -123,7 +123,7 @@ def test_toy_task_trains_evaluates_and_serves(toy_task: TaskSpec, tmp_path: Path
     Image.fromarray(image).save(png, "PNG")
     http = requests.Session()
     http.trust_env = False  # no proxy for loopback
-    with start_server(str(model_dir), threshold_px=1) as server:
+    with start_server(str(model_dir), threshold=0.5) as server:
         answer = http.post(
             f"{server.url}/predict",
             data=png.getvalue(),

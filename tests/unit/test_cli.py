@@ -64,3 +64,13 @@ def test_installed_console_script_runs():
     cta = f"{sys.prefix}/bin/cta"
     result = subprocess.run([cta, "--help"], capture_output=True, text=True, check=True)
     assert "model" in result.stdout and "data" in result.stdout
+
+
+def test_data_import_refuses_a_category_that_cannot_be_a_line_id(tmp_path):
+    for folder in ("train/good", "test/good"):
+        (tmp_path / "src" / "9lives" / folder).mkdir(parents=True)
+    args = ["data", "import", "mvtec-ad", str(tmp_path / "src"), "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    assert "error: category '9lives': cannot be a line id" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -11,16 +12,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from cta_model.data.line_dataset import (
+    DATASET_LINES_NAME,
     MANIFEST_NAME,
+    PART_ID,
     SPLITS,
     LineDataset,
     check_relative_path,
     manifest_schema,
 )
-from cta_model.data.line_writer import write_sample
-from cta_model.data.lines import LinesConfig, load_lines_config
+from cta_model.data.line_writer import write_manifest, write_sample
+from cta_model.data.lines import LinesConfig, default_lines_config, load_lines_config
 from cta_model.data.synthetic import render_sample
 from cta_model.data.synthetic_dataset import (
     SYNTHETIC_TASKS,
@@ -158,6 +162,16 @@ def test_existing_dataset_needs_overwrite(dataset_root: Path, tmp_path: Path, co
     generate_dataset(root, config, **{**kwargs, "samples_per_line": 1}, overwrite=True)
     assert len(manifest_rows(root)) == 1 and (root / "notes.txt").exists()
     assert len(list((root / "images" / "press-a").iterdir())) == 1
+
+
+def test_a_dataset_inventory_belongs_to_the_dataset(tmp_path: Path, config) -> None:
+    kwargs = dict(n_lines=1, samples_per_line=1, height=16, width=16, seed=0, progress=False)
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / DATASET_LINES_NAME).write_text("lines: []\n")  # e.g. an old import
+    with pytest.raises(DataError, match=f"already holds a line dataset \\({DATASET_LINES_NAME}\\)"):
+        generate_dataset(tmp_path / "ds", config, **kwargs)
+    root = generate_dataset(tmp_path / "ds", config, **kwargs, overwrite=True)
+    assert not (root / DATASET_LINES_NAME).exists() and LineDataset(root).line_ids == ["press-a"]
 
 
 def test_generation_arguments_are_checked(tmp_path: Path, config: LinesConfig) -> None:
@@ -411,6 +425,36 @@ def test_custom_opener_sees_relative_paths(dataset_root: Path, config: LinesConf
         LineDataset("s3://bucket/datasets/v1", config, opener=failing)
 
 
+def test_the_dataset_inventory_is_used_when_no_lines_config_is_given(
+    copy_root: Path, config: LinesConfig
+) -> None:
+    without_mill_c = [line.model_dump(mode="json") for line in config.lines if line.id != "mill-c"]
+    (copy_root / DATASET_LINES_NAME).write_text(yaml.safe_dump({"lines": without_mill_c}))
+    with pytest.raises(DataError) as info:
+        LineDataset(copy_root)
+    assert "unknown line 'mill-c'" in str(info.value)
+    assert f"{copy_root}/{DATASET_LINES_NAME}" in str(info.value)
+    assert LineDataset(copy_root, config).line_ids == ["mill-c", "press-a", "press-b"]
+    (copy_root / DATASET_LINES_NAME).write_text("lines: []\n")
+    with pytest.raises(ConfigError, match=f"{copy_root}/{DATASET_LINES_NAME}: lines"):
+        LineDataset(copy_root)
+    (copy_root / DATASET_LINES_NAME).write_text("lines: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        LineDataset(copy_root)
+
+
+def test_without_a_dataset_inventory_the_fleet_inventory_applies(dataset_root: Path) -> None:
+    assert LineDataset(dataset_root).lines_config.source == str(default_lines_config())
+
+    def s3_like(relative: str) -> bytes:  # the S3 opener: a missing object is a DataError
+        if relative == DATASET_LINES_NAME:
+            raise DataError(f"s3://bucket/v1/{relative}: object missing (NoSuchKey)")
+        return (dataset_root / relative).read_bytes()
+
+    dataset = LineDataset("s3://bucket/v1", opener=s3_like)
+    assert dataset.lines_config.source == str(default_lines_config())
+
+
 def test_check_relative_path() -> None:
     assert check_relative_path("images/a/b.png") == "images/a/b.png"
     for bad in ["", "/abs", "../x", "a/../../x", "C:\\x", "a\\b", "s3://x"]:
@@ -467,3 +511,59 @@ def test_writer_checks_what_it_is_given(tmp_path: Path, config: LinesConfig) -> 
         write_sample(tmp_path, record, SYNTHETIC_TASKS)
     with pytest.raises(ConfigError, match="'depth' has no line-dataset encoding"):
         manifest_schema(("semseg", "depth"))
+
+
+# --- optional part ids ---
+
+
+def _with_part_ids(root: Path, part_ids: list[str | None]) -> None:
+    table = pq.read_table(root / MANIFEST_NAME)
+    column = pa.array(part_ids, type=pa.string())
+    table = table.append_column(pa.field(PART_ID, pa.string(), nullable=True), column)
+    pq.write_table(table, root / MANIFEST_NAME)
+
+
+def test_part_ids_are_an_optional_nullable_column(
+    dataset_root: Path, copy_root: Path, config: LinesConfig, tmp_path: Path
+) -> None:
+    # Without parts the schema and the writer's bytes stay the format's (no column at all).
+    assert PART_ID not in pq.read_schema(dataset_root / MANIFEST_NAME).names
+    assert manifest_schema(SYNTHETIC_TASKS, part_ids=True).names[-1] == PART_ID
+    assert manifest_schema(SYNTHETIC_TASKS, part_ids=True).field(PART_ID).nullable
+    # A manifest with the column: ids shared within one line and split, or null.
+    rows = manifest_rows(copy_root)
+    part_ids = [f"{row['line_id']}-{row['split']}-p{n // 2}" for n, row in enumerate(rows)]
+    part_ids[0] = None
+    _with_part_ids(copy_root, part_ids)
+    dataset = LineDataset(copy_root, config)
+    assert [row[PART_ID] for row in dataset.rows] == part_ids
+    # The writer adds the column only when a sample has a part id.
+    records = [synthetic_record(config.lines[0], index, 3, SIZE, SIZE) for index in range(2)]
+    records[1].part_id = "bracket-7"
+    written = [write_sample(tmp_path / "parts", record, SYNTHETIC_TASKS) for record in records]
+    for sample in written:
+        sample.set_split("test")
+    write_manifest(tmp_path / "parts", written, SYNTHETIC_TASKS, {})
+    assert [row[PART_ID] for row in manifest_rows(tmp_path / "parts")] == [None, "bracket-7"]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ("split", r"part 'p0' is on line press-a, split (val|train|test|qa), but row 0 puts it"),
+        ("empty", r"part_id: '' is not a non-empty string"),
+    ],
+)
+def test_a_part_spans_one_line_and_split(
+    copy_root: Path, config: LinesConfig, change: str, expected: str
+) -> None:
+    rows = manifest_rows(copy_root)
+    first_split = rows[0]["split"]
+    other = next(n for n, row in enumerate(rows) if row["split"] != first_split)
+    part_ids: list[str | None] = [None] * len(rows)
+    if change == "split":
+        part_ids[0] = part_ids[other] = "p0"
+    else:
+        part_ids[other] = ""
+    _with_part_ids(copy_root, part_ids)
+    assert re.search(expected, dataset_error(copy_root, config))

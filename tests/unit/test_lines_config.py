@@ -49,8 +49,17 @@ def test_default_path_is_the_repository_configs_file() -> None:
     assert repository / "configs" / "lines.yaml" == DEFAULT_LINES_CONFIG
 
 
+def test_default_inventory_follows_the_environment(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("CTA_LINES_CONFIG", raising=False)
+    assert load_lines_config().source == str(DEFAULT_LINES_CONFIG)
+    copy = tmp_path / "fleet.yaml"
+    copy.write_text(DEFAULT_LINES_CONFIG.read_text())
+    monkeypatch.setenv("CTA_LINES_CONFIG", str(copy))
+    assert load_lines_config().source == str(copy)
+
+
 def test_shipped_fleet_covers_what_the_demo_needs() -> None:
-    config = load_lines_config()
+    config = load_lines_config(DEFAULT_LINES_CONFIG)
     assert len(config.lines) >= 4
     assert config.ids[:4] == ["press-a", "press-b", "mill-c", "mill-d"]
     assert sum(line.pilot for line in config.lines) == 1
@@ -64,10 +73,12 @@ def test_shipped_fleet_covers_what_the_demo_needs() -> None:
         assert 0.3 <= line.synthetic.defect_prevalence <= 0.7, "synthetic data is enriched"
         assert 0.0 < line.synthetic.dropout_rate <= 0.1
         assert line.serving_target in {"local", "kubernetes", "gitops"}
+        # the narrowest reject defect of the synthetic twin: its cracks, 0.8 % of the view
+        assert line.min_defect_width_mm == pytest.approx(0.008 * line.field_of_view_mm, rel=0.05)
 
 
 def test_get_and_first(shipped_yaml: dict[str, Any]) -> None:
-    config = load_lines_config()
+    config = load_lines_config(DEFAULT_LINES_CONFIG)
     assert config.get("mill-c").id == "mill-c"
     assert config.pilot.id == "press-a"
     with pytest.raises(ConfigError) as info:

@@ -1,11 +1,12 @@
 """Drift decision per statistic: PSI and KS must agree, and the mean must move by at least the
-statistic's configured minimum shift (`min_shift`)."""
+statistic's configured minimum shift (`min_shift`); the defect score is one of the statistics;
+reject rates from the servers' verdicts."""
 
 import pandas as pd
 import pytest
 
 from components.monitor.config import MonitorConfig, load_monitor_config
-from components.monitor.step import compare
+from components.monitor.step import compare, defect_rates, reject_rate, windows
 
 pytestmark = pytest.mark.unit
 
@@ -63,3 +64,39 @@ def test_a_material_shift_still_moves_with_the_shipped_floors():
 def test_negative_floor_is_rejected_naming_the_key():
     with pytest.raises(ValueError, match="min_shift"):
         MonitorConfig(statistics=("brightness",), min_shift={"brightness": -1.0})
+
+
+def test_a_drifting_defect_score_moves_with_the_shipped_floor():
+    config = load_monitor_config().model_copy(update={"min_samples": 6})
+    assert "pred_defect_score" in config.statistics
+    assert config.shift_floor("pred_defect_score") == 0.05
+    reference = pd.DataFrame({"pred_defect_score": [0.02, 0.03, 0.04, 0.05, 0.03, 0.02, 0.04]})
+    same = pd.DataFrame({"pred_defect_score": [0.03, 0.04, 0.02, 0.05, 0.03, 0.04]})
+    assert not compare(reference, same, config)["pred_defect_score"]["moved"]
+    risen = same + 0.3
+    assert compare(reference, risen, config)["pred_defect_score"]["moved"]
+
+
+def test_reject_rates_count_only_served_verdicts_and_compare_with_the_reference():
+    reference = pd.DataFrame({"pred_defect_score": [0.1, 0.2, 0.6, 0.9]})
+    recent = pd.DataFrame(
+        {
+            "unix_time": [0.0, 1.0, 2.0, 61.0, 62.0],
+            "reject": [True, None, False, True, True],
+            "threshold": [None, 0.5, 0.5, 0.5, 0.5],
+            "pred_defect_score": [0.7, 0.4, 0.3, 0.8, 0.9],
+        }
+    )
+    assert reject_rate(recent) == 0.75  # the row without a verdict counts for neither
+    assert reject_rate(pd.DataFrame({"reject": [None, None]})) is None
+    rates = defect_rates(reference, recent, prevalence=0.05, factor=3.0, enough=True)
+    assert rates["threshold"] == 0.5
+    assert rates["reference_reject_rate"] == 0.5  # 0.6 and 0.9 reach 0.5
+    assert rates["recent_reject_rate"] == 0.75 and "15.0x" in rates["flag"]
+    per_window = windows(recent, 60.0, ["pred_defect_score"])
+    assert [w["reject_rate"] for w in per_window] == [0.5, 1.0]
+    # A server without a threshold: scores still compared, no rate, no flag.
+    unjudged = recent.assign(reject=None, threshold=None)
+    rates = defect_rates(reference, unjudged, prevalence=0.05, factor=3.0, enough=True)
+    assert rates["recent_reject_rate"] is None and rates["reference_reject_rate"] is None
+    assert "flag" not in rates

@@ -24,10 +24,24 @@ pytestmark = pytest.mark.unit
 CANDIDATE = ModelRef("cta", "2", "2" * 64)
 
 
-class StubServer:
-    """/predict answers reject=<rejects>; /metrics counts answers like cta serve does."""
+def served_defect(rejects: bool | None) -> dict[str, Any]:
+    """A line server's /readyz ``defect``: without a verdict when ``rejects`` is None."""
+    threshold = None if rejects is None else 0.4
+    return {
+        "threshold": threshold,
+        "threshold_source": "none" if threshold is None else "models:/cta/2 evaluation.json",
+        "reject_classes": ["defect"],
+        "reject_class_ids": [1],
+        "window_px": 3,
+        "reason": "no operating threshold: no evaluation.json" if threshold is None else None,
+    }
 
-    def __init__(self, rejects: bool) -> None:
+
+class StubServer:
+    """/predict answers reject=<rejects> (None: no verdict); /readyz names the verdict;
+    /metrics counts answers like cta serve does."""
+
+    def __init__(self, rejects: bool | None) -> None:
         served = {"n": 0}
 
         class Handler(BaseHTTPRequestHandler):
@@ -42,13 +56,18 @@ class StubServer:
                 self.wfile.write(body)
 
             def do_GET(self) -> None:
+                if self.path == "/readyz":
+                    ready = {"defect": served_defect(rejects)}
+                    self._send(json.dumps(ready).encode(), "application/json")
+                    return
                 text = f'cta_requests_total{{code="200"}} {served["n"]}\n'
                 self._send(text.encode(), "text/plain")
 
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers["Content-Length"]))
                 served["n"] += 1
-                self._send(json.dumps({"defect": {"reject": rejects}}).encode(), "application/json")
+                answer = {"defect": {"score": 0.5, "reject": rejects}}
+                self._send(json.dumps(answer).encode(), "application/json")
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -58,7 +77,7 @@ class StubServer:
 class RecordingBackend:
     name = "local"
 
-    def __init__(self, rejects_by_line: dict[str, bool]) -> None:
+    def __init__(self, rejects_by_line: dict[str, bool | None]) -> None:
         self.rejects_by_line = rejects_by_line
         self.calls: list[tuple[str, str]] = []
         self.servers: list[StubServer] = []
@@ -217,3 +236,42 @@ def test_pause_stops_before_deploying_and_resume_runs_one_wave_at_a_time(tmp_pat
     assert shadow["samples"] == 2 and shadow["server_requests"] == 2
     assert shadow["agreement"] is None  # the line ran nothing before: nothing to compare
     assert engine.store.read("lines/mill-c.json").data["running"]["version"] == "2"
+
+
+def test_health_judges_with_the_candidates_reject_classes_and_its_own_verdict(
+    tmp_path, aliases, monkeypatch
+):
+    """The qa truth uses the reject classes the served MODEL names (its /readyz), and a
+    candidate without an operating threshold gives no verdict: recall is not measured, the
+    gate fails and the record says why."""
+    asked: list[tuple[str, tuple[int, ...]]] = []
+
+    def qa_samples(data_uri, line_id, reject_classes):
+        asked.append((line_id, reject_classes))
+        return [QaSample(f"{line_id}-{i}", b"png", True) for i in range(2)]
+
+    monkeypatch.setattr(engine_module, "load_qa_samples", qa_samples)
+    backend = RecordingBackend({"press-a": None})
+    engine = Engine(LocalStateStore(tmp_path / "state"), backend, data_uri="data")
+    try:
+        record = engine.start(
+            plan(
+                {
+                    "lines": ["press-a"],
+                    "mode": "live",
+                    "bake": {"min_samples": 2},
+                    "health": {"min_recall": 0.5},
+                }
+            ),
+            CANDIDATE,
+            plan_source="plan.yaml",
+        )
+    finally:
+        backend.close()
+    assert asked == [("press-a", (1,))]
+    entry = record["lines"]["press-a"]
+    assert entry["state"] == "rolled_back"
+    assert entry["health"]["recall"] is None and entry["health"]["n_defective"] == 2
+    assert entry["health"]["verdict"]["threshold"] is None
+    assert "no evaluation.json" in entry["health"]["verdict"]["reason"]
+    assert "recall n/a >= 0.5 FAIL" in entry["decision"]

@@ -16,21 +16,30 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from mvtec_layouts import write_mvtec_ad_layout
 from PIL import Image
 
 from components.artifacts import read_json, write_json_atomic
 from components.validate_data.expectations import ExpectationOutcome, SuiteOutcome
-from components.validate_data.report import ReportInputs, render_report
+from components.validate_data.report import (
+    ReportInputs,
+    class_frequency_columns,
+    render_report,
+)
 from components.validate_data.step import (
     DATASET_REF_NAME,
     REPORT_NAME,
     RESULT_NAME,
     STATISTICS_NAME,
     ValidationFailed,
+    data_warnings,
     run,
 )
 from cta_cli.main import main
+from cta_model.data.importers import import_mvtec
 from cta_model.data.line_dataset import MANIFEST_NAME, LineDataset, LocalOpener, sha256_hex
+from cta_model.data.statistics import SEMSEG_FRACTION_COLUMNS
+from cta_model.data.synthetic import CLASS_NAMES
 from cta_model.data.synthetic_dataset import generate_dataset
 from cta_model.errors import ConfigError, DataError
 
@@ -361,3 +370,94 @@ def test_nan_normals_where_the_label_is_present_fail(copy_root, sample_ids, tmp_
     _replace(copy_root, sample_id, "normals", _npy(normals))
     failure = _failure(copy_root, tmp_path)
     assert sample_id in str(failure)
+
+
+# --- the dataset's own classes, and the warning about defect-free training data ---
+
+
+def test_synthetic_data_with_defects_in_train_gives_no_warning(clean_run):
+    _, out, _ = clean_run
+    result = json.loads((out / RESULT_NAME).read_text())
+    assert result["warnings"] == []
+    assert result["class_names"] == list(CLASS_NAMES)
+    assert 'class="warning"' not in (out / REPORT_NAME).read_text()
+
+
+def test_class_frequency_bars_use_the_dataset_names():
+    assert class_frequency_columns(("good", "defect")) == [
+        ("good", "semseg_frac_conveyor"),
+        ("defect", "semseg_frac_part_surface"),
+    ]
+    many = tuple(f"type{i}" for i in range(13))
+    bars = class_frequency_columns(many)
+    assert [label for label, _ in bars][:10] == list(many[:10])
+    assert bars[-1] == ("ids 10-12 (3 classes)", "semseg_frac_unknown")
+
+
+def _statistics(split_shares: dict[str, float], column: str = "semseg_frac_scratch"):
+    """One train sample per line with ``column`` = the given share."""
+    frame = pd.DataFrame(
+        {
+            "line_id": list(split_shares),
+            "split": "train",
+            **{name: 0.0 for name in SEMSEG_FRACTION_COLUMNS},
+            "semseg_frac_unknown": 0.0,
+        }
+    )
+    frame[column] = list(split_shares.values())
+    return frame
+
+
+def test_warning_names_the_lines_whose_train_split_has_no_reject_pixel():
+    # configs/inspection.yaml: 5 scratch, 6 dent, 7 bump, 8 crack; stain (9) is no reject.
+    assert data_warnings(_statistics({"press-a": 0.01, "press-b": 0.02}), None) == []
+    (warning,) = data_warnings(_statistics({"press-a": 0.01, "press-b": 0.0}), None)
+    assert "train split of line(s) press-b has no reject-class pixel" in warning
+    assert "configs/inspection.yaml" in warning and "press-a" not in warning
+    assert "training needs data.anomalies or labelled defects" in warning
+    stains = _statistics({"press-a": 0.3}, "semseg_frac_stain")
+    assert len(data_warnings(stains, None)) == 1
+    # The dataset's own reject classes win; ids past the synthetic ones are pooled.
+    assert data_warnings(stains, (9,)) == []
+    assert len(data_warnings(_statistics({"a": 0.0}), (12,))) == 1
+    assert data_warnings(_statistics({"a": 0.1}, "semseg_frac_unknown"), (12,)) == []
+    no_train = _statistics({"a": 0.0}).assign(split="val")
+    assert data_warnings(no_train, None) == []  # the split-size expectation says it
+
+
+@pytest.fixture(scope="module")
+def imported_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MVTec AD layout imported: classes good, crack, hole; good-only train split."""
+    base = tmp_path_factory.mktemp("imported")
+    source = write_mvtec_ad_layout(base / "src", ("wood",), n_train=2, n_test=2)
+    return import_mvtec("mvtec-ad", source, base / "ds", progress=False).root
+
+
+def test_class_ids_are_checked_against_the_dataset_class_count(imported_root, tmp_path):
+    root = tmp_path / "ds"
+    shutil.copytree(imported_root, root)
+    sample_id = next(
+        row["sample_id"] for row in LineDataset(root).rows if "-test-crack-" in row["sample_id"]
+    )
+    labels = np.asarray(Image.open(root / _row(root, sample_id)["semseg_path"])).copy()
+    labels[labels > 0] = 4  # a synthetic id, but this dataset has 3 classes
+    _replace(root, sample_id, "semseg", _png(labels))
+    failure = _failure(root, tmp_path / "out")
+    failed = _failed_expectations(tmp_path / "out")
+    assert failed["semseg class ids in [0, NUM_CLASSES)"]["unexpected_ids"] == [sample_id]
+    assert "semseg_max_class=4" in str(failure)
+
+
+def test_imported_dataset_warns_and_leaves_the_synthetic_mask_check_out(imported_root, tmp_path):
+    dataset_ref = run(str(imported_root), str(tmp_path), progress=False)
+    assert dataset_ref["passed"] is True
+    result = json.loads((tmp_path / RESULT_NAME).read_text())
+    assert result["class_names"] == ["good", "crack", "hole"]
+    (warning,) = result["warnings"]
+    assert "line(s) wood has no reject-class pixel" in warning
+    assert "the dataset's reject_classes" in warning
+    statistics = pd.read_parquet(tmp_path / STATISTICS_NAME)
+    assert statistics["defect_height_anomaly"].isna().all()
+    assert statistics["defect_pixels"].isna().all()
+    report = html.unescape((tmp_path / REPORT_NAME).read_text())
+    assert warning in report

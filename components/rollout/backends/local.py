@@ -67,18 +67,25 @@ class LocalBackend:
         tracking_uri: str | None = None,
         log_dir: str | Path | None = None,
         host: str = "127.0.0.1",
+        lines_config: str | Path | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.log_dir = Path(log_dir).absolute() if log_dir else None
         self.host = host
+        # The servers' fleet inventory (their --line resolution rule); None: configs/lines.yaml.
+        self.lines_config = str(Path(lines_config).absolute()) if lines_config else None
 
     def _start(self, line_id: str, model: ModelRef, role: str) -> dict[str, Any]:
         from components.serve.process import start_server
 
         print(f"[rollout] {line_id}: starting cta serve for {model.uri} ({role})", flush=True)
+        # models:/NAME/<version> with --line: the server applies the threshold that version's
+        # evaluation.json records for this line (components/serve/inspection.py).
         options: dict[str, Any] = {"sha256": model.sha256, "line": line_id, "host": self.host}
         if self.tracking_uri:
             options["tracking_uri"] = self.tracking_uri
+        if self.lines_config:
+            options["lines_config"] = self.lines_config
         log_path = None
         if self.log_dir is not None:
             log_path = self.log_dir / f"{line_id}-{role}-v{model.version}-{time.time_ns()}.log"
