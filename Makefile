@@ -74,13 +74,14 @@ DEMO_DIR := $(CURDIR)/.cta/demo
 demo: setup
 	@start=$$(date +%s); \
 	if [ ! -f $(DEMO_DIR)/data/manifest.parquet ]; then \
-		$(VENV)/bin/cta data generate --out $(DEMO_DIR)/data --lines 3 --samples-per-line 60 \
-			--size 128 --seed 0; \
+		$(VENV)/bin/cta data generate --out $(DEMO_DIR)/data --lines 3 --samples-per-line 100 \
+			--line-samples press-a=400 --splits 0.5,0.15,0.25,0.1 --size 384 --seed 0 \
+			--workers 2; \
 	fi && \
 	$(VENV)/bin/cta pipeline run --local --data $(DEMO_DIR)/data --work-dir $(DEMO_DIR)/kfp \
 		--config configs/demo.yaml --tracking-uri sqlite:///$(DEMO_DIR)/mlflow/mlflow.db \
 		--gate-policy configs/gate-demo.yaml --rollout-plan configs/rollout-demo.yaml \
-		--rollout-state $(DEMO_DIR)/rollout && \
+		--rollout-state $(DEMO_DIR)/rollout --no-stl-baselines && \
 	$(VENV)/bin/python -m components.monitor.demo --data $(DEMO_DIR)/data \
 		--tracking-uri sqlite:///$(DEMO_DIR)/mlflow/mlflow.db --out $(DEMO_DIR)/reports/monitor && \
 	echo "demo took $$(( $$(date +%s) - start )) s"

@@ -77,6 +77,7 @@ def run_local(
     approver: str = "",
     bootstrap_n: int = 1000,
     latency_repeats: int = 5,
+    stl_baselines: bool = True,
 ) -> dict[str, Any]:
     """Run the training pipeline through kfp.local; returns what happened.
 
@@ -117,6 +118,7 @@ def run_local(
             approver=approver,
             bootstrap_n=bootstrap_n,
             latency_repeats=latency_repeats,
+            stl_baselines=stl_baselines,
         )
     created = sorted(
         path

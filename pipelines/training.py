@@ -41,8 +41,10 @@ def baselines_branch(
     model_name: str,
     tracking_uri: str,
     experiment: str = "cta",
+    enabled: bool = True,
 ):
-    """Train and register the STL baselines only when none matches the data (DESIGN 5.3).
+    """Train and register the STL baselines only when none matches the data (DESIGN 5.3) and
+    ``enabled`` (off: Delta_m stays null with its reason).
 
     Paths are built here from ``work_dir``: kfp.local passes an f-string argument into a
     sub-pipeline as null (kfp 2.17.3), while one built inside it resolves.
@@ -53,6 +55,7 @@ def baselines_branch(
         config_path=config_path,
         model_name=model_name,
         tracking_uri=tracking_uri,
+        enabled=enabled,
     )
     needed.set_display_name(BASELINES_NEEDED_TASK)
     with dsl.If(needed.output == True, name="baselines-missing"):  # noqa: E712 (a KFP condition)
@@ -87,6 +90,7 @@ def training_pipeline(
     approver: str = "",
     bootstrap_n: int = 1000,
     latency_repeats: int = 5,
+    stl_baselines: bool = True,
 ):
     dataset_ref = f"{work_dir}/validate_data/dataset_ref.json"
     validated = validate_data(
@@ -100,6 +104,7 @@ def training_pipeline(
             model_name=model_name,
             tracking_uri=tracking_uri,
             experiment=experiment,
+            enabled=stl_baselines,
         )
         trained = train(
             dataset_ref=dataset_ref,

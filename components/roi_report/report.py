@@ -457,6 +457,13 @@ def render_markdown(roi: dict[str, Any]) -> str:
         "",
         subtitle,
         "",
+        *(
+            ["**Warnings from the evaluation:**", ""]
+            + [f"- {warning}" for warning in roi.get("evaluation_warnings") or []]
+            + [""]
+            if roi.get("evaluation_warnings")
+            else []
+        ),
         f"**{roi['recommendation']['verdict']}**: {roi['recommendation']['text']}",
         "",
         f"- Pilot line **{roi['pilot_line']}**: payback"

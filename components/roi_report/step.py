@@ -142,6 +142,7 @@ def compute(
         "horizon_years": pilot_e.horizon_years,
         "discount_rate": pilot_e.discount_rate,
         "pilot_line": pilot_id,
+        "evaluation_warnings": list(evaluation.get("warnings") or []),
         "model": priced_model(evaluation["model"], model_version, source),
         "data": {
             "manifest_sha256": evaluation["data"]["manifest_sha256"],

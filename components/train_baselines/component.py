@@ -13,11 +13,16 @@ from components.image import PROJECT_IMAGE
 
 @dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
 def baselines_needed(
-    dataset_ref: str, config_path: str, model_name: str, tracking_uri: str
+    dataset_ref: str, config_path: str, model_name: str, tracking_uri: str, enabled: bool = True
 ) -> bool:
-    """True when any task of the config has no matching registered STL baseline."""
+    """True when any task of the config has no matching registered STL baseline (always False
+    when ``enabled`` is off: Delta_m then stays null with its reason)."""
     from components.artifacts import read_json
     from components.train_baselines.step import config_tasks, missing_baselines
+
+    if not enabled:
+        print("STL baselines: not trained (train_baselines off); Delta_m needs them", flush=True)
+        return False
 
     ref = read_json(dataset_ref, "dataset_ref")
     missing = missing_baselines(

@@ -68,6 +68,12 @@ def compile_command(out_path: Path) -> None:
 @click.option("--lines-config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--approver", default="", help="recorded human approval for the gate")
 @click.option("--bootstrap-n", default=1000, show_default=True, type=click.IntRange(min=10))
+@click.option(
+    "--stl-baselines/--no-stl-baselines",
+    default=True,
+    show_default=True,
+    help="train the STL baselines Delta_m needs when none matches the data",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the task states as JSON")
 def run_command(
     local: bool,
@@ -84,6 +90,7 @@ def run_command(
     lines_config: Path | None,
     approver: str,
     bootstrap_n: int,
+    stl_baselines: bool,
     as_json: bool,
 ) -> None:
     """Run the training pipeline locally; prints which tasks ran and what they made."""
@@ -107,6 +114,7 @@ def run_command(
         lines_config=lines_config,
         approver=approver,
         bootstrap_n=bootstrap_n,
+        stl_baselines=stl_baselines,
     )
     if as_json:
         click.echo(json.dumps(result, indent=2))

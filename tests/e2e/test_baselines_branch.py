@@ -89,6 +89,7 @@ def test_baselines_are_trained_when_missing_and_skipped_when_registered(tmp_path
     )
     config.update(epochs=1, max_steps=2, batch_size=4, progress=False)
     config["checkpoint"]["every_steps"] = 0
+    config["data"]["tiling"].update(tiles_per_image=1, val_tiles_per_image=1)
     config_path = tmp_path / "train.yaml"
     config_path.write_text(yaml.safe_dump(config))
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -73,6 +73,7 @@ def config_path(tmp_path_factory) -> Path:
     config["model"].update(backbone="resnet18", output_stride=8, input_size=[32, 32])
     config.update(epochs=1, batch_size=4, progress=False)
     config["checkpoint"]["every_steps"] = 0
+    config["data"]["tiling"].update(tiles_per_image=1, val_tiles_per_image=1)
     # The pipeline replaces the data source with the validated dataset_ref and sets output.
     path = tmp_path_factory.mktemp("config") / "train.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -403,3 +403,22 @@ def test_text_from_the_evaluation_is_escaped(tmp_path, complete):
     text = (tmp_path / "report" / HTML_NAME).read_text(encoding="utf-8")
     assert "<script" not in text
     assert html.unescape(text).count(SCRIPT) == shown
+
+
+def test_evaluation_warnings_lead_the_report(tmp_path):
+    evaluation = write_evaluation(tmp_path / "evaluate", complete=False)
+    data = json.loads(evaluation.read_text())
+    warning = "line press-a: val cannot reach the target recall 0.95 (recall 0.700 at 0.05)"
+    data["warnings"] = [warning]
+    evaluation.write_text(json.dumps(data))
+    roi = run(evaluation, tmp_path / "report")
+    assert roi["evaluation_warnings"] == [warning]
+    html = (tmp_path / "report" / HTML_NAME).read_text(encoding="utf-8")
+    assert html.index('id="evaluation-warnings"') < html.index('id="executive-summary"')
+    assert warning in html
+    assert f"- {warning}" in (tmp_path / "report" / MARKDOWN_NAME).read_text()
+    # without warnings there is no box
+    data["warnings"] = []
+    evaluation.write_text(json.dumps(data))
+    run(evaluation, tmp_path / "plain")
+    assert 'id="evaluation-warnings"' not in (tmp_path / "plain" / HTML_NAME).read_text()

@@ -24,6 +24,7 @@ def tiny_config(folder: Path) -> Path:
     config["model"].update(backbone="resnet18", output_stride=8, input_size=[32, 32])
     config.update(epochs=1, max_steps=2, batch_size=4, progress=False)
     config["checkpoint"]["every_steps"] = 0
+    config["data"]["tiling"].update(tiles_per_image=1, val_tiles_per_image=1)
     path = folder / "train.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -26,6 +26,8 @@ SMALL = [
     "data.synthetic={lines: 2, samples_per_line: 8, size: 32, seed: 0}",
     "--batch-size",
     "4",
+    "--set",
+    "data.tiling={tiles_per_image: 1, val_tiles_per_image: 1}",
 ]
 
 
