@@ -100,6 +100,7 @@ def summary_lines(
     evaluation_path = work_dir / "evaluate" / "evaluation.json"
     roi_path = work_dir / "roi_report" / "roi.json"
     roi = json.loads(roi_path.read_text()) if roi_path.is_file() else None
+    evaluation: dict[str, Any] = {}
     if evaluation_path.is_file():
         evaluation = json.loads(evaluation_path.read_text())
         overall = evaluation["overall"]
@@ -120,10 +121,13 @@ def summary_lines(
     needed = tasks.get(BASELINES_NEEDED_TASK, {}).get("outputs", {}).get("Output")
     if needed is not None:
         trained = tasks.get(TRAIN_BASELINES_TASK, {}).get("state") == "ran"
-        lines.append(
-            "STL baselines: "
-            + ("trained and registered" if trained else "reused from the registry")
-        )
+        if trained:
+            state = "trained and registered"
+        elif evaluation.get("delta_m"):
+            state = "reused from the registry"
+        else:  # none matched and none trained (the pipeline's stl_baselines off)
+            state = "none registered for this data and none trained (stl_baselines off)"
+        lines.append(f"STL baselines: {state}")
     if roi is not None:
         pilot = roi["pilot"]
         lines.append(

@@ -81,6 +81,8 @@ def to_tensors(sample: Mapping[str, Any], tasks: str | Iterable[str]) -> Sample:
     out["pitch_mm_per_px"] = float(sample.get("pitch_mm_per_px", math.nan))
     if "anomalies" in sample:  # how many synthetic anomalies PasteAnomalies put in
         out["anomalies"] = int(sample["anomalies"])
+    if TILE_ON_DEFECT in sample:  # the tile plan's wish for this sample (RandomTile reads it)
+        out[TILE_ON_DEFECT] = bool(sample[TILE_ON_DEFECT])
     return out
 
 
@@ -256,15 +258,19 @@ class Resize:
         return out
 
 
+TILE_ON_DEFECT = "tile_on_defect"  # sample key set by a tile plan (DefectBalancedTiles)
+
+
 class RandomTile:
     """Cut a ``size`` window at the image's own pitch (no resampling): the training and
     validation tiles of a tiled model (cta_model.inference tiles the same way at inference).
 
-    With probability ``defect_fraction`` (when the sample's ``class_task`` label has pixels of
-    ``reject_classes``) the window holds a random reject-class pixel, else a random labelled
-    pixel (any pixel without a class label); the pixel lands anywhere but the outer eighth of
-    the window. Images smaller than the window are padded at the bottom / right (image 0,
-    labels invalid). ``pitch_mm_per_px`` is unchanged.
+    The window holds a random reject-class pixel when the sample asks for it (its
+    ``TILE_ON_DEFECT`` key, set by a tile plan that balances defect tiles over the split), else
+    with probability ``defect_fraction`` (when the sample's ``class_task`` label has pixels of
+    ``reject_classes``); otherwise a random labelled pixel. The pixel lands anywhere but the
+    outer eighth of the window. Images smaller than the window are padded at the bottom /
+    right (image 0, labels invalid). ``pitch_mm_per_px`` is unchanged.
     """
 
     def __init__(
@@ -289,6 +295,8 @@ class RandomTile:
         height, width = _image(sample).shape[-2:]
         # Always draw, so the stream position does not depend on the label.
         want_defect = torch.rand((), generator=generator).item() < self.defect_fraction
+        if TILE_ON_DEFECT in sample:
+            want_defect = bool(sample[TILE_ON_DEFECT])
         pick = torch.rand((), generator=generator).item()
         label = sample.get(self.class_task) if self.class_task else None
         if label is not None and bool(sample["present"][self.class_task]):
@@ -316,6 +324,7 @@ class RandomTile:
                     sample[task], pad_h, pad_w, spec.fill_value, spec.label_channels == 0
                 )
         centre_y, centre_x = self._centre(out, generator)
+        out.pop(TILE_ON_DEFECT, None)
         height, width = out["image"].shape[-2:]
         margin_h, margin_w = tile_h // 8, tile_w // 8
         offset_y = int(

@@ -51,6 +51,7 @@ class DefectCensus:
     defective_images: int  # ... with at least one reject-class pixel
     defect_pixels: int
     labelled_pixels: int
+    defective_indices: tuple[int, ...] = ()  # dataset indices of the defective images
 
     def describe(self) -> str:
         share = self.defect_pixels / self.labelled_pixels if self.labelled_pixels else 0.0
@@ -152,7 +153,8 @@ def check_resolution(
 def defect_census(dataset: Any, class_task: str, reject_classes: Iterable[int]) -> DefectCensus:
     """Count reject-class pixels in the class labels of ``dataset`` (reads every sample)."""
     rejects = np.asarray(list(reject_classes))
-    images = defective = defect_pixels = labelled = 0
+    images = defect_pixels = labelled = 0
+    defective: list[int] = []
     for index in range(len(dataset)):
         sample = dataset[index]
         if class_task not in sample or not sample.get("present", {}).get(class_task, True):
@@ -160,10 +162,11 @@ def defect_census(dataset: Any, class_task: str, reject_classes: Iterable[int]) 
         label = np.asarray(sample[class_task])
         hits = int(np.isin(label, rejects).sum())
         images += 1
-        defective += hits > 0
+        if hits:
+            defective.append(index)
         defect_pixels += hits
         labelled += int((label >= 0).sum())
-    return DefectCensus(images, defective, defect_pixels, labelled)
+    return DefectCensus(images, len(defective), defect_pixels, labelled, tuple(defective))
 
 
 def warn_if_defect_free(census: DefectCensus, anomalies_on: bool, split: str) -> str | None:

@@ -16,7 +16,7 @@ once from the stream of (seed, index), so validation sees the same tiles every e
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,6 +120,31 @@ def tiled(dataset: Any, times: int) -> Any:
     return dataset if times == 1 else Repeated(dataset, times)
 
 
+class DefectBalancedTiles:
+    """The training tiles of an epoch, planned so that ``defect_fraction`` of them are cut
+    around a defect pixel whatever share of the images shows one: ``times`` tiles per image
+    in all, the defect tiles spread round-robin over the defective images, the rest over every
+    image. (Deciding per image would give defect_fraction x the defective share: with half the
+    images defective, a quarter of the tiles.) Each entry tells RandomTile which kind to cut."""
+
+    def __init__(
+        self, base: Any, times: int, defective: Sequence[int], defect_fraction: float
+    ) -> None:
+        total = len(base) * times
+        n_defect = round(defect_fraction * total)
+        self.base = base
+        self.plan = [(defective[k % len(defective)], True) for k in range(n_defect)] + [
+            (k % len(base), False) for k in range(total - n_defect)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        base_index, on_defect = self.plan[index]
+        return {**self.base[base_index], T.TILE_ON_DEFECT: on_defect}
+
+
 class TrainView:
     """Raw samples -> tensors -> augmentation with the stream of (seed, epoch, index)."""
 
@@ -214,15 +239,22 @@ def build_loaders(
     val_set: Any,
     transforms: tuple[T.Compose, T.Compose],
     *,
+    defective: Sequence[int] = (),
     micro_batch: int,
     eval_batch: int,
     pin_memory: bool,
 ) -> Loaders:
-    """This rank's train loader (micro-batches, last short one dropped) and val loader."""
+    """This rank's train loader (micro-batches, last short one dropped) and val loader.
+    ``defective``: indices of training samples with a reject-class pixel (the tile plan)."""
     train_tf, eval_tf = transforms
     tiling = config.data.tiling
-    if tiling is not None:
+    if tiling is not None and defective:
+        train_set = DefectBalancedTiles(
+            train_set, tiling.tiles_per_image, defective, tiling.defect_fraction
+        )
+    elif tiling is not None:  # no census (other formats): RandomTile decides per image
         train_set = tiled(train_set, tiling.tiles_per_image)
+    if tiling is not None:
         val_set = tiled(val_set, tiling.val_tiles_per_image)
     sampler = ResumableDistributedSampler(
         len(train_set), env.world_size, env.rank, config.seed, shuffle=True

@@ -139,9 +139,10 @@ class Trainer:
         self.inspection = inspection_setup(config, self.data.train, self.data.reject_classes)
         require_class_task_for_anomalies(config, self.inspection.class_task)
         self.contract = self.inspection.contract
+        defective: tuple[int, ...] = ()
         if config.data.format == "line":
             check_resolution(config, self.data.train, self.contract, lines_of(self.data.train))
-            self._census()
+            defective = self._census()
         self.loaders = build_loaders(
             config,
             self.env,
@@ -154,6 +155,7 @@ class Trainer:
                 self.inspection.class_task,
                 self.inspection.reject_classes,
             ),
+            defective=defective,
             micro_batch=self.micro_batch,
             eval_batch=self.eval_batch,
             pin_memory=self.device.type == "cuda",
@@ -163,19 +165,22 @@ class Trainer:
             config, len(self.data.train) * tiles, self.env.world_size
         )
 
-    def _census(self) -> None:
-        """Log how many training images show defects; shout when none do and nothing is
-        pasted (rank 0 only: the others train on the same data)."""
+    def _census(self) -> tuple[int, ...]:
+        """The training images that show defects (every rank plans the same tiles from them);
+        rank 0 logs how many and shouts when none do and nothing is pasted."""
         setup = self.inspection
-        if setup.class_task is None or not self.env.is_main:
-            return
+        if setup.class_task is None:
+            return ()
         census = defect_census(self.data.train, setup.class_task, setup.reject_classes)
+        if not self.env.is_main:
+            return census.defective_indices
         self._info("train split: %s", census.describe())
         warning = warn_if_defect_free(
             census, self.config.data.anomalies is not None, self.config.data.train_split
         )
         if warning:
             log.warning(warning)
+        return census.defective_indices
 
     def _build_model(self) -> None:
         config = self.config

@@ -16,6 +16,7 @@ from cta_model.losses import DefectAwareCrossEntropy, masked_cross_entropy
 from cta_model.model_folder import InputContract, read_model_card, save_model_folder
 from cta_model.nn.models import ModelSpec, build_model
 from cta_model.train_config import validate_train_config
+from cta_model.training.loaders import DefectBalancedTiles
 
 pytestmark = pytest.mark.unit
 TASKS = ("semseg", "height", "normals")
@@ -132,6 +133,31 @@ def test_random_tile_oversamples_defects_at_the_images_pitch():
         )
     assert hits_always == 40
     assert hits_never < 10
+
+
+def test_defect_tiles_take_their_share_of_the_epoch_whatever_share_of_images_is_defective():
+    """defect_fraction is a share of the tiles: with 1 defective image in 4, deciding per image
+    would cut defect tiles 0.5 x 1/4 of the time; the plan cuts them half the time."""
+
+    def raw(index: int) -> dict:
+        label = np.ones((96, 96), np.int64)
+        if index == 2:
+            label[80, 10] = 6
+        return {
+            "sample_id": f"s{index}",
+            "image": np.zeros((96, 96, 3), np.uint8),
+            "semseg": label,
+            "present": {"semseg": True},
+        }
+
+    base = [raw(i) for i in range(4)]
+    plan = DefectBalancedTiles(base, times=5, defective=[2], defect_fraction=0.5)
+    assert len(plan) == 20  # tiles per image x images, as before
+    cut = T.Compose([T.ToTensors(("semseg",)), T.RandomTile((32, 32), "semseg", (5, 6, 7, 8), 0.5)])
+    tiles = [cut(plan[i], torch.Generator().manual_seed(i)) for i in range(len(plan))]
+    assert sum(bool((tile["semseg"] == 6).any()) for tile in tiles) == 10
+    assert all(T.TILE_ON_DEFECT not in tile for tile in tiles)  # the wish does not reach a batch
+    assert sorted({plan[i]["sample_id"] for i in range(len(plan))}) == ["s0", "s1", "s2", "s3"]
 
 
 def test_random_tile_pads_small_images_with_invalid_labels():
