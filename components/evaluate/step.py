@@ -44,7 +44,7 @@ DELTA_M_NO_BASELINES = "no STL baselines registered"
 AUPRO_MAX_FPR = 0.3
 #: Pixels kept per group for pixel AUROC / AUPRO by default: 4 bytes each, about 60 while a
 #: figure is computed (cta_model.detection_metrics.PixelDetectionAccumulator).
-DEFAULT_MAX_PIXELS = 1 << 24
+DEFAULT_MAX_PIXELS = 1 << 25  # 150 images of 384 x 384 px, pooled
 log = logging.getLogger("cta.evaluate")
 EXPLAIN_IMAGES = 2  # sample images whose affinity maps are drawn
 

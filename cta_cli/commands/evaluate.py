@@ -68,7 +68,7 @@ import click
 )
 @click.option(
     "--max-pixels",
-    default=1 << 24,
+    default=1 << 25,
     show_default=True,
     type=click.IntRange(min=1),
     help="pixels kept per line for pixel AUROC / AUPRO (4 bytes each, ~60 while computing); "
