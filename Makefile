@@ -21,7 +21,7 @@ help:
 	@echo "make test-slow  the slow tier"
 	@echo "make test-load  load test of cta serve (32 clients, 2000 requests; bench/results/load_serve.json)"
 	@echo "make lint       ruff check + format check + import layers (lint-imports)"
-	@echo "make bench-quality  STL/HPS/CTAL on the synthetic benchmark, 3 seeds (SIZE=cpu|full)"
+	@echo "make bench-quality  STL/HPS/CTAL inspection figures, 5 seeds (SIZE=cpu|full|smoke, SEEDS=N)"
 	@echo "make bench      every bench/*.py benchmark -> bench/results/ (BENCH_QUICK=1: smoke sizes)"
 	@echo "make image      build the project image (buildah, else docker; infra/images/README.md)"
 	@echo "make test-image build the image, run a component in it with podman (slow)"
@@ -112,4 +112,4 @@ bench: setup
 	$(VENV)/bin/python bench/run_all.py
 
 bench-quality: setup
-	$(VENV)/bin/python bench/quality.py --size $(or $(SIZE),cpu)
+	$(VENV)/bin/python bench/quality.py --size $(or $(SIZE),cpu) $(if $(SEEDS),--seeds $(SEEDS))

@@ -142,16 +142,91 @@ def write_results(name: str, payload: dict[str, Any], markdown: str) -> Path:
     return out
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def run_configs(
+    name: str,
+    script: Path,
+    keys: list[str],
+    cache_dir: Path | None = None,
+    cache_tag: str = "",
+    estimate_s: Callable[[str], float] | None = None,
+) -> list[dict[str, Any]]:
+    """Each key's row from a fresh child process, with progress lines (start, each run, ETA).
+
+    With ``cache_dir`` a finished row is kept there as JSON (with ``cache_tag``, what it was
+    measured with) and reused when the same key and tag come again, so an interrupted
+    benchmark continues. ``estimate_s(key)`` (seconds) gives the duration printed at start;
+    the ETA scales the remaining estimates by how the finished runs compared with theirs."""
+    cached: dict[str, dict[str, Any]] = {}
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for key in keys:
+            path = cache_dir / f"{key.replace(':', '_')}.json"
+            if path.exists():
+                stored = json.loads(path.read_text())
+                if stored.get("tag") == cache_tag:
+                    cached[key] = stored["row"]
+    todo = [key for key in keys if key not in cached]
+    start_line = f"[{name}] {len(keys)} runs, {len(todo)} to do"
+    if cached:
+        start_line += f" ({len(cached)} cached in {cache_dir})"
+    if estimate_s is not None and todo:
+        start_line += f"; estimated {_duration(sum(estimate_s(k) for k in todo))}"
+    print(start_line, flush=True)
+    rows = []
+    measured = estimated = 0.0
+    started = time.monotonic()
+    for index, key in enumerate(keys, 1):
+        if key in cached:
+            rows.append(cached[key])
+            continue
+        print(f"[{name}] {index}/{len(keys)} {key} started", flush=True)
+        run_started = time.monotonic()
+        # A run may take far longer than a micro-benchmark: allow 4x its estimate.
+        timeout_s = max(1800.0, 4 * estimate_s(key)) if estimate_s is not None else 1800.0
+        row = run_child(script, key, timeout_s)
+        seconds = time.monotonic() - run_started
+        row["run_s"] = seconds
+        rows.append(row)
+        if cache_dir is not None:
+            path = cache_dir / f"{key.replace(':', '_')}.json"
+            path.write_text(json.dumps({"tag": cache_tag, "row": row}, indent=2) + "\n")
+        measured += seconds
+        remaining = [k for k in keys[index:] if k not in cached]
+        if estimate_s is not None:
+            estimated += estimate_s(key)
+            eta = sum(estimate_s(k) for k in remaining) * measured / estimated
+        else:
+            eta = measured / (len(rows) - len(cached)) * len(remaining)
+        print(
+            f"[{name}] {index}/{len(keys)} {key} done in {seconds:.0f} s, "
+            f"{time.monotonic() - started:.0f} s so far, ETA {_duration(eta)}",
+            flush=True,
+        )
+    return rows
+
+
 def bench_main(
     name: str,
     script: Path,
     configs: Iterable[str] | Callable[[], Iterable[str]],
     measure: Callable[[str], dict[str, Any]],
     summarise: Callable[[list[dict[str, Any]]], tuple[dict[str, Any], str]],
+    prepare: Callable[[], Any] | None = None,
+    cache_dir: Path | None = None,
+    cache_tag: str = "",
+    estimate_s: Callable[[str], float] | None = None,
 ) -> None:
     """``measure(key)`` runs in the child and returns its row (include the key under "config");
     ``summarise(rows)`` returns (ratios dict, Markdown text) for the parent. ``configs`` may be
-    a function, called after ``--quick`` is applied, so it can depend on `quick()`."""
+    a function, called after ``--quick`` is applied, so it can depend on `quick()`.
+    ``prepare()`` runs once in the parent before the children (e.g. generating their data);
+    ``cache_dir``, ``cache_tag`` and ``estimate_s``: see ``run_configs``."""
     parser = argparse.ArgumentParser(description=f"benchmark {name}")
     parser.add_argument("--config", help="measure one configuration in this process")
     parser.add_argument("--quick", action="store_true", help="smoke run (same as BENCH_QUICK=1)")
@@ -162,15 +237,9 @@ def bench_main(
         print(json.dumps(measure(args.config)))
         return
     keys = list(configs() if callable(configs) else configs)
-    rows = []
-    started = time.monotonic()
-    for index, key in enumerate(keys, 1):
-        rows.append(run_child(script, key))
-        elapsed = time.monotonic() - started
-        eta = elapsed / index * (len(keys) - index)
-        print(
-            f"[{name}] {index}/{len(keys)} {key} done, {elapsed:.0f} s, ETA {eta:.0f} s", flush=True
-        )
+    if prepare is not None:
+        prepare()
+    rows = run_configs(name, script, keys, cache_dir, cache_tag, estimate_s)
     ratios, markdown = summarise(rows)
     out = write_results(
         name,

@@ -165,3 +165,130 @@ def test_ctal_block_summary_takes_medians_over_rounds() -> None:
     assert ratios["72x96.blocked_over_dense.time"] == pytest.approx(0.75)  # 1.5 / median 2.0
     assert ratios["72x96.blocked_over_dense.memory"] == pytest.approx(0.125)
     assert "medians over 3 rounds" in markdown
+
+
+def _quality_rows(
+    auroc: dict[str, list[float]], semseg: dict[str, list[float]], sha: str
+) -> list[dict]:
+    """Rows of bench/quality.py with fixed figures; height and normals equal for every arch,
+    so Delta_m is the semseg mIoU's relative gain / 3 tasks."""
+    rows = []
+    for arch in ("stl", "hps", "ctal"):
+        for seed, (value, miou) in enumerate(zip(auroc[arch], semseg[arch], strict=True)):
+            figures = {
+                "image_auroc": value,
+                "aupro": value - 0.1,
+                "recall_at_frr": value - 0.2,
+                "n_good": 50,
+                "n_defective": 50,
+                "metrics": {"semseg.miou": miou, "height.abs_err_mm": 1.0, "normals.mean": 10.0},
+            }
+            rows.append(
+                {
+                    "size": "cpu",
+                    "arch": arch,
+                    "seed": seed,
+                    "data_sha256": sha,
+                    "params": 1e6,
+                    "groups": {"pooled": figures, "press-a": figures},
+                }
+            )
+    return rows
+
+
+def test_quality_summary_pairs_seeds_and_judges_the_targets() -> None:
+    quality = _bench_module("quality")
+    pinned = quality.SIZES["cpu"]["data_sha256"]
+    auroc = {
+        "stl": [0.90, 0.91, 0.92, 0.93, 0.94],
+        "hps": [0.95, 0.96, 0.97, 0.98, 0.99],
+        "ctal": [0.97, 0.99, 0.98, 0.99, 1.00],
+    }
+    semseg = {
+        "stl": [0.5] * 5,
+        "hps": [0.5, 0.5, 0.53, 0.5, 0.5],  # Delta_m 0, 0, +2, 0, 0 %
+        "ctal": [0.53, 0.56, 0.53, 0.515, 0.53],  # Delta_m +2, +4, +2, +1, +2 %
+    }
+    ratios, markdown = quality.summarise(_quality_rows(auroc, semseg, pinned))
+    pooled = ratios["groups"]["pooled"]
+    assert pooled["archs"]["ctal"]["image_auroc"] == pytest.approx(
+        {"mean": 0.986, "min": 0.97, "max": 1.0}
+    )
+    vs_hps = pooled["paired"]["ctal_minus_hps"]
+    # CTAL - HPS per seed: +0.02, +0.03, +0.01, +0.01, +0.01 -> mean 0.016, sd 0.008944;
+    # t(0.975, 4) = 2.776445 -> half width 2.776445 * 0.008944 / sqrt(5) = 0.011106.
+    auroc_gap = vs_hps["image_auroc"]
+    assert auroc_gap["differences"] == pytest.approx([0.02, 0.03, 0.01, 0.01, 0.01])
+    assert auroc_gap["mean"] == pytest.approx(0.016)
+    assert auroc_gap["interval"] == pytest.approx([0.016 - 0.011106, 0.016 + 0.011106], abs=1e-5)
+    assert auroc_gap["wins"] == 5
+    # Delta_m: CTAL - HPS per seed +2, +4, 0, +1, +2 % -> mean 1.8, sd 1.48324,
+    # half width 2.776445 * 1.48324 / sqrt(5) = 1.84169: lower bound -0.0417 < 0.
+    delta = vs_hps["delta_m"]
+    assert delta["differences"] == pytest.approx([2.0, 4.0, 0.0, 1.0, 2.0], abs=1e-9)
+    assert delta["interval"][0] == pytest.approx(1.8 - 1.84169, abs=1e-4)
+    assert delta["wins"] == 4
+    assert pooled["paired"]["ctal_minus_stl"]["delta_m"]["mean"] == pytest.approx(2.2)
+    assert pooled["paired"]["ctal_minus_stl"]["aupro"]["wins"] == 5
+    verdicts = ratios["targets"]
+    assert verdicts["ctal_image_auroc_ge_0.98"]["verdict"] == "held"
+    assert verdicts["ctal_delta_m_above_hps_lower_bound_gt_0"]["verdict"] == "not held"
+    assert "5 of 5 seeds" in markdown and "**not held**" in markdown
+    assert "Pilot line press-a alone" in markdown
+
+
+def test_quality_summary_of_fewer_seeds_judges_no_target() -> None:
+    quality = _bench_module("quality")
+    pinned = quality.SIZES["cpu"]["data_sha256"]
+    auroc = {"stl": [0.9, 0.9], "hps": [0.95, 0.96], "ctal": [0.99, 0.995]}
+    semseg = {"stl": [0.5, 0.5], "hps": [0.5, 0.5], "ctal": [0.6, 0.6]}
+    ratios, markdown = quality.summarise(_quality_rows(auroc, semseg, pinned))
+    assert ratios["seeds"] == 2 and ratios["seeds_required"] == 5
+    for target in ratios["targets"].values():
+        assert target["verdict"] == "not judged (2 of 5 seeds)"
+    assert "2 of 5 seeds" in markdown and "held**" not in markdown
+
+
+def test_quality_refuses_data_that_is_not_the_pinned_data(tmp_path: Path) -> None:
+    quality = _bench_module("quality")
+    archs = ("stl", "hps", "ctal")
+    rows = _quality_rows({a: [0.9] for a in archs}, {a: [0.5] for a in archs}, "0" * 64)
+    with pytest.raises(SystemExit, match="pins 1a320a4d"):
+        quality.summarise(rows)
+    # A regenerated dataset is checked by its manifest's bytes.
+    (tmp_path / "manifest.parquet").write_bytes(b"not the pinned manifest")
+    with pytest.raises(quality.DataMismatch, match="size 'cpu'"):
+        quality.check_data_sha("cpu", quality.manifest_sha256(tmp_path))
+    quality.check_data_sha("cpu", quality.SIZES["cpu"]["data_sha256"])  # the pinned one passes
+
+
+def test_bench_main_continues_from_cached_runs(tmp_path: Path) -> None:
+    script = tmp_path / "fake.py"
+    script.write_text(
+        FAKE_BENCH.format(bench=str(BENCH)).replace(
+            'lambda: ["a", "bb"], measure, summarise)',
+            'lambda: ["a", "bb"], measure, summarise, cache_dir=Path(os.environ["FAKE_CACHE"]), '
+            'cache_tag="v1", estimate_s=lambda key: 60.0)',
+        )
+    )
+    results, cache = tmp_path / "results", tmp_path / "cache"
+
+    def run() -> tuple[dict, str]:
+        done = subprocess.run(
+            [sys.executable, str(script)],
+            capture_output=True,
+            text=True,
+            env={**_env(results, quick=False), "FAKE_CACHE": str(cache)},
+            timeout=180,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads((results / "fake.json").read_text()), done.stdout
+
+    first, output = run()
+    assert "2 runs, 2 to do; estimated 2 min" in output and "ETA" in output
+    (cache / "bb.json").unlink()  # as if interrupted during the second run
+    second, output = run()
+    assert "2 runs, 1 to do (1 cached" in output and "estimated 60 s" in output
+    assert second["rows"][0]["pid"] == first["rows"][0]["pid"]  # the cached row, not re-run
+    assert second["rows"][1]["pid"] != first["rows"][1]["pid"]
