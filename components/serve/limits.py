@@ -26,12 +26,14 @@ from typing import Any
 
 from components.serve.decode import BadInput
 
-#: Memory one served image pixel costs, decoded and through the forward pass: the decoded RGB
-#: array (3 B), Pillow's RGBX copy (4 B), and the forward pass's outputs at the image
-#: resolution (about 46 B measured, components/serve/README.md "Memory"), rounded up.
-BYTES_PER_PIXEL = 64
-#: How long a request waits for room in the decoded-image budget before a 503.
-DECODED_WAIT_S = 60.0
+#: Peak memory one served image pixel costs, decoded and through the forward pass (the outputs
+#: and the defect score are computed at the image resolution): 145 B measured for a
+#: 2290 x 2736 PNG with the tiny CTAL model (decode 13 B, inspect 132 B), rounded up.
+BYTES_PER_PIXEL = 160
+#: How long a request waits for room in the decoded-image budget before a 503. Long: the
+#: waiters are at most --max-concurrency requests, and on a busy 2-core machine eight of the
+#: largest images took 250 s to serve.
+DECODED_WAIT_S = 600.0
 
 
 def header_deadline_protocol(header_timeout_s: float, on_timeout: Callable[[], None]) -> type:

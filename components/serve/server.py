@@ -20,7 +20,7 @@ from typing import Any
 
 #: The largest image a server takes, over the larger of the line camera's pixels and the
 #: model's input pixels: a quarter of headroom for a camera mounted with a slightly larger
-#: sensor or frame, and no more, since a pixel costs ~64 bytes in flight (limits.py).
+#: sensor or frame, and no more, since a pixel costs ~160 bytes in flight (limits.py).
 IMAGE_PIXELS_FACTOR = 1.25
 #: Without a fleet inventory to read cameras from (and no --max-pixels).
 FALLBACK_MAX_PIXELS = 16_000_000

@@ -83,7 +83,7 @@ EXIT_LOAD_FAILED = 3
     default=2048,
     show_default=True,
     type=click.IntRange(min=1),
-    help="decoded images and their forward passes in flight, at ~64 bytes per pixel (a "
+    help="decoded images and their forward passes in flight, at ~160 bytes per pixel (a "
     "request waits for room; 413 for an image that could never fit)",
 )
 @click.option(
