@@ -69,7 +69,7 @@ def _camera_limit(lines_config: Path) -> tuple[int, int, int]:
 
 
 def test_a_tiny_huge_png_is_refused_from_its_header(tiny_model_dir: Path, lines_config) -> None:
-    """47 KB claiming 4000 x 4000 (16 MP, inside the old fixed limit): refused with 413
+    """56 KB claiming 4000 x 4000 (16 MP, inside the old fixed limit): refused with 413
     naming the line's limit, without the server's peak memory moving (decoding it would
     take 48 MB for the RGB array alone)."""
     body = _png(4000, 4000)
