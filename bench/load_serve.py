@@ -8,11 +8,16 @@ Two phases against a tiny untrained model (32x32 PNGs, ResNet-18 at output strid
 2. **saturation**: 32 clients each send 10 requests to a server with --max-concurrency 4: the
    surplus must be answered 503 with Retry-After at once (no error, no timeout), and
    afterwards (recovery) sequential requests succeed again and /readyz stays 200.
+3. **slow-client attack** (issue 18): on a server with the default limits (--max-concurrency
+   8, --body-timeout-s 30), 4 clients send 200 requests unloaded, then again while 16 sockets
+   send ``POST /predict`` with ``Content-Length: 100000`` one byte every 2 s (reconnecting
+   whenever the server closes them): every request must be answered 200 (none 503 for lack of
+   a slot); the p95 latency under attack over the unloaded p95 is the figure.
 
 Writes ``bench/results/load_serve.json`` (or ``$BENCH_RESULTS_DIR``; quick runs with
 ``--quick`` / ``BENCH_QUICK=1`` use 4 clients, 100 requests, under raw/quick) and prints a
 summary. Exit status 1 when an expectation fails (errors in the load phase, no 503 under
-saturation, or no recovery).
+saturation, no recovery, or a request not answered 200 under the slow-client attack).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine, quick, results_dir  # noqa: E402
+from bench.slow_clients import SlowClients  # noqa: E402
 
 CLIENTS = 32
 REQUESTS = 2000
@@ -46,6 +52,10 @@ SATURATION_REQUESTS_PER_CLIENT = 10
 RECOVERY_REQUESTS = 20
 IMAGE_SIZE = 32
 REQUEST_TIMEOUT_S = 60.0
+ATTACK_SOCKETS = 16
+ATTACK_INTERVAL_S = 2.0
+ATTACK_CLIENTS = 4
+ATTACK_REQUESTS = 200
 
 
 def _tiny_model(folder: Path) -> Path:
@@ -194,12 +204,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saturation: {json.dumps(saturation)}", flush=True)
         print(f"recovery: {json.dumps(recovery)}", flush=True)
 
+        attack_requests = ATTACK_REQUESTS  # --quick too: its p95 is the figure this phase gives
+        print(f"attack: {ATTACK_SOCKETS} slow sockets, {attack_requests} requests", flush=True)
+        with start_server(str(model), stats_window_s=10) as server:
+            _run_clients(server.port, bodies, ATTACK_CLIENTS, 4 * ATTACK_CLIENTS)  # warm-up
+            unloaded = _run_clients(server.port, bodies, ATTACK_CLIENTS, attack_requests)
+            with SlowClients(
+                server.port, ATTACK_SOCKETS, "body", interval_s=ATTACK_INTERVAL_S
+            ) as slow:
+                time.sleep(2 * ATTACK_INTERVAL_S)  # every slow socket is in its body
+                attacked = _run_clients(server.port, bodies, ATTACK_CLIENTS, attack_requests)
+            slow_answers = dict(slow.answers)
+        p95_ratio = (
+            round(attacked["latency_ms"]["p95"] / unloaded["latency_ms"]["p95"], 2)
+            if attacked["latency_ms"] and unloaded["latency_ms"]
+            else None
+        )
+        attack = {
+            "slow_sockets": ATTACK_SOCKETS,
+            "byte_every_s": ATTACK_INTERVAL_S,
+            "unloaded": unloaded,
+            "under_attack": attacked,
+            "slow_socket_answers": slow_answers,
+            "p95_ratio_attack_over_unloaded": p95_ratio,
+        }
+        print(f"attack: {json.dumps(attack)}", flush=True)
+        print(f"attack: p95 under attack / unloaded p95 = {p95_ratio}", flush=True)
+
     checks = {
         "load_all_ok": load["ok"] == load["requests"] == total,
         "saturation_answered_503": saturation["saturated_503"] > 0
         and saturation["saturated_with_retry_after"] == saturation["saturated_503"],
         "saturation_no_errors": saturation["errors"] == 0,
         "recovered": recovery["codes"] == {"200": RECOVERY_REQUESTS} and recovery["readyz"] == 200,
+        "attack_all_ok": attacked["ok"] == attacked["requests"] == attack_requests,
     }
     result = {
         "benchmark": "load_serve",
@@ -212,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         "load": {**load, "max_concurrency": LOAD_MAX_CONCURRENCY},
         "saturation": {**saturation, "max_concurrency": limit},
         "recovery": recovery,
+        "attack": attack,
         "checks": checks,
         "passed": all(checks.values()),
     }

@@ -177,20 +177,42 @@ def write_checksums(folder: Path) -> None:
     (folder / CHECKSUMS).write_text("".join(lines))
 
 
+def _refuse_paths_outside(folder: Path) -> None:
+    """DataError naming the first entry of ``folder`` (SHA256SUMS included) that resolves
+    outside it: a symlink there would let the checked sha256 vouch for a file the folder's
+    owner does not control."""
+    root = folder.resolve()
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink() and not path.resolve().is_relative_to(root):
+            raise DataError(
+                f"{path}: resolves outside the model folder (to {path.resolve()}); refusing it"
+            )
+
+
 def verify_checksums(folder: str | os.PathLike) -> None:
-    """Raise DataError naming every file whose sha256 differs from SHA256SUMS (or is missing)."""
+    """Raise DataError naming every file whose sha256 differs from SHA256SUMS (or is missing),
+    a SHA256SUMS that does not list the weights and model.yaml, and any file that resolves
+    outside the folder (symlinks)."""
     folder = Path(folder)
     sums = folder / CHECKSUMS
+    _refuse_paths_outside(folder)
     if not sums.is_file():
         raise DataError(f"{sums}: missing; refusing to load an unverified model folder")
     problems = []
+    listed = set()
     for line in sums.read_text().splitlines():
         expected, _, name = line.partition("  ")
+        listed.add(name)
         path = folder / name
-        if not path.is_file():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            problems.append(f"{name}: not a path inside the folder")
+        elif not path.is_file():
             problems.append(f"{name}: missing")
         elif file_sha256(path) != expected:
             problems.append(f"{name}: sha256 differs from {CHECKSUMS}")
+    problems += [
+        f"{name}: not listed in {CHECKSUMS}" for name in (WEIGHTS, MODEL_YAML) if name not in listed
+    ]
     if problems:
         raise DataError(f"{folder}: " + "; ".join(problems))
 

@@ -3,9 +3,10 @@
 ``fetch_model_folder(uri)`` accepts a local model folder, ``models:/NAME/<version>`` or
 ``models:/NAME@alias`` and returns a local folder whose SHA256SUMS hold and whose folder digest
 (``cta_model.model_folder.folder_sha256``) equals the expected one: the ``expected_sha256``
-argument, else the version's ``cta.model_sha256`` tag (set at training and registration). Any
-mismatch raises DataError naming the URI. Only versions tagged ``cta.registration=complete``
-are served (DESIGN 6.1): a half-registered version is refused.
+argument, else the version's ``cta.model_sha256`` tag (set at training and registration; a
+version without one is refused, since a folder's own SHA256SUMS proves nothing about who wrote
+it). Any mismatch raises DataError naming the URI. Only versions tagged
+``cta.registration=complete`` are served (DESIGN 6.1): a half-registered version is refused.
 
 Where the folder lives: a registered version points at its LoggedModel, a models-from-code
 pyfunc whose artifact ``model_dir`` is the model folder (components/train/logged_model.py); the
@@ -183,15 +184,14 @@ def _cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()
 
 
-def _move_into_place(downloaded: Path, target: Path, uri: str, expected: str | None) -> None:
+def _move_into_place(downloaded: Path, target: Path, uri: str, expected: str) -> None:
     """Rename a verified folder to ``target``. A folder already there that verifies (another
     server fetched the same digest meanwhile, and may be loading it) is kept; anything else
     there is replaced."""
     if target.exists():
         try:
-            if expected is not None:
-                _verify(target, uri, expected)
-                return
+            _verify(target, uri, expected)
+            return
         except DataError:
             pass
         stale = target.with_name(f".{target.name}.stale-{os.getpid()}")
@@ -236,14 +236,16 @@ def fetch_model(
             f"tagged {TAG_MODEL_SHA256}={found.sha256}"
         )
     expected = expected or found.sha256
+    if expected is None:
+        # Without the digest recorded at registration only the folder's own SHA256SUMS could
+        # be checked, and whoever changes the weights can recompute that.
+        raise DataError(
+            f"model URI {uri!r}: version {found.version} records no {TAG_MODEL_SHA256} and no "
+            "expected sha256 was given; refusing weights that cannot be verified"
+        )
     identity = {"name": found.name, "version": found.version, "model_id": found.model_id}
-    if dest is not None:
-        target = Path(dest)
-    elif expected is not None:
-        target = _cache_root() / expected
-    else:
-        target = _cache_root() / "unverified" / f"{found.name}-v{found.version}"
-    if expected is not None and (target / CHECKSUMS).is_file():
+    target = Path(dest) if dest is not None else _cache_root() / expected
+    if (target / CHECKSUMS).is_file():
         try:
             digest = _verify(target, uri, expected)
             return FetchedModel(target.resolve(), digest, **identity)

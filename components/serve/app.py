@@ -1,11 +1,15 @@
 """The `cta serve` HTTP application (Starlette on uvicorn): /healthz, /readyz, /predict,
 /metrics, /stats. See README.md for the API; the contract is in the helpers' contracts.
 
-Concurrency: the event loop counts requests in flight; above ``max_concurrency`` a /predict is
-answered 503 with Retry-After at once (no queue builds up). Decoding and inference run in
-worker threads, at most ``inference_threads`` forward passes at once, each with the CLI's
-``--torch-threads`` intra-op threads (default 1: measured on a loaded 2-core machine, two
-intra-op threads made one 32x32 pass 12x slower than one; passes in parallel threads use the
+Concurrency: the event loop reads each /predict body within ``body_timeout_s``, the bodies
+being read holding at most ``max_reading_bytes`` together (components/serve/limits.py); only
+then does the request count as in flight: above ``max_concurrency`` it is answered 503 with
+Retry-After at once (no queue builds up), so clients still sending their bodies never take a
+slot. Decoding and inference run in worker threads: each image's decoded bytes are reserved
+from ``max_decoded_bytes`` (its size read from its header) before it is decoded; at most
+``inference_threads`` forward passes run at once, each with the CLI's ``--torch-threads``
+intra-op threads (default 1: measured on a loaded 2-core machine, two intra-op threads made
+one 32x32 pass 12x slower than one; passes in parallel threads use the
 cores instead, since torch releases the GIL).
 """
 
@@ -39,8 +43,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from components.serve.decode import BadInput, decode_views
+from components.serve.decode import BadInput, decode_views, header_pixels
 from components.serve.inspection import LineResolution, OperatingThreshold
+from components.serve.limits import BodyReading, DecodedBudget
 from components.serve.stats import (
     AGGREGATES,
     WindowedStats,
@@ -72,8 +77,18 @@ class ServeSettings:
     resolution: LineResolution | None = None
     max_concurrency: int = 8
     inference_threads: int = 1
+    # Largest image (and part) in pixels: server.py derives it from the line's camera.
     max_pixels: int = 16_000_000
     max_body_bytes: int = 128 * 1024 * 1024
+    # Slow clients: a body must be complete this long after its headers; the bodies being
+    # read at once hold at most max_reading_bytes (components/serve/limits.py).
+    body_timeout_s: float = 30.0
+    max_reading_bytes: int = 256 * 1024 * 1024
+    # Decoded images and their forward passes in flight, bytes (limits.BYTES_PER_PIXEL each).
+    max_decoded_bytes: int = 2048 * 1024 * 1024
+    # What the weights were verified against: "registration" (the registered version's
+    # cta.model_sha256), "--sha256", or "unverified" (a folder's own SHA256SUMS only).
+    verification: str = "unverified"
     # Serving statistics: window length (None: off) and where window snapshots go.
     stats_window_s: float | None = 60.0
     stats_dir: Path | None = None
@@ -96,7 +111,33 @@ class _Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.inflight = Gauge("cta_inflight_requests", "/predict requests in flight", registry=r)
+        self.inflight = Gauge(
+            "cta_inflight_requests", "/predict requests in flight (body complete)", registry=r
+        )
+        self.reading = Gauge(
+            "cta_reading_requests", "/predict requests whose body is being read", registry=r
+        )
+        self.reading_bytes = Gauge(
+            "cta_reading_bytes", "bytes held by /predict bodies being read", registry=r
+        )
+        self.decoded_bytes = Gauge(
+            "cta_decoded_bytes",
+            "bytes reserved by decoded images and their forward passes in flight",
+            registry=r,
+        )
+        self.timeouts = Counter(
+            "cta_request_timeouts",
+            "connections answered 408 because the headers or the body came too slowly",
+            ["stage"],
+            registry=r,
+        )
+        self.verified = Gauge(
+            "cta_model_verified",
+            "1 when the weights were verified against a recorded sha256 (against: "
+            "registration or --sha256); 0 with against=unverified",
+            ["against"],
+            registry=r,
+        )
         self.rejects = Counter("cta_rejects", "images judged defective (reject)", registry=r)
         self.scores = Histogram(
             "cta_defect_score",
@@ -258,8 +299,18 @@ class ServeApp:
         self.metrics.threshold.labels(source=threshold.source).set(
             math.nan if threshold.value is None else threshold.value
         )
+        self.metrics.verified.labels(against=settings.verification).set(
+            0 if settings.verification == "unverified" else 1
+        )
         self.rule: DefectRule | None = None
         self._inflight = 0
+        self.reading = BodyReading(
+            settings.max_reading_bytes, settings.body_timeout_s, settings.max_body_bytes
+        )
+        self.decoded = DecodedBudget(settings.max_decoded_bytes)
+        self.metrics.reading.set_function(lambda: self.reading.count)
+        self.metrics.reading_bytes.set_function(lambda: self.reading.bytes)
+        self.metrics.decoded_bytes.set_function(lambda: self.decoded.used)
         self._inference_slots = threading.BoundedSemaphore(settings.inference_threads)
         self.stats = (
             WindowedStats(settings.stats_window_s, settings.stats_dir, self.metrics.publish_window)
@@ -355,22 +406,6 @@ class ServeApp:
             return _error(404, "serving statistics are off")
         return JSONResponse(self.stats.current())
 
-    async def _read_body(self, request: Request) -> bytes:
-        limit = self.settings.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                raise BadInput(400, f"Content-Length {declared!r} is not a number")
-            if int(declared) > limit:
-                raise BadInput(413, f"body of {declared} bytes exceeds the limit of {limit}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise BadInput(413, f"body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
     def _inspect(self, images: list[np.ndarray]) -> list[tuple[dict[str, Any], float | None]]:
         """Per image its decoded outputs and defect score (`Predictor.inspect`); the views of a
         part that share a size share a forward pass."""
@@ -398,7 +433,15 @@ class ServeApp:
                 raise BadInput(422, str(exc) if name is None else f"view {name!r}: {exc}") from None
 
     def _handle(self, body: bytes, content_type: str | None, as_npz: bool) -> dict[str, Any]:
-        """Decode, check, inspect, summarise (in a worker thread: all of it is CPU work)."""
+        """Decode, check, inspect, summarise (in a worker thread: all of it is CPU work); the
+        decoded bytes are reserved from the image headers before any pixel is decoded."""
+        pixels = header_pixels(body, content_type, self.settings.max_pixels)
+        with self.decoded.hold(pixels):
+            return self._decode_and_inspect(body, content_type, as_npz)
+
+    def _decode_and_inspect(
+        self, body: bytes, content_type: str | None, as_npz: bool
+    ) -> dict[str, Any]:
         views, is_part = decode_views(body, content_type, self.settings.max_pixels)
         self._check_resolution(views)
         try:
@@ -441,21 +484,8 @@ class ServeApp:
         start = time.perf_counter()
         if self.predictor is None:
             response = _error(503, "model not loaded yet", {"Retry-After": RETRY_AFTER_S})
-        elif self._inflight >= self.settings.max_concurrency:
-            response = _error(
-                503,
-                f"saturated: {self._inflight} requests in flight "
-                f"(--max-concurrency {self.settings.max_concurrency})",
-                {"Retry-After": RETRY_AFTER_S},
-            )
         else:
-            self._inflight += 1
-            self.metrics.inflight.inc()
-            try:
-                response = await self._predict(request, start)
-            finally:
-                self._inflight -= 1
-                self.metrics.inflight.dec()
+            response = await self._read_then_predict(request, start)
         self.metrics.requests.labels(code=str(response.status_code)).inc()
         log.debug(
             "POST /predict %s %.1f ms %s",
@@ -465,18 +495,44 @@ class ServeApp:
         )
         return response
 
-    async def _predict(self, request: Request, start: float) -> Response:
+    async def _read_then_predict(self, request: Request, start: float) -> Response:
+        """Read the body (no slot taken yet), then take a slot or answer 503 at once."""
+        try:
+            body = await self.reading.read(request.headers.get("content-length"), request.stream())
+        except BadInput as exc:
+            if exc.status == 408:
+                self.metrics.timeouts.labels(stage="body").inc()
+            headers = {"Connection": "close"} if exc.close else {}
+            if exc.status == 503:
+                headers["Retry-After"] = RETRY_AFTER_S
+            return _error(exc.status, exc.message, headers)
+        except ClientDisconnect:
+            return _error(400, "client disconnected before the body was complete")
+        if self._inflight >= self.settings.max_concurrency:
+            return _error(
+                503,
+                f"saturated: {self._inflight} requests in flight "
+                f"(--max-concurrency {self.settings.max_concurrency})",
+                {"Retry-After": RETRY_AFTER_S},
+            )
+        self._inflight += 1
+        self.metrics.inflight.inc()
+        try:
+            return await self._predict(request, body, start)
+        finally:
+            self._inflight -= 1
+            self.metrics.inflight.dec()
+
+    async def _predict(self, request: Request, body: bytes, start: float) -> Response:
         as_npz = request.query_params.get("outputs") == "npz"
         try:
-            body = await self._read_body(request)
             if self.settings.debug_delay_s:
                 await asyncio.sleep(self.settings.debug_delay_s)
             content_type = request.headers.get("content-type")
             result = await run_in_threadpool(self._handle, body, content_type, as_npz)
         except BadInput as exc:
-            return _error(exc.status, exc.message)
-        except ClientDisconnect:
-            return _error(400, "client disconnected before the body was complete")
+            headers = {"Retry-After": RETRY_AFTER_S} if exc.status == 503 else {}
+            return _error(exc.status, exc.message, headers)
         latency_s = time.perf_counter() - start
         self.metrics.latency.observe(latency_s)
         for defect in result["defects"]:

@@ -17,7 +17,7 @@ import zlib
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, JpegImagePlugin, PngImagePlugin, UnidentifiedImageError
 
 PNG, JPEG, NPY, NPZ = "image/png", "image/jpeg", "application/x-npy", "application/x-npz"
 CONTENT_TYPES = (PNG, JPEG, NPY, NPZ)
@@ -29,12 +29,15 @@ _FORMATS = {PNG: "PNG", JPEG: "JPEG"}
 
 
 class BadInput(Exception):
-    """The body cannot be served; ``status`` is the HTTP status to answer with."""
+    """The body cannot be served (or a limit refuses it now); ``status`` is the HTTP status to
+    answer with; ``close`` when the body was not read to its end, so the connection cannot
+    carry another request."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, close: bool = False):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.close = close
 
 
 def media_type(content_type: str | None) -> str:
@@ -124,6 +127,27 @@ def _decode_npy(body: bytes, max_pixels: int) -> np.ndarray:
     return _npy_data(body[stream.tell() :], shape, fortran, what)
 
 
+def _check_view_shape(
+    shape: tuple[int, ...], what: str, max_pixels: int, pixels_before: int, views_before: int
+) -> tuple[int, int]:
+    """(views, pixels) of one .npz member's header shape, with the part's views and pixels
+    before it: at most MAX_VIEWS views and ``max_pixels`` pixels in all (BadInput else)."""
+    if len(shape) not in (3, 4) or shape[-1] != 3:
+        raise BadInput(400, f"{what}: shape {shape} must be (H, W, 3) or (B, H, W, 3) RGB")
+    views = shape[0] if len(shape) == 4 else 1
+    if views < 1:
+        raise BadInput(400, f"{what}: no view in shape {shape}")
+    if views_before + views > MAX_VIEWS:
+        raise BadInput(400, f"{what}: the part has over {MAX_VIEWS} views")
+    _check_dims(shape[-3], shape[-2], max_pixels, what)
+    total = pixels_before + views * shape[-3] * shape[-2]
+    if total > max_pixels:
+        raise BadInput(
+            413, f"{what}: the part's views hold {total} pixels, over the limit of {max_pixels}"
+        )
+    return views, total - pixels_before
+
+
 def _npz_member(
     archive: zipfile.ZipFile,
     info: zipfile.ZipInfo,
@@ -137,19 +161,7 @@ def _npz_member(
     what = f"{NPZ} body: array {info.filename[:-4]!r}"
     with archive.open(info) as stream:
         shape, fortran = _read_npy_header(stream, what)
-        if len(shape) not in (3, 4) or shape[-1] != 3:
-            raise BadInput(400, f"{what}: shape {shape} must be (H, W, 3) or (B, H, W, 3) RGB")
-        views = shape[0] if len(shape) == 4 else 1
-        if views < 1:
-            raise BadInput(400, f"{what}: no view in shape {shape}")
-        if views_before + views > MAX_VIEWS:
-            raise BadInput(400, f"{what}: the part has over {MAX_VIEWS} views")
-        _check_dims(shape[-3], shape[-2], max_pixels, what)
-        total = pixels_before + views * shape[-3] * shape[-2]
-        if total > max_pixels:
-            raise BadInput(
-                413, f"{what}: the part's views hold {total} pixels, over the limit of {max_pixels}"
-            )
+        _check_view_shape(shape, what, max_pixels, pixels_before, views_before)
         # Reads (decompresses) no more than the header announces, so a zip bomb stops here.
         data = stream.read(int(np.prod(shape)))
         if stream.read(1):
@@ -157,22 +169,28 @@ def _npz_member(
     return _npy_data(data, shape, fortran, what)
 
 
+def _npz_archive(body: bytes) -> zipfile.ZipFile:
+    """The zip of a part's .npz body: 1 to MAX_VIEWS distinct ``.npy`` members."""
+    archive = zipfile.ZipFile(io.BytesIO(body))
+    members = archive.infolist()
+    if not members:
+        raise BadInput(400, f"{NPZ} body holds no array; send one per view of the part")
+    if len(members) > MAX_VIEWS:
+        raise BadInput(400, f"{NPZ} body: {len(members)} arrays, at most {MAX_VIEWS} views")
+    names = [info.filename for info in members]
+    if len(set(names)) != len(names) or not all(n.endswith(".npy") for n in names):
+        raise BadInput(400, f"{NPZ} body: members must be distinct .npy arrays, got {names}")
+    return archive
+
+
 def _decode_npz(body: bytes, max_pixels: int) -> list[tuple[str, np.ndarray]]:
     """The views of one part: every array of the archive, a (B, H, W, 3) one as B views named
     ``<key>/<i>``; at most MAX_VIEWS views and ``max_pixels`` pixels in all."""
     try:
-        archive = zipfile.ZipFile(io.BytesIO(body))
-        members = archive.infolist()
-        if not members:
-            raise BadInput(400, f"{NPZ} body holds no array; send one per view of the part")
-        if len(members) > MAX_VIEWS:
-            raise BadInput(400, f"{NPZ} body: {len(members)} arrays, at most {MAX_VIEWS} views")
-        names = [info.filename for info in members]
-        if len(set(names)) != len(names) or not all(n.endswith(".npy") for n in names):
-            raise BadInput(400, f"{NPZ} body: members must be distinct .npy arrays, got {names}")
+        archive = _npz_archive(body)
         views: list[tuple[str, np.ndarray]] = []
         pixels = 0
-        for info in members:
+        for info in archive.infolist():
             array = _npz_member(archive, info, max_pixels, pixels, len(views))
             key = info.filename[:-4]
             batch = array if array.ndim == 4 else array[None]
@@ -187,6 +205,57 @@ def _decode_npz(body: bytes, max_pixels: int) -> list[tuple[str, np.ndarray]]:
     except (OSError, EOFError, ValueError, struct.error) as exc:
         raise BadInput(400, f"{NPZ} body: cannot read the archive: {exc}") from None
     return views
+
+
+def _picture_pixels(body: bytes, kind: str, max_pixels: int) -> int:
+    # The format's own reader parses the header only, and without Image.open's bomb guard, so
+    # an oversized image gets this module's 413 naming the limit rather than Pillow's error.
+    reader = {PNG: PngImagePlugin.PngImageFile, JPEG: JpegImagePlugin.JpegImageFile}[kind]
+    try:
+        with reader(io.BytesIO(body)) as picture:
+            width, height = picture.size  # from the header: nothing is decoded
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError) as exc:
+        raise BadInput(400, f"{kind} body: cannot read the image header: {exc}") from None
+    _check_dims(height, width, max_pixels, f"{kind} body")
+    return height * width
+
+
+def _npz_pixels(body: bytes, max_pixels: int) -> int:
+    try:
+        archive = _npz_archive(body)
+        pixels = views = 0
+        for info in archive.infolist():
+            what = f"{NPZ} body: array {info.filename[:-4]!r}"
+            with archive.open(info) as stream:
+                shape, _ = _read_npy_header(stream, what)  # decompresses the header only
+            count, added = _check_view_shape(shape, what, max_pixels, pixels, views)
+            views, pixels = views + count, pixels + added
+    except BadInput:
+        raise
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as exc:
+        raise BadInput(400, f"{NPZ} body is not a readable .npz archive: {exc}") from None
+    except (OSError, EOFError, ValueError, struct.error) as exc:
+        raise BadInput(400, f"{NPZ} body: cannot read the archive: {exc}") from None
+    return pixels
+
+
+def header_pixels(body: bytes, content_type: str | None, max_pixels: int) -> int:
+    """The pixels a body will decode to, read from its image or array headers alone (nothing
+    is decoded or decompressed beyond a header); BadInput over ``max_pixels`` (413) or for a
+    header that is not one we take. What the decoded-image budget reserves before decoding."""
+    kind = media_type(content_type)
+    if not body:
+        raise BadInput(400, "empty body; send the image bytes")
+    if kind == NPZ:
+        return _npz_pixels(body, max_pixels)
+    if kind == NPY:
+        stream = io.BytesIO(body)
+        shape, _ = _read_npy_header(stream, f"{NPY} body")
+        if len(shape) != 3 or shape[2] != 3:
+            raise BadInput(400, f"{NPY} body: shape {shape} must be (H, W, 3) RGB")
+        _check_dims(shape[0], shape[1], max_pixels, f"{NPY} body")
+        return shape[0] * shape[1]
+    return _picture_pixels(body, kind, max_pixels)
 
 
 def decode_image(body: bytes, content_type: str | None, max_pixels: int) -> np.ndarray:
@@ -213,4 +282,12 @@ def decode_views(
     return [(None, decode_image(body, content_type, max_pixels))], False
 
 
-__all__ = ["CONTENT_TYPES", "MAX_VIEWS", "BadInput", "decode_image", "decode_views", "media_type"]
+__all__ = [
+    "CONTENT_TYPES",
+    "MAX_VIEWS",
+    "BadInput",
+    "decode_image",
+    "decode_views",
+    "header_pixels",
+    "media_type",
+]

@@ -49,12 +49,43 @@ EXIT_LOAD_FAILED = 3
 @click.option("--tracking-uri", default=None, help="MLflow URI for models:/ (default: env)")
 @click.option(
     "--max-pixels",
-    default=16_000_000,
-    show_default=True,
+    default=None,
     type=click.IntRange(min=1),
-    help="largest image (H x W) accepted; a forward pass needs ~50 bytes per pixel",
+    help="largest image (H x W; a part's views in all) accepted, checked from its header "
+    "[default: 1.25 x the larger of the --line camera's pixels (else the inventory's largest "
+    "camera) and the model input's]",
 )
 @click.option("--max-body-mb", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--header-timeout-s",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="a request's headers must be complete this long after its connection or first byte "
+    "(else 408, connection closed)",
+)
+@click.option(
+    "--body-timeout-s",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="a /predict body must be complete this long after its headers (else 408, closed)",
+)
+@click.option(
+    "--max-reading-mb",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="bytes of all /predict bodies being read at once (503 above it); >= --max-body-mb",
+)
+@click.option(
+    "--max-decoded-mb",
+    default=2048,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="decoded images and their forward passes in flight, at ~160 bytes per pixel (a "
+    "request waits for room; 413 for an image that could never fit)",
+)
 @click.option(
     "--stats-window-s",
     default=60.0,
