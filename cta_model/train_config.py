@@ -38,7 +38,7 @@ Sections (every key is optional unless marked; defaults follow the paper's recip
     early_stopping: metric ("val_loss" or "<task>.<metric>", direction from the task
                     registry; also the model-selection metric), patience (null = never stop),
                     min_delta
-    eval:           miou_rule, reduction (pooled | batch_mean), batch_size (per process)
+    eval:           miou_rule, reduction (pooled | batch_mean | mtan), batch_size (per process)
     distill:        enabled, ema_decay, seg_confidence (EMA-teacher labels for absent tasks)
     output          (required) run folder: checkpoints/, model/, train_result.json
     debug:          test hooks: mask_tasks_by_rank {rank: [tasks]}, dump_param_hashes
@@ -254,7 +254,7 @@ class EarlyStoppingConfig(StrictModel):
 
 class EvalConfig(StrictModel):
     miou_rule: Literal["nanmean_union", "strict", "zero_union_as_0"] = "nanmean_union"
-    reduction: Literal["pooled", "batch_mean"] = "pooled"
+    reduction: Literal["pooled", "batch_mean", "mtan"] = "pooled"  # metrics.EVAL_REDUCTIONS
     batch_size: int | None = Field(default=None, ge=1)
 
 
