@@ -6,7 +6,7 @@ Sections (every key is optional unless marked; defaults follow the paper's recip
                     input_size [h, w], output_stride (ResNet: 8 | 16 | 32), backbone_weights
                     (a local file), init_from (a model folder whose weights start the run),
                     decoder_channels, affinity_channels, gamma, fusion_kernel_size,
-                    shared_fusion, affinity_mode (auto | dense | blocked | pooled),
+                    shared_fusion, affinity_mode (auto | dense | blocked | linear | pooled),
                     affinity_block_size (null = sized by memory), affinity_pool_factor
                     (pooled only), num_classes (default: from the dataset)
     loss:           weighting (fixed | uncertainty | dwa), weights {task: float} (fixed only),
