@@ -92,10 +92,12 @@ def _diffused(
     fusions = taps.shape[0]
     rows = tasks * channels // fusions
     value_sums = value.sum(-1).reshape(batch, fusions, rows, 1)
-    out = value_sums * bias[None, :, None, :]  # the bias term: b_i sum_j V[:, j]
+    # The bias term b_i sum_j V[:, j], then each tap's product added in place of a copy.
+    out = (value_sums * bias[None, :, None, :]).reshape(batch * fusions, rows, n)
     for d in range(products.shape[1]):
-        m_d = products[:, d].reshape(batch, fusions, rows, tasks * channels)
-        out = out + torch.matmul(m_d, _weighted_units(unit, taps, d))
+        m_d = products[:, d].reshape(batch * fusions, rows, tasks * channels)
+        weighted = _weighted_units(unit, taps, d).reshape(batch * fusions, tasks * channels, n)
+        out = torch.baddbmm(out, m_d, weighted)
     return out.reshape(batch, tasks, channels, n)
 
 
