@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bf16 training throughput of CTAL (dense, blocked) and HPS at 288x384 on one GPU, and MFU.
+# bf16 training throughput of CTAL (dense, blocked, linear) and HPS at 288x384 on one GPU, and MFU.
 # Usage: bench/gpu.sh [--max-seconds 300] [--peak-tflops 989] [--dry-run] [--out FILE]
 #   --max-seconds  wall-clock bound for all rows (default 300); rows past it are marked skipped
 #   --peak-tflops  the GPU's bf16 dense peak, for model FLOP utilisation (default 989: H100/H200)

@@ -1,12 +1,16 @@
-"""bf16 training throughput on one GPU: CTAL dense vs blocked vs HPS, and model FLOP utilisation.
+"""bf16 training throughput on one GPU: CTAL dense vs blocked vs linear vs HPS, and model FLOP
+utilisation.
 
 Run through bench/gpu.sh. Rows run one after another in this process (a GPU is not shared the
 way CPU cores are); the JSON file is rewritten after every row, so a run stopped by
 --max-seconds keeps what it measured. Each row: bf16 autocast training steps (Adam) at 288x384
 (the affinity block itself runs in fp32: CrossTaskAffinity disables autocast inside), images/s
-from the median step time after warm-up, model FLOPs per image = 3 x forward FLOPs
-(cta_model/nn/summary.py; backward ~ 2 x forward), MFU = FLOPs/s / --peak-tflops.
-`--dry-run`: CPU, ResNet-18 at 32x32, a few steps, to prove the script end to end.
+from the median step time after warm-up, model FLOPs per image = 3 x forward FLOPs of the
+affinity mode the row runs (cta_model/nn/summary.py counts the computation that runs, so the
+linear row counts its O(N) products, not the dense N x N ones; backward ~ 2 x forward, and
+blocked's recompute in backward is not counted), MFU = FLOPs/s / --peak-tflops.
+`--dry-run`: CPU, ResNet-18 at 32x32, a few steps, to prove the script end to end (its MFU is
+against the same --peak-tflops, so only a smoke value).
 """
 
 from __future__ import annotations
@@ -23,7 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS_DIR, machine  # noqa: E402
 
-ROWS = (("ctal-dense", "ctal", "dense"), ("ctal-blocked", "ctal", "blocked"), ("hps", "hps", None))
+ROWS = (
+    ("ctal-dense", "ctal", "dense"),
+    ("ctal-blocked", "ctal", "blocked"),
+    ("ctal-linear", "ctal", "linear"),
+    ("hps", "hps", None),
+)
 TASKS = ("semseg", "height", "normals")
 
 
@@ -49,7 +58,8 @@ def _row(name: str, arch: str, mode: str | None, args: argparse.Namespace, deadl
     )
     torch.manual_seed(0)
     model = build_model(spec)
-    flops_per_image = 3 * model_summary(model, size)["flops"]["total"]
+    summary = model_summary(model, size)
+    flops_per_image = 3 * summary["flops"]["total"]
     model.to(device).train()
     loss_fn = MultiTaskLoss({t: pixel_loss(t) for t in TASKS}, build_weighting("fixed", TASKS))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -92,7 +102,7 @@ def _row(name: str, arch: str, mode: str | None, args: argparse.Namespace, deadl
     row: dict[str, Any] = {
         "row": name,
         "arch": arch,
-        "affinity_mode": mode,
+        "affinity_mode": summary["affinity_mode"],
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "image_size": list(size),
         "batch": args.batch,
@@ -100,10 +110,10 @@ def _row(name: str, arch: str, mode: str | None, args: argparse.Namespace, deadl
         "step_median_s": median,
         "images_per_s": images_per_s,
         "train_gflops_per_image": flops_per_image / 1e9,
+        "mfu": flops_per_image * images_per_s / (args.peak_tflops * 1e12),
     }
     if device.type == "cuda":
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        row["mfu"] = flops_per_image * images_per_s / (args.peak_tflops * 1e12)
     return row
 
 

@@ -28,11 +28,15 @@ Reductions:
   (confusion matrix, counts, histogram) and the exact median are bit-identical under any split;
   float error sums are summed per batch in float64 and then combined exactly across batches,
   so a different batching can move them only by the float64 rounding of per-batch sums.
-* ``batch_mean`` (MTAN): the metric of each ``update`` call, averaged over calls. It is only
-  meaningful with a fixed batch size, no shuffling and one process (the last short batch
-  weighs as much as a full one). Calls with no valid pixel are skipped. A per-batch NaN for any
-  other reason (``miou_rule="strict"`` with a class missing from the batch, NaN predictions)
-  propagates into the mean on purpose.
+* ``batch_mean``: the metric of each ``update`` call, averaged over calls, for every metric
+  (no reference does this for segmentation). It is only meaningful with a fixed batch size, no
+  shuffling and one process (the last short batch weighs as much as a full one). Calls with no
+  valid pixel are skipped. A per-batch NaN for any other reason (``miou_rule="strict"`` with a
+  class missing from the batch, NaN predictions) propagates into the mean on purpose.
+* ``mtan`` (a preset, MTAN's evaluation loop, lorenmt/mtan ``utils.py``): segmentation
+  ``pooled`` (one confusion matrix over the epoch for mIoU and pixel accuracy), every other
+  meter ``batch_mean`` (MTAN averages the depth and normals errors per batch). With
+  ``miou_rule="strict"`` (MTAN's plain mean over classes) it reproduces MTAN's numbers.
 
 NaN policy: a meter with no valid pixels returns NaN for every metric. A NaN prediction at a
 valid pixel makes the task's metrics NaN (for segmentation: a NaN logit at a valid pixel), so
@@ -60,6 +64,10 @@ Reduction = Literal["pooled", "batch_mean"]
 MiouRule = Literal["nanmean_union", "strict", "zero_union_as_0"]
 
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
+#: Named presets: each meter class resolves a preset to one reduction (``preset_reductions``).
+REDUCTION_PRESETS: tuple[str, ...] = ("mtan",)
+#: What ``reduction=`` accepts: a reduction for every meter, or a preset.
+EVAL_REDUCTIONS: tuple[str, ...] = REDUCTIONS + REDUCTION_PRESETS
 MIOU_RULES: tuple[str, ...] = get_args(MiouRule)
 
 #: Depth predictions are clamped to at least this before any error, as CTAL's code does.
@@ -70,9 +78,11 @@ NORMALS_WITHIN_NAMES: tuple[str, ...] = ("within_11.25", "within_22.5", "within_
 
 __all__ = [
     "DEPTH_MIN_PREDICTION",
+    "EVAL_REDUCTIONS",
     "MIOU_RULES",
     "NORMALS_THRESHOLDS_DEG",
     "REDUCTIONS",
+    "REDUCTION_PRESETS",
     "DepthMeter",
     "HeightMeter",
     "Meter",
@@ -220,11 +230,16 @@ class Meter(ABC):
 
     #: Metric names returned by :meth:`compute`, primary first.
     metric_names: ClassVar[tuple[str, ...]]
+    #: The reduction each preset gives this kind of meter (MTAN: errors averaged per batch).
+    preset_reductions: ClassVar[dict[str, Reduction]] = {"mtan": "batch_mean"}
 
-    def __init__(self, reduction: Reduction = "pooled") -> None:
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"unknown reduction {reduction!r}; choose one of {list(REDUCTIONS)}")
-        self.reduction: Reduction = reduction
+    def __init__(self, reduction: str = "pooled") -> None:
+        if reduction not in EVAL_REDUCTIONS:
+            raise ValueError(
+                f"unknown reduction {reduction!r}; choose one of {list(EVAL_REDUCTIONS)}"
+            )
+        resolved = self.preset_reductions.get(reduction, reduction)
+        self.reduction: Reduction = resolved  # type: ignore[assignment]
         self.reset()
 
     @property
@@ -391,12 +406,14 @@ class SegmentationMeter(Meter):
     """
 
     metric_names = ("miou", "pixel_acc")
+    # MTAN pools one confusion matrix over the epoch.
+    preset_reductions: ClassVar[dict[str, Reduction]] = {"mtan": "pooled"}
 
     def __init__(
         self,
         num_classes: int,
         miou_rule: MiouRule = "nanmean_union",
-        reduction: Reduction = "pooled",
+        reduction: str = "pooled",
     ) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -571,7 +588,7 @@ class NormalsMeter(Meter):
     metric_names = ("mean", "median", *NORMALS_WITHIN_NAMES, "median_hist")
 
     def __init__(
-        self, reduction: Reduction = "pooled", exact_median: bool = True, hist_bins: int = 1800
+        self, reduction: str = "pooled", exact_median: bool = True, hist_bins: int = 1800
     ) -> None:
         if isinstance(hist_bins, bool) or not isinstance(hist_bins, int) or hist_bins < 1:
             raise ValueError(f"hist_bins must be a positive int, got {hist_bins!r}")

@@ -6,7 +6,7 @@ Sections (every key is optional unless marked; defaults follow the paper's recip
                     input_size [h, w], output_stride (ResNet: 8 | 16 | 32), backbone_weights
                     (a local file), init_from (a model folder whose weights start the run),
                     decoder_channels, affinity_channels, gamma, fusion_kernel_size,
-                    shared_fusion, affinity_mode (auto | dense | blocked | pooled),
+                    shared_fusion, affinity_mode (auto | dense | blocked | linear | pooled),
                     affinity_block_size (null = sized by memory), affinity_pool_factor
                     (pooled only), num_classes (default: from the dataset)
     loss:           weighting (fixed | uncertainty | dwa), weights {task: float} (fixed only),
@@ -38,7 +38,7 @@ Sections (every key is optional unless marked; defaults follow the paper's recip
     early_stopping: metric ("val_loss" or "<task>.<metric>", direction from the task
                     registry; also the model-selection metric), patience (null = never stop),
                     min_delta
-    eval:           miou_rule, reduction (pooled | batch_mean), batch_size (per process)
+    eval:           miou_rule, reduction (pooled | batch_mean | mtan), batch_size (per process)
     distill:        enabled, ema_decay, seg_confidence (EMA-teacher labels for absent tasks)
     output          (required) run folder: checkpoints/, model/, train_result.json
     debug:          test hooks: mask_tasks_by_rank {rank: [tasks]}, dump_param_hashes
@@ -254,7 +254,7 @@ class EarlyStoppingConfig(StrictModel):
 
 class EvalConfig(StrictModel):
     miou_rule: Literal["nanmean_union", "strict", "zero_union_as_0"] = "nanmean_union"
-    reduction: Literal["pooled", "batch_mean"] = "pooled"
+    reduction: Literal["pooled", "batch_mean", "mtan"] = "pooled"  # metrics.EVAL_REDUCTIONS
     batch_size: int | None = Field(default=None, ge=1)
 
 

@@ -12,6 +12,7 @@ import click
 # the registries.
 ARCH_CHOICES = ["stl", "hps", "hps-light", "ctal"]
 BACKBONE_CHOICES = ["resnet18", "resnet34", "resnet50", "hrnet-w18-small-v2"]
+AFFINITY_MODE_CHOICES = ["auto", "dense", "blocked", "linear", "pooled"]
 
 
 @click.group("model")
@@ -32,9 +33,16 @@ def model() -> None:
 @click.option("--width", default=384, show_default=True, type=click.IntRange(min=8))
 @click.option("--num-classes", default=10, show_default=True, type=click.IntRange(min=2))
 @click.option("--output-stride", default=None, type=click.Choice(["8", "16", "32"]))
+@click.option(
+    "--affinity-mode",
+    default="auto",
+    show_default=True,
+    type=click.Choice(AFFINITY_MODE_CHOICES),
+    help="how CTAL computes its block; FLOPs are those of the mode that runs",
+)
 @click.option("--json", "as_json", is_flag=True, help="print JSON with keys params and flops")
 def model_summary_command(
-    arch, backbone, tasks, height, width, num_classes, output_stride, as_json
+    arch, backbone, tasks, height, width, num_classes, output_stride, affinity_mode, as_json
 ):
     """Total and per-module parameters and forward FLOPs (batch 1)."""
     from cta_model.nn.models import ModelSpec, build_model
@@ -47,6 +55,7 @@ def model_summary_command(
         backbone=backbone,
         num_classes=num_classes,
         output_stride=int(output_stride) if output_stride else None,
+        affinity_mode=affinity_mode,
     )
     summary = {
         "arch": arch,
@@ -59,6 +68,8 @@ def model_summary_command(
         click.echo(json.dumps(summary, indent=2))
         return
     click.echo(f"{arch} / {backbone} / {','.join(spec.tasks)} at {height}x{width}")
+    if summary["affinity_mode"]:
+        click.echo(f"affinity block counted in mode {summary['affinity_mode']}")
     click.echo(f"{'module':<20}{'params':>14}{'GFLOPs':>12}")
     for name, params in summary["params"]["per_module"].items():
         gflops = summary["flops"]["per_module"][name] / 1e9

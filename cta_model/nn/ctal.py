@@ -19,8 +19,13 @@ Modes (DESIGN 3.2, docs/model.md "Affinity modes"):
 - `blocked`: the same numbers computed in blocks of rows i of G. Row i's fusion conv only reads
   row i's own T maps, so a block needs A_t[blk, :] = P̂_t[:, blk]ᵀ P̂_t and no halo; backward
   recomputes each block, so memory is O(block x N).
-- `auto`: blocked when N > AUTO_BLOCKED_MIN_POSITIONS or the dense tensors would need more than
-  AUTO_DENSE_MEMORY_FRACTION of the free memory, else dense.
+- `linear` (cta_model/nn/ctal_linear.py): the same numbers without forming A_t or G, in time
+  O(T^2 k^2 C^2 N) and memory O(k T C N) instead of O(T C N^2) and O(T N^2).
+- `auto`: the exact mode with the least estimated time among those whose memory fits
+  (`affinity_costs`, DESIGN 3.4): forward+backward FLOPs and memory traffic of each mode for
+  the batch, grid, T, C, kernel and fusion count, over the device's rough FLOP rate and
+  bandwidth; dense and linear must hold at most AUTO_MEMORY_FRACTION of the free memory,
+  blocked (memory bounded by its block) always fits.
 - `pooled`: an approximation: affinities, fusion and diffusion on the feature grid average-pooled
   by `pool_factor`, the diffused features upsampled back (fusion weights sized for that grid).
 """
@@ -30,14 +35,16 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from cta_model.errors import ConfigError
+from cta_model.nn.ctal_linear import LinearDiffusion, linear_diffusion
 
-AFFINITY_MODES = ("auto", "dense", "blocked", "pooled")
+AFFINITY_MODES = ("auto", "dense", "blocked", "linear", "pooled")
 # The block's defaults, also those of the model settings (ModelSpec): gamma is the paper's
 # fixed blend (step 4 above); one k x k fusion conv shared by all tasks, as the released code.
 DEFAULT_GAMMA = 0.05
@@ -45,10 +52,13 @@ DEFAULT_KERNEL_SIZE = 3
 DEFAULT_SHARED_FUSION = True
 DEFAULT_MODE = "auto"
 DEFAULT_POOL_FACTOR = 2  # pooled mode: the feature grid is average-pooled by this factor
-#: `auto` picks blocked above this many grid positions (a 64x64 grid); below it dense is faster.
-AUTO_BLOCKED_MIN_POSITIONS = 4096
-#: ... or when the dense N x N tensors would take more than this fraction of the free memory.
-AUTO_DENSE_MEMORY_FRACTION = 0.25
+#: `auto` runs dense or linear only where its tensors take at most this fraction of the free memory.
+AUTO_MEMORY_FRACTION = 0.25
+#: Rough fp32 throughput (FLOP/s) and memory bandwidth (bytes/s) per device type for `auto`'s
+#: time estimate; only their ratio matters. CPU: fitted to the 2-core development VM's dense
+#: and blocked block timings (docs/performance.md); CUDA: an H100's fp32 rate and HBM.
+DEVICE_RATES = {"cpu": (100e9, 10e9), "cuda": (50e12, 2.5e12)}
+EXACT_MODES = ("dense", "linear", "blocked")  # `auto`'s candidates, in tie-break order
 #: Default block: as many rows as keep one block's T affinity rows (B*T*rows*N floats) this big.
 AUTO_BLOCK_BYTES = 8 * 2**20
 
@@ -66,10 +76,96 @@ def interleave_task_maps(affinities: Sequence[torch.Tensor], grid: tuple[int, in
     return stacked.reshape(batch, n * len(affinities), *grid)
 
 
+@dataclass(frozen=True)
+class BlockShape:
+    """What the block's cost depends on: batch B, grid positions N, tasks T, channels C,
+    fusion kernel k, fusion convs F (1 shared, T per task), bytes per element."""
+
+    batch: int
+    positions: int
+    tasks: int
+    channels: int
+    kernel_size: int
+    fusions: int
+    itemsize: int = 4
+
+
+@dataclass(frozen=True)
+class ModeCost:
+    flops: float  # forward + backward, a multiply-add counted as 2
+    traffic_bytes: float  # forward + backward memory traffic of the large tensors
+    held_bytes: float  # the large tensors forward + backward hold at once
+    seconds: float  # flops / FLOP rate + traffic / bandwidth
+
+
 def dense_tensor_bytes(batch: int, positions: int, tasks: int, fusions: int, itemsize: int) -> int:
     """Bytes of the N x N tensors dense forward+backward holds: A_t, their interleaved copy and
     its gradient (3T), and G with its gradient per fusion conv (2F)."""
     return batch * positions * positions * itemsize * (3 * tasks + 2 * fusions)
+
+
+def affinity_costs(shape: BlockShape, device_type: str = "cpu") -> dict[str, ModeCost]:
+    """Estimated forward+backward cost of each exact mode (DESIGN 3.4).
+
+    dense: forward B N^2 (4TC + 2FTk^2) FLOPs (the T affinity products, F fusions of T maps, T
+    diffusion products), backward twice that; each N x N tensor (T affinities, F fusions) is
+    written and read once forward and twice as much backward. blocked: dense plus a recompute
+    of the affinities and fusions; holds one block. linear: two stages of k^2 products of
+    (TC x N) by (N x TC) or (TC x TC) by (TC x N), 4 B k^2 T^2 C^2 N forward, backward twice
+    that; traffic about (5 + 2F) B k^2 T C N elements forward, held about (2k + 2F + 3) TCN
+    per sample.
+    """
+    b, n, t, c, k, f = (
+        shape.batch,
+        shape.positions,
+        shape.tasks,
+        shape.channels,
+        shape.kernel_size,
+        shape.fusions,
+    )
+    size = shape.itemsize
+    flop_rate, bandwidth = DEVICE_RATES.get(device_type, DEVICE_RATES["cuda"])
+    squares = b * n * n
+    dense_forward = squares * (4 * t * c + 2 * f * t * k * k)
+    recompute = squares * (2 * t * c + 2 * f * t * k * k)
+    linear_forward = 4 * b * k * k * (t * c) ** 2 * n
+    block_rows = auto_block_rows(b, n, t, size)
+    raw = {
+        "dense": (3 * dense_forward, 6 * squares * (t + f) * size, None),
+        "blocked": (
+            3 * dense_forward + recompute,
+            8 * squares * (t + f) * size,
+            b * block_rows * n * size * (3 * t + 2 * f),
+        ),
+        "linear": (
+            3 * linear_forward,
+            3 * (5 + 2 * f) * b * k * k * t * c * n * size,
+            b * size * ((2 * k + 2 * f + 3) * t * c * n + 2 * k * k * (t * c) ** 2),
+        ),
+    }
+    held_dense = dense_tensor_bytes(b, n, t, f, size)
+    return {
+        mode: ModeCost(
+            flops=float(flops),
+            traffic_bytes=float(traffic),
+            held_bytes=float(held_dense if held is None else held),
+            seconds=flops / flop_rate + traffic / bandwidth,
+        )
+        for mode, (flops, traffic, held) in raw.items()
+    }
+
+
+def cheapest_mode(costs: Mapping[str, ModeCost], free_bytes: int | None) -> str:
+    """The exact mode with the least estimated time whose held tensors fit in
+    AUTO_MEMORY_FRACTION of `free_bytes` (unknown: all fit); blocked always fits."""
+    fitting = [
+        mode
+        for mode in EXACT_MODES
+        if mode == "blocked"
+        or free_bytes is None
+        or costs[mode].held_bytes <= AUTO_MEMORY_FRACTION * free_bytes
+    ]
+    return min(fitting, key=lambda mode: costs[mode].seconds)
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
@@ -378,19 +474,24 @@ class CrossTaskAffinity(nn.Module):
         convs = list(self.fusion.values())
         return torch.stack([c.weight for c in convs]), torch.stack([c.bias for c in convs])
 
+    def block_shape(self, batch: int, dtype: torch.dtype = torch.float32) -> BlockShape:
+        return BlockShape(
+            batch=batch,
+            positions=self.num_positions,
+            tasks=len(self.tasks),
+            channels=self.channels,
+            kernel_size=self.kernel_size,
+            fusions=len(self.fusion),
+            itemsize=torch.empty((), dtype=dtype).element_size(),
+        )
+
     def resolve_mode(self, batch: int, dtype: torch.dtype, device: torch.device) -> str:
-        """The computation `forward` uses: dense, blocked or pooled (see the module docstring)."""
+        """The computation `forward` uses: dense, blocked, linear or pooled (see the module
+        docstring); `auto` asks the cost model."""
         if self.mode != "auto":
             return self.mode
-        n = self.num_positions
-        if n > AUTO_BLOCKED_MIN_POSITIONS:
-            return "blocked"
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        needed = dense_tensor_bytes(batch, n, len(self.tasks), len(self.fusion), itemsize)
-        free = free_memory_bytes(device)
-        if free is not None and needed > AUTO_DENSE_MEMORY_FRACTION * free:
-            return "blocked"
-        return "dense"
+        costs = affinity_costs(self.block_shape(batch, dtype), device.type)
+        return cheapest_mode(costs, free_memory_bytes(device))
 
     def block_rows(self, batch: int) -> int:
         if self.block_size is not None:
@@ -430,13 +531,15 @@ class CrossTaskAffinity(nn.Module):
         value = torch.stack([v.flatten(2) for v in values], 1)  # (B, T, C, N)
         weight, bias = self._stacked_fusion()
         batch = value.shape[0]
-        dense = self.resolve_mode(batch, value.dtype, value.device) in ("dense", "pooled")
-        rows = self.num_positions if dense else self.block_rows(batch)
-        args = (unit, value, weight, bias, self.fusion_grid, rows)
-        if torch.is_grad_enabled() and any(x.requires_grad for x in args[:4]):
-            out = _Diffusion.apply(*args)
+        mode = self.resolve_mode(batch, value.dtype, value.device)
+        grad = torch.is_grad_enabled() and any(x.requires_grad for x in (unit, value, weight, bias))
+        if mode == "linear":
+            args = (unit, value, weight, bias, self.fusion_grid)
+            out = LinearDiffusion.apply(*args) if grad else linear_diffusion(*args)
         else:
-            out = blocked_diffusion(*args)
+            rows = self.num_positions if mode in ("dense", "pooled") else self.block_rows(batch)
+            args = (unit, value, weight, bias, self.fusion_grid, rows)
+            out = _Diffusion.apply(*args) if grad else blocked_diffusion(*args)
         return {
             t: out[:, i].reshape(batch, -1, *self.fusion_grid) for i, t in enumerate(self.tasks)
         }

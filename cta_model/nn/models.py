@@ -56,8 +56,8 @@ class NetworkSettings(StrictModel):
     gamma: float = Field(default=DEFAULT_GAMMA, ge=0, le=1)
     fusion_kernel_size: int = Field(default=DEFAULT_KERNEL_SIZE, ge=1)
     shared_fusion: bool = DEFAULT_SHARED_FUSION
-    # How CTAL computes the block (cta_model/nn/ctal.py): auto | dense | blocked | pooled.
-    # dense/blocked/auto share state-dict keys and shapes; pooled sizes the fusion for the
+    # How CTAL computes the block (cta_model/nn/ctal.py): auto | dense | blocked | linear | pooled.
+    # dense/blocked/linear/auto share state-dict keys and shapes; pooled sizes the fusion for the
     # pooled grid. Old model.yaml files without these keys load with the defaults.
     affinity_mode: str = DEFAULT_MODE
     affinity_block_size: int | None = Field(default=None, ge=1)  # None = sized by memory

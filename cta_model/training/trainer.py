@@ -104,8 +104,10 @@ class Trainer:
         )
         if config.precision == "bf16" and not self.bf16:
             self._info("precision bf16: autocast applies on CUDA only; this run is fp32")
-        if config.eval.reduction == "batch_mean" and self.env.world_size > 1:
-            raise ConfigError("eval.reduction batch_mean needs one process (use pooled)")
+        if config.eval.reduction in ("batch_mean", "mtan") and self.env.world_size > 1:
+            raise ConfigError(
+                f"eval.reduction {config.eval.reduction} needs one process (use pooled)"
+            )
         self.micro_batch = config.micro_batch_size(self.env.world_size)
         self.eval_batch = config.eval.batch_size or self.micro_batch
         if config.deterministic:

@@ -24,10 +24,15 @@ def test_gpu_bench_dry_run_writes_every_row(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     payload = json.loads(out.read_text())
     assert payload["dry_run"] is True
-    assert [row["row"] for row in payload["rows"]] == ["ctal-dense", "ctal-blocked", "hps"]
+    names = [row["row"] for row in payload["rows"]]
+    assert names == ["ctal-dense", "ctal-blocked", "ctal-linear", "hps"]
     for row in payload["rows"]:
         assert row["images_per_s"] > 0
         assert row["train_gflops_per_image"] > 0
+        assert row["mfu"] > 0
     # CTAL pays for the affinity block; HPS is the same network without it.
-    ctal, hps = payload["rows"][0], payload["rows"][2]
+    ctal, linear, hps = payload["rows"][0], payload["rows"][2], payload["rows"][3]
     assert ctal["train_gflops_per_image"] > hps["train_gflops_per_image"]
+    # Each row counts the FLOPs of the mode it runs (on a 4 x 4 grid linear costs more).
+    assert (ctal["affinity_mode"], linear["affinity_mode"]) == ("dense", "linear")
+    assert linear["train_gflops_per_image"] != ctal["train_gflops_per_image"]

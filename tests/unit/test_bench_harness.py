@@ -145,25 +145,40 @@ def test_train_step_summary_takes_medians_over_rounds_of_processes() -> None:
 
 def test_ctal_block_summary_takes_medians_over_rounds() -> None:
     ctal_block = _bench_module("ctal_block")
-    assert ctal_block.configs()[:3] == ["16x16:dense:r0", "16x16:blocked:r0", "16x16:pooled:r0"]
+    assert ctal_block.configs()[:4] == [
+        "32x32:dense:t3:r0",
+        "32x32:blocked:t3:r0",
+        "32x32:linear:t3:r0",
+        "32x32:pooled:t3:r0",
+    ]
+    assert not any(key.startswith("144x192:dense") for key in ctal_block.configs())
     rows = []
     for dense_s in (1.0, 4.0, 2.0):  # three rounds, one an outlier for dense
-        for h, w in ctal_block.GRIDS:
-            for mode, seconds, mb in (("dense", dense_s, 800.0), ("blocked", 1.5, 100.0)):
+        for (h, w), tasks in ctal_block._points():
+            modes = [("blocked", 1.5, 100.0), ("linear", 0.5, 20.0), ("pooled", 0.5, 50.0)]
+            if ctal_block.dense_fits((h, w), tasks):
+                modes.append(("dense", dense_s, 800.0))
+            for mode, seconds, mb in modes:
                 rows.append(
                     {
                         "grid": f"{h}x{w}",
+                        "tasks": tasks,
                         "positions": h * w,
                         "mode": mode,
                         "block_rows": 64 if mode == "blocked" else None,
-                        "time_s": seconds,
+                        "time_s": seconds * (4 if (h, w) == (144, 192) else 1),
                         "peak_mb": mb,
                     }
                 )
-            rows.append({**rows[-1], "mode": "pooled", "time_s": 0.5, "peak_mb": 50.0})
     ratios, markdown = ctal_block.summarise(rows)
     assert ratios["72x96.blocked_over_dense.time"] == pytest.approx(0.75)  # 1.5 / median 2.0
     assert ratios["72x96.blocked_over_dense.memory"] == pytest.approx(0.125)
+    assert ratios["72x96.t5.linear_over_dense.time"] == pytest.approx(0.25)
+    assert ratios["144x192.linear_over_blocked.time"] == pytest.approx(1 / 3)
+    assert "144x192.linear_over_dense.time" not in ratios  # dense does not fit there
+    assert ratios["target_72x96_linear_over_dense_time"]["holds"] is True
+    assert ratios["target_144x192_linear_time_over_its_72x96"]["measured"] == pytest.approx(4)
+    assert ratios["72x96.auto"] == "linear" and ratios["32x32.auto"] == "dense"
     assert "medians over 3 rounds" in markdown
 
 

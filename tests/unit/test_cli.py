@@ -7,9 +7,10 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from cta_cli.commands.model import ARCH_CHOICES, BACKBONE_CHOICES
+from cta_cli.commands.model import AFFINITY_MODE_CHOICES, ARCH_CHOICES, BACKBONE_CHOICES
 from cta_cli.main import main
 from cta_model.nn.backbones import BACKBONES
+from cta_model.nn.ctal import AFFINITY_MODES
 from cta_model.nn.models import ARCHITECTURES
 
 pytestmark = pytest.mark.unit
@@ -18,6 +19,7 @@ pytestmark = pytest.mark.unit
 def test_cli_choices_equal_the_registries():
     assert list(ARCHITECTURES) == ARCH_CHOICES
     assert list(BACKBONES) == BACKBONE_CHOICES
+    assert list(AFFINITY_MODES) == AFFINITY_MODE_CHOICES
 
 
 @pytest.mark.parametrize("arch", ["stl", "hps", "hps-light", "ctal"])
@@ -45,12 +47,22 @@ def test_stl_summary_is_the_sum_of_the_single_task_networks():
 
 
 def test_ctal_block_flops_dominate_at_paper_resolution():
-    # DESIGN 3.2: at 288x384 (N = 6912) CTAL costs ~133 GFLOPs, the block most of it.
+    # DESIGN 3.2: at 288x384 (N = 6912) dense CTAL costs ~133 GFLOPs, the block most of it.
     args = ["model", "summary", "--arch", "ctal", "--height", "288", "--width", "384", "--json"]
-    summary = json.loads(CliRunner().invoke(main, args).output)
+    summary = json.loads(CliRunner().invoke(main, [*args, "--affinity-mode", "dense"]).output)
+    assert summary["affinity_mode"] == "dense"
     assert 120e9 < summary["flops"]["total"] < 145e9
     assert summary["flops"]["per_module"]["refinement"] > 0.5 * summary["flops"]["total"]
     assert summary["params"]["per_module"]["refinement"] == 193_536 + 3 * (128 * 128 * 9 + 128)
+    # `auto` runs (and counts) the linear form there: 4 k^2 T^2 C^2 N for the block's products.
+    auto = json.loads(CliRunner().invoke(main, args).output)
+    assert auto["affinity_mode"] == "linear"
+    products = 4 * 9 * (3 * 128) ** 2 * 6912
+    value_convs = 3 * 2 * 128 * 128 * 9 * 6912
+    assert auto["flops"]["per_module"]["refinement"] == pytest.approx(
+        products + value_convs, rel=0.01
+    )
+    assert auto["params"] == summary["params"]
 
 
 def test_bad_input_is_one_clear_line_and_exit_code_2():

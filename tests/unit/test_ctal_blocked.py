@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from cta_model.errors import ConfigError
-from cta_model.nn import ctal
 from cta_model.nn.ctal import CrossTaskAffinity
 from cta_model.nn.models import ModelSpec, build_model, resize_model
 
@@ -94,22 +93,6 @@ def test_dense_weights_load_into_a_blocked_block():
     with torch.no_grad():
         for t in THREE:
             torch.testing.assert_close(blocked(features)[t], dense(features)[t])
-
-
-def test_auto_mode_rule(monkeypatch):
-    block = CrossTaskAffinity(THREE, 4, GRID, mode="auto")
-    monkeypatch.setattr(ctal, "free_memory_bytes", lambda device: 10**12)
-    assert block.resolve_mode(2, torch.float32, torch.device("cpu")) == "dense"
-    # The dense N x N tensors would take more than a quarter of the free memory.
-    needed = ctal.dense_tensor_bytes(2, 35, 3, 1, 4)
-    monkeypatch.setattr(ctal, "free_memory_bytes", lambda device: needed * 3)
-    assert block.resolve_mode(2, torch.float32, torch.device("cpu")) == "blocked"
-    monkeypatch.setattr(ctal, "free_memory_bytes", lambda device: 10**12)
-    big = CrossTaskAffinity(THREE, 4, (65, 64), mode="auto")
-    assert big.resolve_mode(1, torch.float32, torch.device("cpu")) == "blocked"
-    # The default block keeps one block's affinity rows near AUTO_BLOCK_BYTES.
-    rows = big.block_rows(1)
-    assert rows * 3 * 65 * 64 * 4 <= ctal.AUTO_BLOCK_BYTES < (rows + 1) * 3 * 65 * 64 * 4
 
 
 @pytest.mark.parametrize("shared", [True, False])

@@ -150,6 +150,10 @@ def test_onnx_predictor_decodes_like_the_predictor(tiny_model: Path, exported: P
 def test_int8_keeps_the_affinity_block_float_and_quantizes_convs(
     tiny_model: Path, exported: Path
 ) -> None:
+    _check_int8_keeps_the_block_float(tiny_model, exported)
+
+
+def _check_int8_keeps_the_block_float(model_dir: Path, exported: Path) -> None:
     report = json.loads((exported / QUANTIZATION_JSON).read_text())
     fp32 = onnx.load(str(exported / ONNX_NAME))
     block = set(affinity_block_nodes(fp32))
@@ -176,11 +180,57 @@ def test_int8_keeps_the_affinity_block_float_and_quantizes_convs(
     assert not any(layer.startswith(REFINEMENT_SCOPE) for layer in report["quantized_layers"])
     assert report["calibration"]["n_images"] == 3
 
-    x, reference = _eager(tiny_model, _images(2))
+    x, reference = _eager(model_dir, _images(2))
     outputs = ort_session(exported / INT8_NAME).run(None, {INPUT_NAME: x.numpy()})
     for task, ref, out in zip(TASKS, reference, outputs, strict=True):
         error = (torch.from_numpy(out) - ref).abs().mean()
         assert error <= 0.2 * ref.abs().mean() + 1e-6, (task, float(error))
+
+
+def test_a_linear_mode_model_exports_to_every_format(
+    calib_data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The linear block's plain-op forward traces; the same error checks as the dense export,
+    on the same weights (the tiny model's spec and seed, run in linear mode)."""
+    torch.manual_seed(0)
+    spec = ModelSpec(
+        arch="ctal",
+        tasks=TASKS,
+        input_size=(32, 32),
+        backbone="resnet18",
+        output_stride=8,
+        num_classes=10,
+        affinity_mode="linear",
+    )
+    folder = tmp_path_factory.mktemp("export") / "linear"
+    model_dir = save_model_folder(build_model(spec), folder / "model")
+    out = folder / "out"
+    result = CliRunner().invoke(
+        main,
+        [
+            "model",
+            "export",
+            "--model",
+            str(model_dir),
+            "--out",
+            str(out),
+            "--calib-data",
+            str(calib_data),
+            "--calib-samples",
+            "3",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    manifest = verify_export(out)
+    assert manifest["affinity_mode"] == "linear"
+    for fmt in ("pt2", "onnx"):
+        assert max(manifest["max_abs_error_vs_eager"][fmt].values()) < 1e-4, manifest
+    x, reference = _eager(model_dir, _images(3))
+    program = torch.export.load(out / PT2_NAME).module()
+    with torch.no_grad():
+        for ref, got in zip(reference, program(x), strict=True):
+            torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    _check_int8_keeps_the_block_float(model_dir, out)
 
 
 def test_int8_without_calibration_data_is_refused(tiny_model: Path, tmp_path: Path) -> None:

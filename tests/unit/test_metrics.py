@@ -23,7 +23,9 @@ from cta_model.delta_m import (
     relative_improvements,
 )
 from cta_model.metrics import (
+    EVAL_REDUCTIONS,
     MIOU_RULES,
+    NORMALS_WITHIN_NAMES,
     REDUCTIONS,
     DepthMeter,
     HeightMeter,
@@ -740,3 +742,106 @@ def test_delta_m_non_finite_candidate_and_no_baseline_give_none() -> None:
     assert isinstance(nothing["reason"], str) and nothing["reason"]
     with pytest.raises(ValueError, match="'better'"):
         delta_m(CANDIDATE, BASELINE, PRIMARY, {**DIRECTIONS, "semseg.miou": "better"})
+
+
+# -- the MTAN preset against MTAN's own evaluation loop (lorenmt/mtan utils.py) ----------------
+
+
+def _mtan_reference(batches, num_classes):
+    """MTAN's loop, literally: ConfMatrix updated every batch and read once at the end;
+    depth_error and normal_error computed per batch and averaged over the batches."""
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    depth_sums = torch.zeros(2, dtype=torch.float64)
+    normal_sums = torch.zeros(5, dtype=torch.float64)
+    for seg_pred, seg_true, depth_pred, depth_true, normal_pred, normal_true in batches:
+        pred = seg_pred.argmax(1).flatten()
+        true = seg_true.flatten()
+        keep = (true >= 0) & (true < num_classes)
+        index = num_classes * true[keep] + pred[keep]
+        confusion += torch.bincount(index, minlength=num_classes**2).view(num_classes, -1)
+        mask = (depth_true.sum(1) != 0).unsqueeze(1)
+        pred_true = depth_pred.double().masked_select(mask)
+        truth = depth_true.double().masked_select(mask)
+        abs_err = (pred_true - truth).abs()
+        depth_sums += torch.stack([abs_err.sum(), (abs_err / truth).sum()]) / mask.sum()
+        mask = normal_true.sum(1) != 0
+        unit = F.normalize(normal_pred.double(), dim=1)  # MTAN's decoder normalises its output
+        cosine = (unit * normal_true.double()).sum(1).masked_select(mask).clamp(-1, 1)
+        error = torch.rad2deg(torch.acos(cosine))
+        median = error.median() if error.numel() % 2 else _even_median(error)
+        within = [(error < limit).double().mean() for limit in (11.25, 22.5, 30)]
+        normal_sums += torch.stack([error.mean(), median, *within])
+    h = confusion.double()
+    iou = h.diagonal() / (h.sum(0) + h.sum(1) - h.diagonal())
+    n = len(batches)
+    return {
+        "semseg": {"miou": float(iou.mean()), "pixel_acc": float(h.diagonal().sum() / h.sum())},
+        "depth": dict(zip(("abs_err", "rel_err"), (depth_sums / n).tolist(), strict=True)),
+        "normals": dict(
+            zip(("mean", "median", *NORMALS_WITHIN_NAMES), (normal_sums / n).tolist(), strict=True)
+        ),
+    }
+
+
+def _even_median(values):
+    """np.median's mean of the two middle values (torch.median returns the lower one)."""
+    ordered = values.sort().values
+    middle = values.numel() // 2
+    return (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def _mtan_batches(num_classes=4, batches=3, size=6):
+    generator = torch.Generator().manual_seed(7)
+    out = []
+    for b in range(batches):
+        batch = 2 if b < batches - 1 else 1  # a short last batch weighs as much as a full one
+        seg_true = torch.randint(0, num_classes, (batch, size, size), generator=generator)
+        seg_true[0, 0, :] = 255  # ignored pixels
+        depth_true = torch.rand(batch, 1, size, size, generator=generator) + 0.5
+        depth_true[:, :, : b + 1] = 0  # invalid depth, a different share per batch
+        normal_true = F.normalize(torch.randn(batch, 3, size, size, generator=generator), dim=1)
+        normal_true[:, :, -1, : b + 2] = 0
+        out.append(
+            (
+                torch.randn(batch, num_classes, size, size, generator=generator),
+                seg_true,
+                torch.rand(batch, 1, size, size, generator=generator) + 0.5,
+                depth_true,
+                torch.randn(batch, 3, size, size, generator=generator),
+                normal_true,
+            )
+        )
+    return out
+
+
+def test_the_mtan_preset_reproduces_mtans_evaluation_loop() -> None:
+    from cta_model.tasks import make_meters
+
+    batches = _mtan_batches()
+    meters = make_meters(
+        ("semseg", "depth", "normals"), num_classes=4, miou_rule="strict", reduction="mtan"
+    )
+    assert meters["semseg"].reduction == "pooled"
+    assert meters["depth"].reduction == meters["normals"].reduction == "batch_mean"
+    for seg_pred, seg_true, depth_pred, depth_true, normal_pred, normal_true in batches:
+        meters["semseg"].update(seg_pred, seg_true)
+        meters["depth"].update(depth_pred, depth_true)
+        meters["normals"].update(normal_pred, normal_true)
+    expected = _mtan_reference(batches, 4)
+    for task, values in expected.items():
+        got = meters[task].compute()
+        for name, value in values.items():
+            assert got[name] == pytest.approx(value, rel=1e-6, abs=1e-9), (task, name)
+    # The all-batch_mean reduction averages mIoU per batch instead: not MTAN's number here.
+    per_batch = make_meters(("semseg",), num_classes=4, miou_rule="strict", reduction="batch_mean")
+    for seg_pred, seg_true, *_ in batches:
+        per_batch["semseg"].update(seg_pred, seg_true)
+    assert per_batch["semseg"].compute()["miou"] != pytest.approx(expected["semseg"]["miou"])
+
+
+def test_presets_resolve_per_meter_and_merge_like_their_reduction() -> None:
+    assert set(REDUCTIONS) < set(EVAL_REDUCTIONS) and "mtan" in EVAL_REDUCTIONS
+    assert SegmentationMeter(3, reduction="mtan").reduction == "pooled"
+    assert HeightMeter(reduction="mtan").reduction == "batch_mean"
+    with pytest.raises(ValueError, match="mtan"):
+        DepthMeter(reduction="libmtl")

@@ -1,0 +1,184 @@
+"""Exact CTAL in time and memory linear in the grid positions N (`affinity_mode: linear`).
+
+The block has no softmax, so the N x N matrices never need to exist. With unit features
+u_{s,j} (C-vectors, j a grid position), values V_t, and the fusion conv's weight w[i, s, d]
+(target i, task s, kernel offset d) and bias b_i (DESIGN 3.1, cta_model/nn/ctal.py):
+
+    G[i, j]     = b_i + sum_s sum_d w[i, s, d] (u_{s,i} . u_{s,j+d})       (zero off the grid)
+    out_t[:, i] = sum_j V_t[:, j] G[i, j]
+                = b_i sum_j V_t[:, j] + sum_d (M_d Z_d)[t, :, i]
+    M_d         = sum_{j : j and j+d on the grid} V[:, j] u_{j+d}ᵀ       (T*C x T*C, all t and s)
+    Z_d[s, :, i] = w[i, s, d] u_{s,i}                                   (T*C x N)
+
+Flattened row-major, the offset d = (dy, dx) is a shift by dy*W + dx; a source whose column
+would leave the grid (dx wraps into the next row) is masked on the value side, and the shift
+range keeps rows inside. So M_d is one matrix product of a masked slice of V with a slice of
+U (strided views, no shifted copies), and each of the two stages is k^2 products of
+(T*C x N) by (N x T*C) or (T*C x T*C) by (T*C x N): O(T^2 k^2 C^2 N) time against the dense
+O(T C N^2), O(k T C N) memory against O(T N^2). Per-task fusion (F = T convs) uses w_t in
+Z_d and the rows of M_d for task t. The two forms cost the same near N = T k^2 C positions
+(the cost model in ctal.py decides).
+
+`LinearDiffusion` keeps only the small M_d (k^2 (T*C)^2 per sample) for backward and
+recomputes the masked values and Z_d; without grad (inference, torch.export, ONNX)
+`linear_diffusion` runs the same plain ops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _offsets(kernel_size: int) -> list[tuple[int, int]]:
+    """(dy, dx) of every tap in the order of the fusion weight's flattened (k, k)."""
+    pad = kernel_size // 2
+    return [(dy, dx) for dy in range(-pad, pad + 1) for dx in range(-pad, pad + 1)]
+
+
+def _span(positions: int, shift: int) -> tuple[int, int]:
+    """Sources j with j and j + shift both in [0, N)."""
+    return max(0, -shift), min(positions, positions - shift)
+
+
+def _column_masks(grid: tuple[int, int], kernel_size: int, like: torch.Tensor) -> torch.Tensor:
+    """(k, N): mask[dx + p, j] = 1 where column(j) + dx stays on the grid."""
+    pad = kernel_size // 2
+    columns = torch.arange(grid[1], device=like.device).repeat(grid[0])
+    shifted = columns[None, :] + torch.arange(-pad, pad + 1, device=like.device)[:, None]
+    return ((shifted >= 0) & (shifted < grid[1])).to(like.dtype)
+
+
+def _masked_values(flat_value: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(B, T*C, N) -> (B, k, T*C, N): the values with the sources of each dx masked."""
+    return flat_value.unsqueeze(1) * masks[:, None, :]
+
+
+def _tap_weights(weight: torch.Tensor) -> torch.Tensor:
+    """(F, N, T, k, k) -> (F, k*k, T, N): w[f, d, s, i]."""
+    fusions, n, tasks, k, _ = weight.shape
+    return weight.permute(0, 3, 4, 2, 1).reshape(fusions, k * k, tasks, n)
+
+
+def _shifted_products(
+    masked: torch.Tensor, flat_unit: torch.Tensor, grid: tuple[int, int], kernel_size: int
+) -> torch.Tensor:
+    """M (B, k*k, T*C, T*C): M[:, d] = sum_j masked V[:, j] u[:, j + d]ᵀ."""
+    pad, n = kernel_size // 2, flat_unit.shape[-1]
+    products = []
+    for dy, dx in _offsets(kernel_size):
+        shift = dy * grid[1] + dx
+        lo, hi = _span(n, shift)
+        sources = masked[:, dx + pad, :, lo:hi]
+        products.append(torch.matmul(sources, flat_unit[..., lo + shift : hi + shift].mT))
+    return torch.stack(products, 1)
+
+
+def _weighted_units(unit: torch.Tensor, taps: torch.Tensor, d: int) -> torch.Tensor:
+    """Z_d of every fusion, (B, F, T*C, N): Z[b, f, (s, c), i] = w_f[i, s, d] u[b, s, c, i]."""
+    batch, tasks, channels, n = unit.shape
+    weighted = unit.unsqueeze(1) * taps[None, :, d, :, None, :]  # (B, F, T, C, N)
+    return weighted.reshape(batch, taps.shape[0], tasks * channels, n)
+
+
+def _diffused(
+    products: torch.Tensor,
+    unit: torch.Tensor,
+    value: torch.Tensor,
+    taps: torch.Tensor,
+    bias: torch.Tensor,
+) -> torch.Tensor:
+    """out (B, T, C, N) from M and Z_d: fusion f's output rows are its tasks' rows of M."""
+    batch, tasks, channels, n = value.shape
+    fusions = taps.shape[0]
+    rows = tasks * channels // fusions
+    value_sums = value.sum(-1).reshape(batch, fusions, rows, 1)
+    # The bias term b_i sum_j V[:, j], then each tap's product added in place of a copy.
+    out = (value_sums * bias[None, :, None, :]).reshape(batch * fusions, rows, n)
+    for d in range(products.shape[1]):
+        m_d = products[:, d].reshape(batch * fusions, rows, tasks * channels)
+        weighted = _weighted_units(unit, taps, d).reshape(batch * fusions, tasks * channels, n)
+        out = torch.baddbmm(out, m_d, weighted)
+    return out.reshape(batch, tasks, channels, n)
+
+
+def linear_diffusion(
+    unit: torch.Tensor,
+    value: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    grid: tuple[int, int],
+) -> torch.Tensor:
+    """out[:, t, :, i] = sum_j value[:, t, :, j] G_t[i, j] without forming G.
+
+    unit, value: (B, T, C, N); weight (F, N, T, k, k); bias (F, N) with F = 1 (shared fusion)
+    or F = T (per task); returns (B, T, C, N), as `ctal.blocked_diffusion`. Plain tensor ops
+    with static shapes apart from the batch (traceable for export).
+    """
+    kernel_size = weight.shape[-1]
+    flat_unit, flat_value = unit.flatten(1, 2), value.flatten(1, 2)
+    masked = _masked_values(flat_value, _column_masks(grid, kernel_size, value))
+    products = _shifted_products(masked, flat_unit, grid, kernel_size)
+    return _diffused(products, unit, value, _tap_weights(weight), bias)
+
+
+class LinearDiffusion(torch.autograd.Function):
+    """`linear_diffusion` with a backward that saves only M (k^2 (T*C)^2 per sample) and
+    recomputes the masked values and Z_d, so memory stays O(k T C N)."""
+
+    @staticmethod
+    def forward(ctx, unit, value, weight, bias, grid):
+        kernel_size = weight.shape[-1]
+        flat_value = value.flatten(1, 2)
+        masked = _masked_values(flat_value, _column_masks(grid, kernel_size, value))
+        products = _shifted_products(masked, unit.flatten(1, 2), grid, kernel_size)
+        ctx.grid = grid
+        ctx.save_for_backward(unit, value, weight, bias, products)
+        return _diffused(products, unit, value, _tap_weights(weight), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        unit, value, weight, bias, products = ctx.saved_tensors
+        grid = ctx.grid
+        batch, tasks, channels, n = value.shape
+        fusions, kernel_size = weight.shape[0], weight.shape[-1]
+        pad, rows, width = kernel_size // 2, tasks * channels // fusions, tasks * channels
+        taps = _tap_weights(weight)
+        grad = grad_out.contiguous().reshape(batch, fusions, rows, n)
+
+        # Bias term: out += (sum_j V[:, j]) b_i.
+        value_sums = value.sum(-1).reshape(batch, fusions, 1, rows)
+        d_bias = torch.matmul(value_sums, grad).sum(0).squeeze(1)  # (F, N)
+        d_value_sums = torch.matmul(grad, bias[None, :, :, None])  # (B, F, rows, 1)
+        d_flat_value = d_value_sums.reshape(batch, width, 1).expand(batch, width, n).clone()
+
+        # Second stage: out += M_d Z_d.
+        d_products = torch.empty_like(products)
+        d_unit = torch.zeros_like(unit)
+        d_taps = torch.empty_like(taps)
+        for d in range(products.shape[1]):
+            weighted = _weighted_units(unit, taps, d)
+            d_products[:, d] = torch.matmul(grad, weighted.mT).reshape(batch, width, width)
+            m_d = products[:, d].reshape(batch, fusions, rows, width)
+            d_weighted = torch.matmul(m_d.mT, grad).view(batch, fusions, tasks, channels, n)
+            d_taps[:, d] = (d_weighted * unit.unsqueeze(1)).sum((0, 3))
+            d_unit += (d_weighted * taps[None, :, d, :, None, :]).sum(1)
+
+        # First stage: M_d = masked V[:, span] u[:, span + shift]ᵀ.
+        masks = _column_masks(grid, kernel_size, value)
+        masked = _masked_values(value.flatten(1, 2), masks)
+        d_masked = torch.zeros_like(masked)
+        d_flat_unit = d_unit.view(batch, width, n)
+        flat_unit = unit.flatten(1, 2)
+        for d, (dy, dx) in enumerate(_offsets(kernel_size)):
+            shift = dy * grid[1] + dx
+            lo, hi = _span(n, shift)
+            targets = flat_unit[..., lo + shift : hi + shift]
+            d_masked[:, dx + pad, :, lo:hi] += torch.matmul(d_products[:, d], targets)
+            d_flat_unit[..., lo + shift : hi + shift] += torch.matmul(
+                d_products[:, d].mT, masked[:, dx + pad, :, lo:hi]
+            )
+        d_flat_value += (d_masked * masks[:, None, :]).sum(1)
+
+        k = kernel_size
+        d_weight = d_taps.reshape(fusions, k, k, tasks, n).permute(0, 4, 3, 1, 2)
+        return d_unit, d_flat_value.view_as(value), d_weight, d_bias, None
