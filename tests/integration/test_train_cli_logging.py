@@ -26,6 +26,8 @@ def test_cta_train_prints_its_epoch_summaries(tmp_path):
         "resnet18",
         "--epochs",
         "1",
+        "--max-steps",
+        "2",
         "--batch-size",
         "4",
         "--set",
@@ -33,7 +35,8 @@ def test_cta_train_prints_its_epoch_summaries(tmp_path):
         "--set",
         "model.input_size=[32,32]",
         "--set",
-        "data.synthetic={lines: 2, samples_per_line: 8, size: 32, seed: 0}",
+        # 384 px scenes: the lines' smallest defects must span 3 px at the tiles' pitch.
+        "data.synthetic={lines: 2, samples_per_line: 6, size: 384, seed: 0}",
         "--set",
         "data.tiling={tiles_per_image: 1, val_tiles_per_image: 1}",
         "--set",
