@@ -20,6 +20,7 @@ from kfp import compiler
 from pipelines.training import (
     BASELINES_NEEDED_TASK,
     EVALUATE_TASK,
+    FINGERPRINT_TASK,
     GATE_TASK,
     PIPELINE_NAME,
     REGISTER_TASK,
@@ -27,16 +28,20 @@ from pipelines.training import (
     ROLLOUT_TASK,
     TRAIN_BASELINES_TASK,
     TRAIN_TASK,
+    TRAIN_TRAINJOB_TASK,
     VALIDATE_TASK,
     training_pipeline,
 )
 
-#: The tasks of the training pipeline, in order (nested ones appear as flat folders).
+#: The tasks of the training pipeline, in order (nested ones appear as flat folders). Locally
+#: train_backend is "pod": train-trainjob is always skipped.
 TASKS = (
     VALIDATE_TASK,
+    FINGERPRINT_TASK,
     BASELINES_NEEDED_TASK,
     TRAIN_BASELINES_TASK,
     TRAIN_TASK,
+    TRAIN_TRAINJOB_TASK,
     EVALUATE_TASK,
     ROI_TASK,
     REGISTER_TASK,

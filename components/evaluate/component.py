@@ -5,6 +5,8 @@ Scores the model folder ``model_dir`` on the test split of the validated data an
 that path (the register step attaches it). With ``tracking_uri`` and ``model_name`` it also
 compares with the registered STL baselines (Delta_m) and the champion. ``bootstrap_n``,
 ``latency_repeats`` and ``explain`` let a quick pipeline (tests, smoke runs) do less.
+``data_sha256`` is not read: it is the data's identity in KFP's cache key
+(pipelines/k8s_settings.py).
 """
 
 from kfp import dsl
@@ -23,6 +25,7 @@ def evaluate(
     bootstrap_n: int = 1000,
     latency_repeats: int = 5,
     explain: bool = True,
+    data_sha256: str = "",
 ) -> str:
     """Evaluate one model folder; returns the evaluation.json path."""
     import logging

@@ -4,6 +4,8 @@ Prices ``evaluation`` (an evaluation.json path) and writes roi.json, report.html
 to ``out_dir``; returns the roi.json path (the register step attaches it). Empty
 ``roi_config`` / ``lines_config`` mean configs/roi.yaml / configs/lines.yaml; an empty
 ``model_version`` means the version evaluation.json names (null before registration).
+``data_sha256`` is not read: it is the data's identity in KFP's cache key
+(pipelines/k8s_settings.py).
 """
 
 from kfp import dsl
@@ -18,6 +20,7 @@ def roi_report(
     roi_config: str = "",
     lines_config: str = "",
     model_version: str = "",
+    data_sha256: str = "",
 ) -> str:
     """Write roi.json, report.html and report.md; returns the roi.json path."""
     from pathlib import Path

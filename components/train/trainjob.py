@@ -16,7 +16,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -180,10 +180,12 @@ class NodeResources(StrictModel):
 
 
 class SecretKeyRef(StrictModel):
-    """One key of a Kubernetes Secret in the TrainJob's namespace."""
+    """One key of a Kubernetes Secret in the TrainJob's namespace (``optional``: a missing
+    Secret or key leaves the variable unset instead of stopping the pod)."""
 
     secret: str
     key: str
+    optional: bool = False
 
     @field_validator("secret")
     @classmethod
@@ -224,6 +226,20 @@ class PvcVolume(StrictModel):
         return value
 
 
+class PodOwner(StrictModel):
+    """The pod that launched a TrainJob (the pipeline's train step): the TrainJob carries an
+    ownerReference to it, so Kubernetes' garbage collector deletes the TrainJob (and its JobSet
+    and pods) once that pod is deleted, e.g. with a cancelled run. Same namespace only."""
+
+    name: str
+    uid: str = Field(min_length=1, max_length=128)
+
+    @field_validator("name")
+    @classmethod
+    def _pod_name(cls, value: str) -> str:
+        return _check_name(value, "owner pod name", "DNS-1123 subdomain")
+
+
 class TrainJobSpec(StrictModel):
     """Everything the train component decides about one multi-node training run."""
 
@@ -248,6 +264,7 @@ class TrainJobSpec(StrictModel):
     volumes: list[PvcVolume] = Field(default_factory=list)
     labels: dict[str, str] = Field(default_factory=dict)
     active_deadline_seconds: int | None = Field(default=None, ge=1)
+    owner: PodOwner | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -398,7 +415,16 @@ def trainer_env(spec: TrainJobSpec) -> list[dict[str, Any]]:
         {"name": env_name, "value": value} for env_name, value in spec.env.items()
     ]
     entries += [
-        {"name": env_name, "valueFrom": {"secretKeyRef": {"name": ref.secret, "key": ref.key}}}
+        {
+            "name": env_name,
+            "valueFrom": {
+                "secretKeyRef": {
+                    "name": ref.secret,
+                    "key": ref.key,
+                    **({"optional": True} if ref.optional else {}),
+                }
+            },
+        }
         for env_name, ref in spec.secret_env.items()
     ]
     return sorted(entries, key=lambda entry: entry["name"])
@@ -520,15 +546,34 @@ def build_trainjob_manifest(spec: TrainJobSpec) -> dict[str, Any]:
     }
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    metadata: dict[str, Any] = {
+        "name": spec.name,
+        "namespace": spec.namespace,
+        "labels": trainjob_labels(spec),
+    }
+    if spec.owner is not None:
+        metadata["ownerReferences"] = [owner_reference(spec.owner)]
     return {
         "apiVersion": TRAINJOB_API_VERSION,
         "kind": TRAINJOB_KIND,
-        "metadata": {
-            "name": spec.name,
-            "namespace": spec.namespace,
-            "labels": trainjob_labels(spec),
-        },
+        "metadata": metadata,
         "spec": job_spec,
+    }
+
+
+def owner_reference(owner: PodOwner) -> dict[str, Any]:
+    """An ownerReference to the launching pod.
+
+    Not a controller reference and not blocking: the pod does not manage the TrainJob, and
+    deleting the pod must not wait for the TrainJob's own deletion.
+    """
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "name": owner.name,
+        "uid": owner.uid,
+        "controller": False,
+        "blockOwnerDeletion": False,
     }
 
 
@@ -747,6 +792,10 @@ class TrainJobFailed(TrainJobError):
 
 class TrainJobTimeout(TrainJobError):
     """The TrainJob did not finish before the caller's deadline; it was left running."""
+
+
+class TrainJobCancelled(CtaError):
+    """The launching step was asked to stop (SIGTERM from a cancelled run) while it waited."""
 
 
 Phase = Literal["Pending", "Running", "Suspended", "Complete", "Failed"]
@@ -1048,16 +1097,24 @@ class TrainJobLauncher:
                 f"reading TrainJob {self.namespace}/{name} failed: {exc}", transient=True
             ) from None
 
-    def wait(self, name: str, deadline_s: float, poll_s: float = 10.0) -> dict[str, Any]:
+    def wait(
+        self,
+        name: str,
+        deadline_s: float,
+        poll_s: float = 10.0,
+        on_state: Callable[[TrainJobState], Any] | None = None,
+    ) -> dict[str, Any]:
         """Poll until Complete (returns the TrainJob) or Failed / past the deadline (raises).
 
         Transient API errors (429, 5xx, no connection) are polled through until the deadline;
-        a missing TrainJob or a refused request (401, 403) ends the wait at once.
+        a missing TrainJob or a refused request (401, 403) ends the wait at once. ``on_state``
+        hears each state that differs from the one before (the first one included).
         """
         if deadline_s <= 0 or poll_s <= 0:
             raise ConfigError(f"deadline_s and poll_s must be > 0, got {deadline_s}, {poll_s}")
         deadline = time.monotonic() + deadline_s
         state, last_error = TrainJobState("Pending"), ""
+        reported: TrainJobState | None = None
         while True:
             try:
                 live = self.get(name)
@@ -1067,6 +1124,9 @@ class TrainJobLauncher:
                 last_error = str(exc)
             else:
                 state, last_error = trainjob_state(live), ""
+                if on_state is not None and state != reported:
+                    on_state(state)
+                    reported = state
                 if state.phase == "Failed":
                     raise TrainJobFailed(
                         failure_message(self.namespace, name, state), state.reason, state.message

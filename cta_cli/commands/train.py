@@ -3,11 +3,20 @@ components.train.step.run() or components.train.remote.run_on_kubeflow()."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
+
+#: Epoch summaries and warnings of the training loop (cta_model.training.trainer logs at INFO)
+#: go to stderr, which is what `kubectl logs` and the KFP UI show for a pod.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def _parse_set(items: tuple[str, ...]) -> dict:
@@ -55,11 +64,24 @@ def _parse_set(items: tuple[str, ...]) -> dict:
 )
 @click.option("--image", default=None, help="kubeflow: the training image")
 @click.option("--nodes", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--gpus",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="kubeflow: GPUs per node (nvidia.com/gpu); --procs-per-node auto then starts one "
+    "process per GPU",
+)
 @click.option("--procs-per-node", default="auto", show_default=True, help="kubeflow: N or auto")
 @click.option("--namespace", default="default", show_default=True, help="kubeflow: namespace")
 @click.option("--output-uri", default=None, help="kubeflow: s3:// prefix the run writes to")
 @click.option("--run-id", default=None, help="kubeflow: run id (default: from config and output)")
 @click.option("--s3-secret", default=None, help="kubeflow: Secret with the pods' AWS_* keys")
+@click.option(
+    "--mlflow-secret",
+    default=None,
+    help="kubeflow: Secret with the pods' MLFLOW_TRACKING_USERNAME/PASSWORD (optional keys)",
+)
 @click.option(
     "--deadline", default=86400.0, show_default=True, type=click.FloatRange(min=1), help="seconds"
 )
@@ -93,19 +115,23 @@ def train(
     backend,
     image,
     nodes,
+    gpus,
     procs_per_node,
     namespace,
     output_uri,
     run_id,
     s3_secret,
+    mlflow_secret,
     deadline,
     fetch_to,
 ):
     """Train a model from a config; flags override env (CTA_*) which overrides the file.
 
     With --backend kubeflow the config (a path inside the pods) is trained by a Kubeflow
-    TrainJob that writes to --output-uri; its logs are shown and --fetch-to gets the model.
+    TrainJob of --nodes x --gpus that writes to --output-uri; its state and logs are shown and
+    --fetch-to gets the model. --data may be an s3:// dataset_ref.json (fetched first).
     """
+    configure_logging()
     if backend == "kubeflow":
         local_only = {
             "--arch": arch,
@@ -121,7 +147,6 @@ def train(
             "--precision": precision,
             "--set": set_items,
             "--upload-to": upload_to,
-            "--tracking-uri": tracking_uri,
         }
         given = [flag for flag, value in local_only.items() if value not in (None, ())]
         if given or nproc_per_node != 1:
@@ -135,54 +160,81 @@ def train(
             output_uri,
             image,
             nodes,
+            gpus,
             procs_per_node,
             namespace,
             run_id,
             s3_secret,
+            mlflow_secret,
+            tracking_uri,
             deadline,
             fetch_to,
         )
         _emit_train_result(result, summary_out)
         return
+    if gpus:
+        raise click.UsageError("--gpus: only with --backend kubeflow; use --nproc-per-node here")
     if config_path and not Path(config_path).is_file():
         raise click.BadParameter(f"{config_path}: no such file", param_hint="--config")
     from components.train.step import run
 
     data_key = "data.dataset_ref" if data and data.endswith(".json") else "data.path"
-    flags = {
-        "model.arch": arch,
-        "model.tasks": tasks,
-        "model.backbone": backbone,
-        data_key: data,
-        "output": output,
-        "epochs": epochs,
-        "max_steps": max_steps,
-        "batch_size": batch_size,
-        "optim.lr": lr,
-        "seed": seed,
-        "precision": precision,
-        **_parse_set(set_items),
-    }
-    result = run(
-        config_path,
-        flags=flags,
-        resume=resume,
-        nproc_per_node=nproc_per_node,
-        tracking_uri=tracking_uri,
-        experiment=experiment,
-        environ={} if no_env else None,
-        upload_to=upload_to,
-    )
+    with _local_dataset_ref(data if data_key == "data.dataset_ref" else None) as dataset_ref:
+        flags = {
+            "model.arch": arch,
+            "model.tasks": tasks,
+            "model.backbone": backbone,
+            data_key: dataset_ref or data,
+            "output": output,
+            "epochs": epochs,
+            "max_steps": max_steps,
+            "batch_size": batch_size,
+            "optim.lr": lr,
+            "seed": seed,
+            "precision": precision,
+            **_parse_set(set_items),
+        }
+        result = run(
+            config_path,
+            flags=flags,
+            resume=resume,
+            nproc_per_node=nproc_per_node,
+            tracking_uri=tracking_uri,
+            experiment=experiment,
+            environ={} if no_env else None,
+            upload_to=upload_to,
+        )
     if os.environ.get("RANK", "0") == "0":
         _emit_train_result(result, summary_out)
 
 
-def _emit_train_result(result: dict, summary_out: str | None) -> None:
-    if summary_out:
-        from components.artifacts import write_json_atomic
+def configure_logging() -> None:
+    """INFO and above of the package's loggers to stderr (once; a caller's set-up is kept)."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
 
-        write_json_atomic(summary_out, result)
-    click.echo(json.dumps(result, indent=2))
+
+@contextlib.contextmanager
+def _local_dataset_ref(data: str | None) -> Iterator[str | None]:
+    """A dataset_ref.json on S3 (how the TrainJob pods get the pipeline's) as a local file."""
+    from components.storage import is_remote, read_bytes
+
+    if not data or not is_remote(data):
+        yield data
+        return
+    with tempfile.TemporaryDirectory(prefix="cta-dataset-ref-") as folder:
+        local = Path(folder) / "dataset_ref.json"
+        local.write_bytes(read_bytes(data))
+        yield str(local)
+
+
+def _emit_train_result(result: dict, summary_out: str | None) -> None:
+    text = json.dumps(result, indent=2)
+    if summary_out:
+        # A local file or an s3:// object (the TrainJob's summary, which its launcher reads).
+        from components.storage import write_bytes_atomic
+
+        write_bytes_atomic(summary_out, text.encode())
+    click.echo(text)
 
 
 def _train_on_kubeflow(
@@ -190,14 +242,17 @@ def _train_on_kubeflow(
     output_uri,
     image,
     nodes,
+    gpus,
     procs_per_node,
     namespace,
     run_id,
     s3_secret,
+    mlflow_secret,
+    tracking_uri,
     deadline,
     fetch_to,
 ):
-    from components.train.remote import run_on_kubeflow
+    from components.train.remote import credential_env, run_on_kubeflow
     from components.train.trainjob import TrainJobLauncher, default_api_client
 
     missing = [
@@ -217,14 +272,15 @@ def _train_on_kubeflow(
         "image": image,
         "num_nodes": nodes,
         "num_proc_per_node": procs,
+        "resources": {"gpus": gpus},
     }
     if run_id:
         spec_kwargs["run_id"] = run_id
-    if s3_secret:
-        spec_kwargs["secret_env"] = {
-            "AWS_ACCESS_KEY_ID": s3_secret,
-            "AWS_SECRET_ACCESS_KEY": s3_secret,
-        }
+    if tracking_uri:
+        spec_kwargs["env"] = {"MLFLOW_TRACKING_URI": tracking_uri}
+    secret_env = credential_env(s3_secret, mlflow_secret)
+    if secret_env:
+        spec_kwargs["secret_env"] = secret_env
     launcher = TrainJobLauncher(default_api_client(), namespace=namespace)
     return run_on_kubeflow(
         config_path,

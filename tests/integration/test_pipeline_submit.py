@@ -52,14 +52,18 @@ def param_flags(params=PARAMS):
     return [flag for key, value in params.items() for flag in ("--param", f"{key}={value}")]
 
 
-def assert_is_training_pipeline(spec: dict) -> None:
+def assert_is_training_pipeline(spec: dict, platform: dict) -> None:
+    """The pipeline spec, and its kfp-kubernetes settings (Secrets, timeouts) sent beside it."""
     assert spec["pipelineInfo"]["name"] == "cta-training"
     executors = spec["deploymentSpec"]["executors"]
+    assert set(platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]) == set(executors)
     assert set(executors) == {
         "exec-validate-data",
+        "exec-data-fingerprint",
         "exec-baselines-needed",
         "exec-train-baselines",
         "exec-train",
+        "exec-train-trainjob",
         "exec-evaluate",
         "exec-roi-report",
         "exec-register-model",
@@ -97,7 +101,9 @@ def test_submit_creates_experiment_and_run_with_inline_spec(kfp_server):
     assert run["experiment_id"] == next(iter(kfp_server.experiments))
     assert run["runtime_config"]["parameters"] == PARAMS
     assert "pipeline_version_reference" not in run
-    assert_is_training_pipeline(run["pipeline_spec"])
+    assert_is_training_pipeline(
+        run["pipeline_spec"]["pipeline_spec"], run["pipeline_spec"]["platform_spec"]
+    )
 
     printed = json.loads(result.stdout)
     assert printed["run_id"] == next(iter(kfp_server.runs))
@@ -128,7 +134,7 @@ def test_schedule_uploads_a_version_and_creates_a_6_field_cron_recurring_run(kfp
     assert paths.index(f"{API}/pipelines/upload") < paths.index(f"{API}/recurringruns")
     upload = kfp_server.find("POST", f"{API}/pipelines/upload")[0]
     assert upload.query["name"] == ["cta-training"]
-    assert_is_training_pipeline(yaml.safe_load(upload.body["uploadfile"]))
+    assert_is_training_pipeline(*yaml.safe_load_all(upload.body["uploadfile"]))
     (pipeline_id,) = kfp_server.pipelines
     (version,) = kfp_server.versions[pipeline_id]
 
@@ -161,7 +167,7 @@ def test_second_schedule_adds_a_pipeline_version(kfp_server):
     (upload_version,) = kfp_server.find("POST", f"{API}/pipelines/upload_version")
     (pipeline_id,) = kfp_server.pipelines
     assert upload_version.query["pipelineid"] == [pipeline_id]
-    assert_is_training_pipeline(yaml.safe_load(upload_version.body["uploadfile"]))
+    assert_is_training_pipeline(*yaml.safe_load_all(upload_version.body["uploadfile"]))
     first, second = (r.body for r in kfp_server.find("POST", f"{API}/recurringruns"))
     assert first["trigger"]["cron_schedule"]["cron"] == "0 30 2 * * 1-5"
     assert second["trigger"]["cron_schedule"]["cron"] == "0 15 3 * * MON-FRI"  # 6 fields kept

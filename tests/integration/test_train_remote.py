@@ -8,13 +8,14 @@ the API, which logs it relayed, and that it fetched and verified the model folde
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from components.storage import make_s3_client, upload_tree
+from components.storage import make_s3_client, upload_tree, write_bytes_atomic
 from components.train.remote import (
     POD_OUTPUT,
     check_fetch_to,
@@ -26,6 +27,7 @@ from components.train.remote import (
     remote_spec,
     remote_train_command,
     run_on_kubeflow,
+    summary_uri,
 )
 from components.train.trainjob import (
     PodLogLine,
@@ -67,6 +69,8 @@ def test_remote_spec_trains_locally_in_the_pod_and_uploads_the_model():
         POD_OUTPUT,
         "--upload-to",
         "s3://bucket/runs/r7/model",
+        "--summary-out",
+        "s3://bucket/runs/r7/train_summary.json",
     ]
     # Name and run id are fixed by config and output: a resubmission finds the same TrainJob.
     assert spec.run_id == default_run_id(CONFIG, "s3://bucket/runs/r7")
@@ -146,6 +150,16 @@ def model_folder(tmp_path_factory) -> Path:
 def output_uri(moto_s3, s3_bucket, monkeypatch) -> str:
     monkeypatch.setenv("CTA_S3_ENDPOINT_URL", moto_s3.endpoint_url)
     return f"s3://{s3_bucket}/runs/r7"
+
+
+#: What rank 0 writes beside the model folder (`cta train --summary-out`).
+SUMMARY = {"model_id": "m-7", "run_id": "run-7", "best_epoch": 3, "best_metrics": {}}
+
+
+def pods_trained(model_folder: Path, output_uri: str) -> None:
+    """Stand in for the pods' work: the model folder and the run's summary on S3."""
+    upload_tree(model_folder, model_uri(output_uri))
+    write_bytes_atomic(summary_uri(output_uri), json.dumps(SUMMARY).encode())
 
 
 def condition(kind: str, reason: str, message: str = "") -> dict[str, str]:
@@ -228,7 +242,7 @@ def run(launcher, output_uri, fetch_to, lines, **kwargs):
 async def test_complete_job_streams_logs_and_fetches_the_verified_model(
     kmock, launcher, output_uri, model_folder, tmp_path
 ):
-    upload_tree(model_folder, model_uri(output_uri))
+    pods_trained(model_folder, output_uri)
     play_trainer(kmock, {"conditions": [condition("Complete", "JobsCompleted")]}, ("pod-a",))
     lines: list[str] = []
 
@@ -239,6 +253,7 @@ async def test_complete_job_streams_logs_and_fetches_the_verified_model(
         "trainjob": name,
         "model_dir": str(tmp_path / "fetched"),
         "output_uri": output_uri,
+        "summary": SUMMARY,
     }
     assert calls(kmock) == [
         ("POST", "trainjobs", None),
@@ -248,9 +263,16 @@ async def test_complete_job_streams_logs_and_fetches_the_verified_model(
         ("GET", "pods", "log"),
     ]
     sent = kmock.objects[TRAINJOBS, NAMESPACE, name]["spec"]["trainer"]["command"]
-    assert sent[-2:] == ["--upload-to", f"{output_uri}/model"]
+    assert sent[-4:] == [
+        "--upload-to",
+        f"{output_uri}/model",
+        "--summary-out",
+        f"{output_uri}/train_summary.json",
+    ]
     assert lines == [
         f"submitted TrainJob {NAMESPACE}/{name}",
+        f"TrainJob {NAMESPACE}/{name}: Pending",
+        f"TrainJob {NAMESPACE}/{name}: Complete (JobsCompleted)",
         "[pod-a] epoch 1 on pod-a",
         "[pod-a] saved model",
         f"fetched {output_uri}/model to {tmp_path / 'fetched'}",
@@ -269,7 +291,7 @@ async def test_complete_job_streams_logs_and_fetches_the_verified_model(
 async def test_failed_job_raises_its_reason_after_the_logs_and_fetches_nothing(
     kmock, launcher, output_uri, model_folder, tmp_path
 ):
-    upload_tree(model_folder, model_uri(output_uri))
+    pods_trained(model_folder, output_uri)
     failed = {"conditions": [condition("Failed", "BackoffLimitExceeded", "node-0 exited 1")]}
     play_trainer(kmock, failed, ("pod-a",))
     lines: list[str] = []
@@ -278,7 +300,13 @@ async def test_failed_job_raises_its_reason_after_the_logs_and_fetches_nothing(
         await run(launcher, output_uri, tmp_path / "fetched", lines)
 
     assert caught.value.reason == "BackoffLimitExceeded"
-    assert lines[1:] == ["[pod-a] epoch 1 on pod-a", "[pod-a] saved model"]
+    name = remote_spec(CONFIG, output_uri, SPEC).name
+    assert lines[1:] == [
+        f"TrainJob {NAMESPACE}/{name}: Pending",
+        f"TrainJob {NAMESPACE}/{name}: Failed (BackoffLimitExceeded: node-0 exited 1)",
+        "[pod-a] epoch 1 on pod-a",
+        "[pod-a] saved model",
+    ]
     assert not (tmp_path / "fetched").exists()
     assert [call[0] for call in calls(kmock)] == ["POST", "GET", "GET", "GET", "GET"]
 
@@ -299,7 +327,7 @@ async def test_timeout_without_pods_says_so_and_reraises(kmock, launcher, output
 async def test_a_tampered_model_folder_is_a_data_error(
     kmock, launcher, output_uri, model_folder, tmp_path
 ):
-    upload_tree(model_folder, model_uri(output_uri))
+    pods_trained(model_folder, output_uri)
     bucket, key = output_uri.removeprefix("s3://").split("/", 1)
     make_s3_client().put_object(Bucket=bucket, Key=f"{key}/model/model.yaml", Body=b"tampered")
     play_trainer(kmock, {"conditions": [condition("Complete", "JobsCompleted")]}, ("pod-a",))
@@ -401,8 +429,30 @@ def test_cli_kubeflow_backend_passes_the_spec_and_refuses_local_flags(monkeypatc
         "image": "cta:1",
         "num_nodes": 2,
         "num_proc_per_node": 4,
+        "resources": {"gpus": 0},
         "secret_env": {"AWS_ACCESS_KEY_ID": "cta-s3", "AWS_SECRET_ACCESS_KEY": "cta-s3"},
     }
+
+    # --nodes M --gpus N: N GPUs per node, one process each; MLflow as env and Secret refs.
+    gpus = runner.invoke(
+        main,
+        [*args, "--output-uri", "s3://b/r7", "--nodes", "3", "--gpus", "8"]
+        + ["--tracking-uri", "http://mlflow.mlflow:5000", "--mlflow-secret", "cta-mlflow"],
+    )
+    assert gpus.exit_code == 0, gpus.output
+    assert seen["spec"]["num_nodes"] == 3 and seen["spec"]["num_proc_per_node"] == "auto"
+    assert seen["spec"]["resources"] == {"gpus": 8}
+    assert seen["spec"]["env"] == {"MLFLOW_TRACKING_URI": "http://mlflow.mlflow:5000"}
+    assert seen["spec"]["secret_env"] == {
+        key: {"secret": "cta-mlflow", "key": key, "optional": True}
+        for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    }
+    manifest = build_trainjob_manifest(remote_spec(CONFIG, "s3://b/r7", seen["spec"]))
+    validate_trainjob(manifest)
+    limits = manifest["spec"]["trainer"]["resourcesPerNode"]["limits"]
+    assert limits["nvidia.com/gpu"] == "8" and manifest["spec"]["trainer"]["numNodes"] == 3
+    no_backend = runner.invoke(main, ["train", "--gpus", "2"])
+    assert no_backend.exit_code == 2 and "--gpus: only with --backend kubeflow" in no_backend.output
 
     missing = runner.invoke(main, args)
     assert missing.exit_code == 2 and "needs --output-uri" in missing.output

@@ -17,6 +17,30 @@ def compiled(tmp_path_factory):
     return compile_pipeline(tmp_path_factory.mktemp("compile") / "training.yaml")
 
 
+def pipeline_spec(compiled) -> dict:
+    """The pipeline spec: the first of the two YAML documents (the second holds the
+    kfp-kubernetes platform settings)."""
+    return next(iter(yaml.safe_load_all(compiled.read_text())))
+
+
+def condition_holding(spec: dict, dag_tasks: dict, task: str) -> str:
+    """The name of the condition task in ``dag_tasks`` whose branch holds ``task``."""
+    for name, entry in dag_tasks.items():
+        component = spec["components"][entry["componentRef"]["name"]]
+        if task in component.get("dag", {}).get("tasks", {}):
+            return name
+    raise AssertionError(f"no condition holds {task}")
+
+
+def tasks_below(spec: dict, component: str) -> set[str]:
+    """Every task name in a component's DAG and in the DAGs nested below it."""
+    found: set[str] = set()
+    for name, entry in spec["components"][component].get("dag", {}).get("tasks", {}).items():
+        found.add(name)
+        found |= tasks_below(spec, entry["componentRef"]["name"])
+    return found
+
+
 def test_compiled_pipeline_loads(compiled):
     component = load_component_from_file(str(compiled))
     assert set(component.component_spec.inputs) == {
@@ -35,17 +59,27 @@ def test_compiled_pipeline_loads(compiled):
         "approver",
         "bootstrap_n",
         "latency_repeats",
+        "stl_baselines",
+        "s3_secret",
+        "mlflow_secret",
+        "train_backend",
+        "train_gpus",
+        "train_nodes",
+        "accelerator_type",
+        "train_output_uri",
     }
 
 
 def test_components_run_in_the_project_image_and_install_nothing(compiled):
-    spec = yaml.safe_load(compiled.read_text())
+    spec = pipeline_spec(compiled)
     executors = spec["deploymentSpec"]["executors"]
     assert set(executors) == {
         "exec-validate-data",
+        "exec-data-fingerprint",
         "exec-baselines-needed",
         "exec-train-baselines",
         "exec-train",
+        "exec-train-trainjob",
         "exec-evaluate",
         "exec-roi-report",
         "exec-register-model",
@@ -60,30 +94,41 @@ def test_components_run_in_the_project_image_and_install_nothing(compiled):
 
 
 def test_train_is_gated_on_the_single_validate_output(compiled):
-    spec = yaml.safe_load(compiled.read_text())
+    spec = pipeline_spec(compiled)
     gate = spec["root"]["dag"]["tasks"]["condition-1"]
     assert gate["dependentTasks"] == ["validate-data"]
     condition = gate["triggerPolicy"]["condition"]
     assert "validate-data-Output" in condition and condition.endswith("true")
-    assert "train" in spec["components"]["comp-condition-1"]["dag"]["tasks"]
+    assert {"train", "train-trainjob"} <= tasks_below(spec, "comp-condition-1")
 
 
 def test_every_later_gate_sits_on_a_single_output(compiled):
     """Baselines train only when needed; evaluate waits for that branch; the roll-out starts
     only when the gate's one str output is "pass" (DESIGN 6.2)."""
-    spec = yaml.safe_load(compiled.read_text())
+    spec = pipeline_spec(compiled)
     components = spec["components"]
     branch = components["comp-stl-baselines"]["dag"]["tasks"]
     needed = branch["condition-1"]["triggerPolicy"]["condition"]
     assert "baselines-needed-Output" in needed and needed.endswith("true")
     assert "train-baselines" in components["comp-condition-1-2"]["dag"]["tasks"]
     after_data = components["comp-condition-1"]["dag"]["tasks"]
-    assert set(after_data["evaluate"]["dependentTasks"]) == {"stl-baselines", "train"}
-    rollout_gate = after_data["condition-2"]
+    # evaluate waits for the baselines and for whichever train branch ran (dsl.OneOf).
+    training = next(
+        name
+        for name, entry in after_data.items()
+        if "train" in tasks_below(spec, entry["componentRef"]["name"])
+    )
+    assert set(after_data["evaluate"]["dependentTasks"]) == {
+        "stl-baselines",
+        training,
+        "data-fingerprint",
+    }
+    rollout_gate = after_data[condition_holding(spec, after_data, "rollout")]
     assert "gate" in rollout_gate["dependentTasks"]
     condition = rollout_gate["triggerPolicy"]["condition"]
     assert "gate-Output" in condition and "'pass'" in condition
-    assert list(components["comp-condition-2"]["dag"]["tasks"]) == ["rollout"]
+    rollout_component = rollout_gate["componentRef"]["name"]
+    assert list(components[rollout_component]["dag"]["tasks"]) == ["rollout"]
 
 
 def test_cli_compile(tmp_path):

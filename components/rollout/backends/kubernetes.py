@@ -22,6 +22,10 @@ from components.rollout.backends import ModelRef, deployment_record, model_of
 from cta_model.errors import CtaError
 
 NAMESPACE_PREFIX = "cta-line-"
+POD_SECURITY_LABELS = {
+    "pod-security.kubernetes.io/enforce": "restricted",
+    "pod-security.kubernetes.io/enforce-version": "latest",
+}
 LIVE_DEPLOYMENT = "cta-serve"
 SHADOW_DEPLOYMENT = "cta-serve-shadow"
 PORT = 8080
@@ -101,7 +105,9 @@ def overlay_files(
     namespace_doc = {
         "apiVersion": "v1",
         "kind": "Namespace",
-        "metadata": {"name": namespace, "labels": {"cta.line": line_id}},
+        # cta.line admits the line's servers to MLflow (infra/k8s/platform/networkpolicy.yaml);
+        # the line's pods meet Pod Security "restricted", so the namespace enforces it.
+        "metadata": {"name": namespace, "labels": {"cta.line": line_id, **POD_SECURITY_LABELS}},
     }
 
     def patch(name: str, model: ModelRef | None) -> dict[str, Any]:
