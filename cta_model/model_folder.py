@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 from safetensors.torch import load_file, save_file
 
+from cta_model.config import read_yaml
 from cta_model.errors import ConfigError, DataError
 from cta_model.inspection import ScoreDefinition
 from cta_model.nn.models import ModelSpec, MultiTaskNet, build_model
@@ -252,10 +253,7 @@ def read_model_card(folder: str | os.PathLike) -> ModelCard:
     path = Path(folder) / MODEL_YAML
     if not path.is_file():
         raise DataError(f"{path}: missing; not a model folder")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return ModelCard.from_dict(data, source=str(path))
