@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
@@ -278,14 +279,35 @@ def load_model_folder(
     return model, card
 
 
+def nonfinite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` holding a NaN or an infinity."""
+    return [
+        name
+        for name, tensor in state.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def check_finite_weights(weights: str | os.PathLike) -> None:
+    """DataError naming the file and its first non-finite tensors (a diverged training)."""
+    bad = nonfinite_tensors(load_file(Path(weights)))
+    if bad:
+        raise DataError(
+            f"{weights}: {len(bad)} tensor(s) hold NaN or infinite values "
+            f"(e.g. {', '.join(bad[:3])}); refusing a diverged model"
+        )
+
+
 __all__ = [
     "CHECKSUMS",
     "MODEL_YAML",
     "WEIGHTS",
     "InputContract",
     "ModelCard",
+    "check_finite_weights",
     "folder_sha256",
     "load_model_folder",
+    "nonfinite_tensors",
     "read_model_card",
     "save_model_folder",
     "verify_checksums",

@@ -26,7 +26,9 @@ Sections (every key is optional unless marked; defaults follow the paper's recip
                     class_id, region_classes), num_workers, cache_dir
     inspection:     reject_classes (null = the dataset's, else configs/inspection.yaml's),
                     score_window_px: the defect score the model folder records
-    optim:          name (adam | adamw | sgd), lr, weight_decay, momentum (sgd), grad_clip
+    optim:          name (adam | adamw | sgd), lr, weight_decay, momentum (sgd), grad_clip,
+                    max_skipped_steps_in_a_row (a step with a non-finite loss or gradient is
+                    skipped on every rank; this many in a row stop the run with an error)
     schedule:       name (cosine | constant), warmup_steps
     epochs / max_steps (at least one; training stops at whichever comes first)
     batch_size      GLOBAL samples per optimizer step, over all processes and accumulation
@@ -41,7 +43,8 @@ Sections (every key is optional unless marked; defaults follow the paper's recip
     eval:           miou_rule, reduction (pooled | batch_mean), batch_size (per process)
     distill:        enabled, ema_decay, seg_confidence (EMA-teacher labels for absent tasks)
     output          (required) run folder: checkpoints/, model/, train_result.json
-    debug:          test hooks: mask_tasks_by_rank {rank: [tasks]}, dump_param_hashes
+    debug:          test hooks: mask_tasks_by_rank {rank: [tasks]}, dump_param_hashes,
+                    nan_loss_steps_by_rank {rank: [steps]}
 
 Precedence flag > env > file: the CLI builds `resolve_overrides(flags, os.environ)` and calls
 `load_train_config(path, overrides)`. Environment variables (`ENV_OVERRIDES`):
@@ -287,6 +290,9 @@ class DebugConfig(StrictModel):
     mask_tasks_by_rank: dict[int, tuple[str, ...]] = Field(default_factory=dict)
     # Each rank writes <output>/debug/params-rank<r>.sha256 at the end.
     dump_param_hashes: bool = False
+    # Rank r's loss value is NaN at these optimizer steps (1-based; its gradients stay finite):
+    # the step must be skipped on every rank.
+    nan_loss_steps_by_rank: dict[int, tuple[int, ...]] = Field(default_factory=dict)
 
 
 class TrainConfig(StrictModel):
