@@ -65,6 +65,7 @@ def run(
         run_name=run_name or f"{config.model.arch}-{Path(config.output).name}",
         config=config.model_dump(mode="json"),
         lineage={},
+        run_folder=config.output,  # a resumed training ends or links the run it continues
     )
     with tracker:
         result = train(config, callbacks=[tracker], resume=resume, opener_for=opener_for)
