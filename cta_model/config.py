@@ -39,7 +39,7 @@ def _number_problem(value: Any, where: str = "") -> str | None:
     if isinstance(value, float) and not math.isfinite(value):
         return f"must be finite, got {value}{where}"
     if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
-        return f"must be an integer within 64 bits, got one of {len(str(abs(value)))} digits{where}"
+        return f"must be an integer within 64 bits, got one of {value.bit_length()} bits{where}"
     if isinstance(value, Mapping):
         items: Any = value.items()
     elif isinstance(value, list | tuple):

@@ -114,7 +114,7 @@ def test_steps_with_a_nan_loss_or_nan_gradients_are_skipped_and_counted(data, tm
     assert digests.digests[1] == digests.digests[2] == digests.digests[3]  # weights untouched
     assert digests.digests[4] != digests.digests[3]  # and training went on
     assert result.skipped_steps == 2
-    assert [entry["train"]["skipped_steps"] for entry in result.history] == [1.0, 1.0]
+    assert sum(entry["train"]["skipped_steps"] for entry in result.history) == 2.0
     assert all(math.isfinite(entry["train"]["loss"]) for entry in result.history)
     model, _ = load_model_folder(tmp_path / "run" / "model")
     assert nonfinite_tensors(model.state_dict()) == []
