@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from cta_model.errors import ConfigError
 
@@ -31,15 +31,15 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _number_problem(value: Any, where: str = "") -> str | None:
-    """Why `value` (or a number nested in it) is not a finite float / 64-bit int; None if fine."""
-    if isinstance(value, BaseModel):
-        return None  # validated itself
-    if isinstance(value, bool):
-        return None
+    """Why `value` (or a number nested in it, at the index path `where`) is not a finite float
+    or a 64-bit integer; None when it is fine."""
+    at = f" (at {where})" if where else ""
+    if isinstance(value, BaseModel | bool):
+        return None  # a model validated itself
     if isinstance(value, float) and not math.isfinite(value):
-        return f"must be finite, got {value}{where}"
+        return f"must be finite, got {value}{at}"
     if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
-        return f"must be an integer within 64 bits, got one of {value.bit_length()} bits{where}"
+        return f"must be an integer within 64 bits, got one of {value.bit_length()} bits{at}"
     if isinstance(value, Mapping):
         items: Any = value.items()
     elif isinstance(value, list | tuple):
@@ -47,7 +47,7 @@ def _number_problem(value: Any, where: str = "") -> str | None:
     else:
         return None
     for key, item in items:
-        problem = _number_problem(item, f"{where}[{key!r}]" if where else f" (at [{key!r}])")
+        problem = _number_problem(item, f"{where}[{key!r}]")
         if problem:
             return problem
     return None
@@ -61,7 +61,7 @@ class StrictModel(BaseModel):
 
     @field_validator("*", mode="after")
     @classmethod
-    def _finite_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+    def _finite_numbers(cls, value: Any) -> Any:
         problem = _number_problem(value)
         if problem:
             raise ValueError(problem)
