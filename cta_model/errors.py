@@ -11,3 +11,7 @@ class ConfigError(CtaError, ValueError):
 
 class DataError(CtaError, ValueError):
     """A dataset file, sample or field is missing, corrupt or inconsistent."""
+
+
+class TrainingError(CtaError):
+    """A training run diverged or ended without a usable model (nothing is written or logged)."""

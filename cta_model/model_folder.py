@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from cta_model.config import read_yaml
 from cta_model.errors import ConfigError, DataError
 from cta_model.inspection import ScoreDefinition
 from cta_model.nn.models import ModelSpec, MultiTaskNet, build_model
@@ -274,10 +276,7 @@ def read_model_card(folder: str | os.PathLike) -> ModelCard:
     path = Path(folder) / MODEL_YAML
     if not path.is_file():
         raise DataError(f"{path}: missing; not a model folder")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return ModelCard.from_dict(data, source=str(path))
@@ -302,14 +301,35 @@ def load_model_folder(
     return model, card
 
 
+def nonfinite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` holding a NaN or an infinity."""
+    return [
+        name
+        for name, tensor in state.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def check_finite_weights(weights: str | os.PathLike) -> None:
+    """DataError naming the file and its first non-finite tensors (a diverged training)."""
+    bad = nonfinite_tensors(load_file(Path(weights)))
+    if bad:
+        raise DataError(
+            f"{weights}: {len(bad)} tensor(s) hold NaN or infinite values "
+            f"(e.g. {', '.join(bad[:3])}); refusing a diverged model"
+        )
+
+
 __all__ = [
     "CHECKSUMS",
     "MODEL_YAML",
     "WEIGHTS",
     "InputContract",
     "ModelCard",
+    "check_finite_weights",
     "folder_sha256",
     "load_model_folder",
+    "nonfinite_tensors",
     "read_model_card",
     "save_model_folder",
     "verify_checksums",

@@ -26,7 +26,9 @@ Sections (every key is optional unless marked; defaults follow the paper's recip
                     class_id, region_classes), num_workers, cache_dir
     inspection:     reject_classes (null = the dataset's, else configs/inspection.yaml's),
                     score_window_px: the defect score the model folder records
-    optim:          name (adam | adamw | sgd), lr, weight_decay, momentum (sgd), grad_clip
+    optim:          name (adam | adamw | sgd), lr, weight_decay, momentum (sgd), grad_clip,
+                    max_skipped_steps_in_a_row (a step with a non-finite loss or gradient is
+                    skipped on every rank; this many in a row stop the run with an error)
     schedule:       name (cosine | constant), warmup_steps
     epochs / max_steps (at least one; training stops at whichever comes first)
     batch_size      GLOBAL samples per optimizer step, over all processes and accumulation
@@ -41,7 +43,8 @@ Sections (every key is optional unless marked; defaults follow the paper's recip
     eval:           miou_rule, reduction (pooled | batch_mean | mtan), batch_size (per process)
     distill:        enabled, ema_decay, seg_confidence (EMA-teacher labels for absent tasks)
     output          (required) run folder: checkpoints/, model/, train_result.json
-    debug:          test hooks: mask_tasks_by_rank {rank: [tasks]}, dump_param_hashes
+    debug:          test hooks: mask_tasks_by_rank {rank: [tasks]}, dump_param_hashes,
+                    nan_loss_steps_by_rank {rank: [steps]}
 
 Precedence flag > env > file: the CLI builds `resolve_overrides(flags, os.environ)` and calls
 `load_train_config(path, overrides)`. Environment variables (`ENV_OVERRIDES`):
@@ -60,7 +63,7 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -83,6 +86,15 @@ ENV_OVERRIDES: dict[str, str] = {
     "CTA_OUT": "output",
 }
 _DATA_SOURCES = ("path", "dataset_ref", "synthetic")
+
+# Stated bounds (docs/training.md); every float is finite (cta_model.config.StrictModel).
+MAX_SEED = 2**32 - 1  # what numpy's seeding accepts
+MAX_EPOCHS = 100_000
+MAX_STEPS = 1_000_000_000
+MAX_BATCH_SIZE = 65_536
+MAX_WORKERS = 256
+MAX_SCALE = 8.0  # zoom factor of augment.scales
+MAX_IMAGE_SIDE = 8192  # synthetic scene size (model.input_size: cta_model.nn.models)
 
 
 class ModelConfig(NetworkSettings):
@@ -132,9 +144,9 @@ class InspectionSettings(StrictModel):
 
 class LossConfig(StrictModel):
     weighting: Literal["fixed", "uncertainty", "dwa"] = "fixed"
-    weights: dict[str, float] = Field(default_factory=dict)
+    weights: dict[str, Annotated[float, Field(ge=0, le=1e6)]] = Field(default_factory=dict)
     deep_supervision: bool = True
-    dwa_temperature: float = Field(default=2.0, gt=0)
+    dwa_temperature: float = Field(default=2.0, gt=0, le=1e6)
     defects: DefectLossConfig = Field(default_factory=DefectLossConfig)
 
     @model_validator(mode="after")
@@ -148,10 +160,10 @@ class LossConfig(StrictModel):
 
 
 class SyntheticData(StrictModel):
-    lines: int = Field(default=3, ge=1)
-    samples_per_line: int = Field(default=200, ge=2)
-    size: int = Field(default=128, ge=16)
-    seed: int = 0
+    lines: int = Field(default=3, ge=1, le=1000)
+    samples_per_line: int = Field(default=200, ge=2, le=1_000_000)
+    size: int = Field(default=128, ge=16, le=MAX_IMAGE_SIDE)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
 
 class AugmentConfig(StrictModel):
@@ -161,8 +173,10 @@ class AugmentConfig(StrictModel):
     @field_validator("scales")
     @classmethod
     def _positive(cls, value: tuple[float, ...]) -> tuple[float, ...]:
-        if not value or min(value) <= 0:
-            raise ValueError(f"must be a non-empty list of zoom factors > 0, got {list(value)}")
+        if not value or min(value) <= 0 or max(value) > MAX_SCALE:
+            raise ValueError(
+                f"must be a non-empty list of zoom factors in (0, {MAX_SCALE:g}], got {list(value)}"
+            )
         return value
 
 
@@ -174,7 +188,9 @@ class TilingConfig(StrictModel):
     defect_fraction: float = Field(default=0.5, ge=0, le=1)
     tiles_per_image: int = Field(default=1, ge=1, le=64)  # training tiles per image per epoch
     val_tiles_per_image: int = Field(default=4, ge=1, le=64)  # fixed validation tiles
-    overlap_px: int = Field(default=16, ge=0)  # between tiles at inference (model.yaml)
+    overlap_px: int = Field(
+        default=16, ge=0, le=MAX_IMAGE_SIDE
+    )  # between tiles at inference (model.yaml)
 
 
 class AnomalyTrainConfig(AnomalyConfig):
@@ -197,7 +213,7 @@ class DataConfig(StrictModel):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     tiling: TilingConfig | None = None
     anomalies: AnomalyTrainConfig | None = None
-    num_workers: int = Field(default=0, ge=0)
+    num_workers: int = Field(default=0, ge=0, le=MAX_WORKERS)
     cache_dir: str = ".cta/cache"
 
     @model_validator(mode="after")
@@ -234,28 +250,31 @@ class OptimConfig(StrictModel):
     weight_decay: float = Field(default=1e-4, ge=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     grad_clip: float | None = Field(default=None, gt=0)
+    # A step whose loss or gradients are not finite is skipped (on every rank); this many in a
+    # row stop the run with an error.
+    max_skipped_steps_in_a_row: int = Field(default=5, ge=1, le=10_000)
 
 
 class ScheduleConfig(StrictModel):
     name: Literal["cosine", "constant"] = "cosine"
-    warmup_steps: int = Field(default=0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0, le=MAX_STEPS)
 
 
 class CheckpointConfig(StrictModel):
-    every_steps: int = Field(default=0, ge=0)
-    keep_last: int = Field(default=3, ge=1)
+    every_steps: int = Field(default=0, ge=0, le=MAX_STEPS)
+    keep_last: int = Field(default=3, ge=1, le=1000)
 
 
 class EarlyStoppingConfig(StrictModel):
     metric: str = VAL_LOSS
-    patience: int | None = Field(default=None, ge=1)
+    patience: int | None = Field(default=None, ge=1, le=MAX_EPOCHS)
     min_delta: float = Field(default=0.0, ge=0)
 
 
 class EvalConfig(StrictModel):
     miou_rule: Literal["nanmean_union", "strict", "zero_union_as_0"] = "nanmean_union"
     reduction: Literal["pooled", "batch_mean", "mtan"] = "pooled"  # metrics.EVAL_REDUCTIONS
-    batch_size: int | None = Field(default=None, ge=1)
+    batch_size: int | None = Field(default=None, ge=1, le=MAX_BATCH_SIZE)
 
 
 class DistillConfig(StrictModel):
@@ -271,6 +290,9 @@ class DebugConfig(StrictModel):
     mask_tasks_by_rank: dict[int, tuple[str, ...]] = Field(default_factory=dict)
     # Each rank writes <output>/debug/params-rank<r>.sha256 at the end.
     dump_param_hashes: bool = False
+    # Rank r's loss value is NaN at these optimizer steps (1-based; its gradients stay finite):
+    # the step must be skipped on every rank.
+    nan_loss_steps_by_rank: dict[int, tuple[int, ...]] = Field(default_factory=dict)
 
 
 class TrainConfig(StrictModel):
@@ -279,11 +301,11 @@ class TrainConfig(StrictModel):
     data: DataConfig
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    epochs: int | None = Field(default=None, ge=1)
-    max_steps: int | None = Field(default=None, ge=1)
-    batch_size: int = Field(default=8, ge=1)
-    grad_accum_steps: int = Field(default=1, ge=1)
-    seed: int = 0
+    epochs: int | None = Field(default=None, ge=1, le=MAX_EPOCHS)
+    max_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
+    batch_size: int = Field(default=8, ge=1, le=MAX_BATCH_SIZE)
+    grad_accum_steps: int = Field(default=1, ge=1, le=MAX_BATCH_SIZE)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     deterministic: bool = True
     precision: Literal["fp32", "bf16", "auto"] = "auto"
     channels_last: bool = False
@@ -349,6 +371,7 @@ class TrainConfig(StrictModel):
         data = self.model_dump(mode="json")
         for key in ("output", "progress", "checkpoint", "debug"):
             data.pop(key)
+        data["optim"].pop("max_skipped_steps_in_a_row")  # stops a run, never changes its steps
         data["data"].pop("num_workers")
         data["data"].pop("cache_dir")
         return data

@@ -339,9 +339,9 @@ def _input_size(client: Any, source: str | None) -> Any:
     if not source:
         return None
     import mlflow
-    import yaml
 
     from components.registry.models import model_dir_path  # imports torch: only when needed
+    from cta_model.config import parse_yaml
 
     def fetch(relative: str, staging: str) -> Path:
         return Path(
@@ -356,7 +356,7 @@ def _input_size(client: Any, source: str | None) -> Any:
         with tempfile.TemporaryDirectory(prefix="cta-card-") as staging, quiet_downloads():
             folder = model_dir_path(fetch("MLmodel", staging).parent)
             model_yaml = fetch(f"{folder}/model.yaml", staging).read_text(encoding="utf-8")
-            return yaml.safe_load(model_yaml)["model"]["input_size"]
+            return parse_yaml(model_yaml, "model.yaml")["model"]["input_size"]
     except Exception:  # noqa: BLE001 - the card says "n/a" rather than failing
         return None
 

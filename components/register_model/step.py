@@ -20,7 +20,8 @@ In order (DESIGN 6.1, 6.2 - aliases only, no stages):
 6. render the version's model card (components/model_card) and attach it.
 
 Consistency checks before anything is registered: the evaluation's model_id and sha256 must
-be those of the LoggedModel, and the evaluation and dataset_ref must name the same manifest.
+be those of the LoggedModel, the evaluation and dataset_ref must name the same manifest, and
+the LoggedModel's weights must be finite (a diverged model is never registered).
 Retries of transient MLflow errors are MLflow's own, bounded by ``run()``
 (``components.registry.client.bounded_http_retries``: a dead server fails the step in about
 15-20 s with an error naming its URL, instead of about four minutes).
@@ -119,6 +120,36 @@ def _check_consistency(
         raise DataError(
             f"evaluation.json was computed on manifest {evaluation['data']['manifest_sha256']}, "
             f"dataset_ref.json names {dataset_ref['manifest_sha256']}"
+        )
+
+
+def _check_finite_weights(client: Any, logged_model: Any) -> None:
+    """Download the LoggedModel's weights file and refuse NaN or infinite values."""
+    import mlflow
+    from safetensors.torch import load_file
+
+    from components.registry.attachments import quiet_downloads
+    from components.registry.models import model_dir_path
+    from cta_model.model_folder import WEIGHTS, nonfinite_tensors
+
+    source = logged_model.artifact_location.rstrip("/")
+    with tempfile.TemporaryDirectory(prefix="cta-register-") as staging, quiet_downloads():
+
+        def fetch(relative: str) -> Path:
+            return Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{source}/{relative}",
+                    dst_path=staging,
+                    tracking_uri=client.tracking_uri,
+                )
+            )
+
+        weights = f"{model_dir_path(fetch('MLmodel').parent)}/{WEIGHTS}"
+        bad = nonfinite_tensors(load_file(fetch(weights)))
+    if bad:
+        raise DataError(
+            f"LoggedModel {logged_model.model_id}: {weights}: {len(bad)} tensor(s) hold NaN or "
+            f"infinite values (e.g. {', '.join(bad[:3])}); refusing to register a diverged model"
         )
 
 
@@ -242,6 +273,7 @@ def run(
     client = mlflow_client(tracking_uri)
     logged_model = client.get_logged_model(model_id)
     _check_consistency(model_id, logged_model, evaluation_data, ref_data)
+    _check_finite_weights(client, logged_model)
 
     existing = find_version(client, model_name, model_id)
     created = existing is None

@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from components.registry.client import mlflow_client, resolve_tracking_uri
 from components.registry.names import (
     COMPLETE,
@@ -40,6 +38,7 @@ from components.registry.names import (
     TAG_MODEL_SHA256,
 )
 from components.registry.versions import is_complete
+from cta_model.config import read_yaml
 from cta_model.errors import ConfigError, DataError
 from cta_model.model_folder import CHECKSUMS, folder_sha256, verify_checksums
 
@@ -151,7 +150,7 @@ def _verify(folder: Path, uri: str, expected_sha256: str | None) -> str:
 
 def model_dir_path(model_root: Path) -> str:
     """The model folder's path inside the LoggedModel, from its MLmodel file."""
-    mlmodel = yaml.safe_load((model_root / "MLmodel").read_text()) or {}
+    mlmodel = read_yaml(model_root / "MLmodel") or {}
     artifacts = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts", {})
     entry = artifacts.get(MODEL_DIR_ARTIFACT)
     if not entry or "path" not in entry:

@@ -32,7 +32,7 @@ from mlflow.types.schema import Schema, TensorSpec
 
 from components.registry.names import MODEL_DIR_ARTIFACT, TAG_MODEL_SHA256
 from cta_model.inference import Predictor
-from cta_model.model_folder import folder_sha256, verify_checksums
+from cta_model.model_folder import WEIGHTS, check_finite_weights, folder_sha256, verify_checksums
 
 PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
 # The distributions the pyfunc imports (cta_model.inference and its imports); mlflow itself is
@@ -93,12 +93,15 @@ def log_model_folder(
 
     ``input_example_size`` is the (H, W) of the logged input example; by default the model's
     input size, capped at MAX_EXAMPLE_SIDE per side unless resize_policy is "exact".
-    The LoggedModel gets ``tags`` plus ``cta.model_sha256`` (the folder digest). Returns
+    A folder whose weights hold NaN or infinite values is refused (DataError). The
+    LoggedModel gets ``tags`` plus ``cta.model_sha256`` (the folder digest). Returns
     MLflow's ModelInfo: ``model_id`` and ``model_uri`` (``models:/m-...``).
     """
     model_dir = Path(model_dir).resolve()
-    # Refuse to publish a damaged folder; the pyfunc checks again on every load.
+    # Refuse to publish a damaged folder or a diverged model; the pyfunc checks the checksums
+    # again on every load.
     verify_checksums(model_dir)
+    check_finite_weights(model_dir / WEIGHTS)
     predictor = Predictor.from_folder(model_dir, verify=False)
     height, width = _example_size(predictor, input_example_size)
     # Random pixels, not zeros: an all-constant image hides decoding errors.

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from cta_model.config import read_yaml
 from cta_model.errors import ConfigError, CtaError
 from cta_model.train_config import TrainConfig, load_train_config, resolve_overrides
 
@@ -64,6 +65,7 @@ def run(
         run_name=run_name or f"{config.model.arch}-{Path(config.output).name}",
         config=config.model_dump(mode="json"),
         lineage={},
+        run_folder=config.output,  # a resumed training ends or links the run it continues
     )
     with tracker:
         result = train(config, callbacks=[tracker], resume=resume, opener_for=opener_for)
@@ -138,4 +140,4 @@ def _run_under_torchrun(
     completed = subprocess.run(command, env=env, check=False)
     if completed.returncode != 0:
         raise CtaError(f"torchrun with {nproc_per_node} processes failed ({completed.returncode})")
-    return yaml.safe_load(summary.read_text())
+    return read_yaml(summary)

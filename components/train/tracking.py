@@ -41,6 +41,14 @@ long training; starting the run and logging the model raise.
 
 Distributed training: only the process with ``RANK`` 0 (or no ``RANK``) tracks; the others
 ignore every callback.
+
+Crashes and resumes: with ``run_folder`` (the training's output folder) the tracker records its
+run id in ``<run_folder>/mlflow_run.json``. A later training in the same folder (a resume after
+kill -9, an OOM kill or a lost node) starts a new run and finds the previous one there: a
+previous run still RUNNING is ended KILLED (tag ``cta.superseded_by``: nothing stays RUNNING),
+and when the trainer resumed from a checkpoint the two are linked (``cta.resumed_from`` and
+``cta.resumed_at_step`` on the new run, ``cta.resumed_by`` on the old). A run whose training
+raises ends FAILED (KILLED for Ctrl-C) with the error in ``cta.failure``.
 """
 
 from __future__ import annotations
@@ -78,11 +86,17 @@ from components.registry.names import (
     TAG_TASKS,
 )
 from components.train.logged_model import log_model_folder
+from cta_model.atomic import write_bytes_atomic
 from cta_model.model_folder import read_model_card
 
 _logger = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM_METRICS_INTERVAL_S = 10.0
+RUN_RECORD = "mlflow_run.json"  # in the training's output folder: the run that trains there
+TAG_SUPERSEDED_BY = "cta.superseded_by"  # on a stale RUNNING run, ended KILLED
+TAG_RESUMED_FROM = "cta.resumed_from"  # on a run that resumed another run's checkpoints
+TAG_RESUMED_AT_STEP = "cta.resumed_at_step"
+TAG_RESUMED_BY = "cta.resumed_by"  # on the interrupted run
 TRUNCATION_MARK = "...[truncated]"
 # MLflow's portable key alphabet (no colon: Windows rejects it).
 _INVALID_KEY_CHARS = re.compile(r"[^/\w.\- ]")
@@ -226,6 +240,7 @@ class MlflowTracker:
         model_name: str = "model",
         log_system_metrics: bool = True,
         system_metrics_interval_s: float = DEFAULT_SYSTEM_METRICS_INTERVAL_S,
+        run_folder: str | os.PathLike[str] | None = None,
     ) -> None:
         if log_every_steps < 1:
             raise ValueError(f"log_every_steps must be >= 1, got {log_every_steps}")
@@ -238,6 +253,8 @@ class MlflowTracker:
         self.model_name = model_name
         self.log_system_metrics = log_system_metrics
         self.system_metrics_interval_s = system_metrics_interval_s
+        self.run_folder = Path(run_folder) if run_folder is not None else None
+        self.previous_run_id: str | None = None  # the run recorded in run_folder before ours
         # Under torchrun every process gets the callback; only rank 0 may write the run.
         self.enabled = os.environ.get("RANK", "0") == "0"
         self.tracking_uri: str | None = None
@@ -272,6 +289,7 @@ class MlflowTracker:
         self.run_id = run.info.run_id
         self._running = True
         try:
+            self._take_over_run_folder()
             params = flatten_params(self.config)
             if params:
                 mlflow.log_params(params)
@@ -286,6 +304,52 @@ class MlflowTracker:
             self.on_exception(exc)
             raise
         return self.run_id
+
+    def _take_over_run_folder(self) -> None:
+        """Record this run in run_folder; end the run recorded there before KILLED if it is
+        still RUNNING (its process died without ending it)."""
+        if self.run_folder is None:
+            return
+        record = self.run_folder / RUN_RECORD
+        try:
+            self.previous_run_id = json.loads(record.read_text())["run_id"]
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            _logger.warning("%s: unreadable (%s); not linking to a previous run", record, exc)
+        self.run_folder.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(record, json.dumps({"run_id": self.run_id}).encode())
+        if self.previous_run_id in (None, self.run_id):
+            return
+        client = mlflow_client(self.tracking_uri)
+        try:
+            previous = client.get_run(self.previous_run_id)
+        except MlflowException as exc:
+            _logger.warning("previous run %s not found (%s)", self.previous_run_id, exc)
+            self.previous_run_id = None
+            return
+        if previous.info.status == RunStatus.to_string(RunStatus.RUNNING):
+            _logger.warning(
+                "run %s in %s was left RUNNING (its process died): ending it KILLED",
+                self.previous_run_id,
+                self.run_folder,
+            )
+            self._best_effort(client.set_tag, self.previous_run_id, TAG_SUPERSEDED_BY, self.run_id)
+            self._best_effort(
+                client.set_terminated,
+                self.previous_run_id,
+                RunStatus.to_string(RunStatus.KILLED),
+            )
+
+    def _link_resumed_run(self, trainer: Any) -> None:
+        """Tag both runs when the trainer continued the previous run's checkpoints."""
+        step = getattr(getattr(trainer, "state", None), "global_step", 0)
+        if not self.previous_run_id or not isinstance(step, int) or step <= 0:
+            return
+        client = mlflow_client(self.tracking_uri)
+        self._best_effort(client.set_tag, self.run_id, TAG_RESUMED_FROM, self.previous_run_id)
+        self._best_effort(client.set_tag, self.run_id, TAG_RESUMED_AT_STEP, str(step))
+        self._best_effort(client.set_tag, self.previous_run_id, TAG_RESUMED_BY, self.run_id)
 
     def _start_system_metrics(self) -> None:
         monitor = SystemMetricsMonitor(
@@ -339,6 +403,8 @@ class MlflowTracker:
 
     def on_train_start(self, trainer: Any = None) -> None:
         self.start()
+        if self.active:
+            self._link_resumed_run(trainer)
         lineage = getattr(trainer, "lineage", None)
         if self.active and callable(lineage):
             # cta_model.training.Trainer knows the data's digest and the commit: fill what the
@@ -448,6 +514,7 @@ class MlflowTracker:
 
 __all__ = [
     "DEFAULT_SYSTEM_METRICS_INTERVAL_S",
+    "RUN_RECORD",
     "MlflowTracker",
     "flatten_params",
     "get_or_create_experiment",

@@ -20,14 +20,14 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def _parse_set(items: tuple[str, ...]) -> dict:
-    import yaml
+    from cta_model.config import parse_yaml
 
     overrides = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"{item!r}: expected KEY=VALUE (e.g. optim.lr=1e-4)")
-        overrides[key] = yaml.safe_load(value)
+        overrides[key] = parse_yaml(value, f"--set {key}")
     return overrides
 
 

@@ -34,6 +34,8 @@ from cta_model.nn.ctal import (
 )
 from cta_model.nn.heads import InitialTaskDecoders, LightTaskHead, TaskHead, Upsample2x
 
+MAX_INPUT_SIDE = 8192  # pixels per side of model.input_size
+
 
 class MultiTaskOutput(NamedTuple):
     final: dict[str, torch.Tensor]
@@ -48,20 +50,20 @@ class NetworkSettings(StrictModel):
     tasks: tuple[str, ...] = ("semseg", "height", "normals")
     input_size: tuple[int, int] = (128, 128)  # (H, W) the model is built for; CTAL's grid
     backbone: str = "hrnet-w18-small-v2"
-    num_classes: int | None = Field(default=None, ge=2)  # semseg classes
+    num_classes: int | None = Field(default=None, ge=2, le=65_536)  # semseg classes
     output_stride: Literal[8, 16, 32] | None = None  # ResNet only
     backbone_weights: str | None = None  # a local checkpoint file; never downloaded
-    decoder_channels: int = Field(default=256, ge=8)
-    affinity_channels: int = Field(default=128, ge=1)  # C of DESIGN 3.1
+    decoder_channels: int = Field(default=256, ge=8, le=8192)
+    affinity_channels: int = Field(default=128, ge=1, le=8192)  # C of DESIGN 3.1
     gamma: float = Field(default=DEFAULT_GAMMA, ge=0, le=1)
-    fusion_kernel_size: int = Field(default=DEFAULT_KERNEL_SIZE, ge=1)
+    fusion_kernel_size: int = Field(default=DEFAULT_KERNEL_SIZE, ge=1, le=31)
     shared_fusion: bool = DEFAULT_SHARED_FUSION
     # How CTAL computes the block (cta_model/nn/ctal.py): auto | dense | blocked | linear | pooled.
     # dense/blocked/linear/auto share state-dict keys and shapes; pooled sizes the fusion for the
     # pooled grid. Old model.yaml files without these keys load with the defaults.
     affinity_mode: str = DEFAULT_MODE
-    affinity_block_size: int | None = Field(default=None, ge=1)  # None = sized by memory
-    affinity_pool_factor: int = Field(default=DEFAULT_POOL_FACTOR, ge=1)  # pooled mode only
+    affinity_block_size: int | None = Field(default=None, ge=1, le=2**24)  # None: by memory
+    affinity_pool_factor: int = Field(default=DEFAULT_POOL_FACTOR, ge=1, le=64)  # pooled only
 
     @field_validator("arch")
     @classmethod
@@ -80,8 +82,10 @@ class NetworkSettings(StrictModel):
     @field_validator("input_size")
     @classmethod
     def _check_size(cls, value: tuple[int, int]) -> tuple[int, int]:
-        if min(value) < 8:
-            raise ValueError(f"must be [height, width] >= 8, got {list(value)}")
+        if min(value) < 8 or max(value) > MAX_INPUT_SIDE:
+            raise ValueError(
+                f"must be [height, width], each in [8, {MAX_INPUT_SIDE}], got {list(value)}"
+            )
         return value
 
     @field_validator("backbone")

@@ -76,6 +76,8 @@ def training_checkpoint(
         "history": s.history,
         "images_seen": s.images_seen,
         "train_time_s": s.train_time_s,
+        "skipped_steps": s.skipped_steps,
+        "skipped_in_a_row": s.skipped_in_a_row,
         "rng": rng,
     }
 
@@ -117,6 +119,9 @@ def progress_of(state: Mapping[str, Any]) -> tuple[RunState, EpochAccumulator]:
         history=list(state["history"]),
         images_seen=state["images_seen"],
         train_time_s=state["train_time_s"],
+        # Absent from checkpoints written before steps could be skipped.
+        skipped_steps=state.get("skipped_steps", 0),
+        skipped_in_a_row=state.get("skipped_in_a_row", 0),
     )
     return progress, EpochAccumulator.from_state(state["epoch_acc"])
 

@@ -5,6 +5,11 @@ A step: bf16 autocast on CUDA, gradient accumulation with DDP `no_sync` on the n
 micro-steps, channels_last, optional torch.compile, grad norm (clipped when configured), the
 per-step LR schedule; partial labels through the batch's presence flags and, with
 `distill.enabled`, the teacher's pseudo-labels for the tasks a sample lacks.
+
+A step whose loss or gradient norm is not finite on any rank is skipped on every rank (the
+decision is all-reduced, so ranks never diverge): the weights, the optimizer state and the EMA
+teacher stay as they were and the epoch's sums leave it out; the LR schedule still advances, so
+the trajectory stays a function of the step count (as with a GradScaler's skipped steps).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from cta_model import tasks as task_registry
 from cta_model.losses import DefectAwareCrossEntropy, MultiTaskLoss, build_weighting
 from cta_model.nn.models import MultiTaskNet
 from cta_model.train_config import OptimConfig, ScheduleConfig, TrainConfig
-from cta_model.training.distributed import is_distributed
+from cta_model.training.distributed import all_reduce_sum, is_distributed
 from cta_model.training.ema import EMATeacher
 from cta_model.training.loaders import batch_to_device
 from cta_model.training.progress import EpochAccumulator
@@ -124,6 +129,13 @@ class StepOutcome:
     loss: float  # mean over the micro-batches
     task_losses: dict[str, float]  # per task with a label in the step: mean over micro-batches
     grad_norm: float  # before clipping
+    skipped: bool = False  # a loss or gradient was not finite on some rank: weights unchanged
+
+
+def finite_on_every_rank(values: list[float], device: torch.device) -> bool:
+    """True when every value is finite on every rank (one all-reduce: all ranks agree)."""
+    bad = 0.0 if all(math.isfinite(v) for v in values) else 1.0
+    return all_reduce_sum([bad], device)[0] == 0.0
 
 
 class Optimization:
@@ -177,12 +189,18 @@ class Optimization:
         batches: Iterator[dict[str, Any]],
         epoch_acc: EpochAccumulator,
         masked_tasks: tuple[str, ...] = (),
+        *,
+        nan_loss: bool = False,
     ) -> StepOutcome:
-        """grad_accum_steps micro-batches from `batches`, one optimizer and schedule step; the
-        epoch's sums go into `epoch_acc`. masked_tasks: a debug hook, labels this rank drops."""
+        """grad_accum_steps micro-batches from `batches`, one optimizer and schedule step (the
+        optimizer's skipped when a loss or the gradient norm is not finite on some rank); the
+        epoch's sums go into `epoch_acc`. Debug hooks: masked_tasks, labels this rank drops;
+        nan_loss, this rank's loss value is NaN (its gradients stay finite)."""
         accum = self.config.grad_accum_steps
         step_loss = 0.0
         step_tasks: dict[str, list[float]] = {t: [] for t in self.tasks}
+        micro_losses: list[float] = []
+        anomalies = 0
         for micro in range(accum):
             batch = next(batches)
             images, targets, present = batch_to_device(
@@ -199,29 +217,40 @@ class Optimization:
             with no_sync or contextlib.nullcontext():
                 loss, per_task = self.forward(images, targets, present)
                 (loss / accum).backward()
-            value = float(loss.detach())
+            value = math.nan if nan_loss else float(loss.detach())
             step_loss += value / accum
-            epoch_acc.loss_sum += value
-            epoch_acc.micro_batches += 1
+            micro_losses.append(value)
             if "anomalies" in batch:
-                epoch_acc.anomalies += int(batch["anomalies"].sum())
+                anomalies += int(batch["anomalies"].sum())
             for task in self.tasks:
                 if bool(present[task].any()):
-                    epoch_acc.task_sums[task] = epoch_acc.task_sums.get(task, 0.0) + per_task[task]
-                    epoch_acc.task_counts[task] = epoch_acc.task_counts.get(task, 0) + 1
                     step_tasks[task].append(per_task[task])
         clip = self.config.optim.grad_clip
         grad_norm = float(
             torch.nn.utils.clip_grad_norm_(self.trainable_parameters, clip or float("inf"))
         )
-        self.optimizer.step()
+        task_losses = {t: sum(v) / len(v) for t, v in step_tasks.items() if v}
+        finite = finite_on_every_rank([step_loss, grad_norm, *task_losses.values()], self.device)
+        if finite:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        epoch_acc.anomalies += anomalies
+        if not finite:
+            epoch_acc.skipped_steps += 1
+            return StepOutcome(step_loss, task_losses, grad_norm, skipped=True)
         if self.teacher is not None:
             self.teacher.update(self.model)
+        # Added one micro-batch at a time, in order: the same float sums as summing as we go.
+        for value in micro_losses:
+            epoch_acc.loss_sum += value
+            epoch_acc.micro_batches += 1
+        for task, values in step_tasks.items():
+            for value in values:
+                epoch_acc.task_sums[task] = epoch_acc.task_sums.get(task, 0.0) + value
+                epoch_acc.task_counts[task] = epoch_acc.task_counts.get(task, 0) + 1
         epoch_acc.grad_norm_sum += grad_norm
         epoch_acc.steps += 1
-        task_losses = {t: sum(v) / len(v) for t, v in step_tasks.items() if v}
         return StepOutcome(step_loss, task_losses, grad_norm)
 
     def state_dict(self) -> dict[str, Any]:

@@ -34,6 +34,7 @@ class TrainResult:
     history: list[dict[str, Any]]  # one entry per epoch: epoch, step, train, val, loss_weights
     steps: int  # optimizer steps
     images_per_s: float  # training throughput over all processes (this process's run time)
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradients
 
     @classmethod
     def of(cls, progress: RunState, model_dir: Path) -> TrainResult:
@@ -46,6 +47,7 @@ class TrainResult:
             history=list(s.history),
             steps=s.global_step,
             images_per_s=s.images_seen / s.train_time_s if s.train_time_s > 0 else 0.0,
+            skipped_steps=s.skipped_steps,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -48,8 +48,9 @@ class EpochAccumulator:
     task_sums: dict[str, float] = field(default_factory=dict)
     task_counts: dict[str, int] = field(default_factory=dict)
     grad_norm_sum: float = 0.0
-    steps: int = 0
+    steps: int = 0  # optimizer steps taken (the sums above cover these only)
     anomalies: int = 0  # synthetic anomalies pasted into this epoch's training samples
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient (on every rank)
 
     def to_state(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,16 +63,18 @@ class EpochAccumulator:
         self, tasks: tuple[str, ...], lr: float, device: torch.device
     ) -> tuple[dict[str, float], dict[str, float]]:
         """(train logs, mean loss per task) over all ranks' micro-batches: the same on every
-        rank (DWA must agree). Tasks without a label in the epoch have no mean."""
+        rank (DWA must agree). Tasks without a label in the epoch have no mean; an epoch whose
+        every step was skipped has a NaN loss. `skipped_steps` is agreed, hence not summed."""
         sums = [self.loss_sum, float(self.micro_batches), self.grad_norm_sum, float(self.steps)]
         sums.append(float(self.anomalies))
         for task in tasks:
             sums += [self.task_sums.get(task, 0.0), float(self.task_counts.get(task, 0))]
         reduced = all_reduce_sum(sums, device)
         logs: dict[str, float] = {
-            "loss": reduced[0] / max(reduced[1], 1.0),
-            "grad_norm": reduced[2] / max(reduced[3], 1.0),
+            "loss": reduced[0] / reduced[1] if reduced[1] else math.nan,
+            "grad_norm": reduced[2] / reduced[3] if reduced[3] else math.nan,
             "lr": lr,
+            "skipped_steps": float(self.skipped_steps),
         }
         if reduced[4]:
             logs["anomalies"] = reduced[4]
@@ -97,6 +100,8 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
     images_seen: int = 0
     train_time_s: float = 0.0
+    skipped_steps: int = 0  # over the run: non-finite loss or gradients, weights unchanged
+    skipped_in_a_row: int = 0  # the latest steps, all skipped (a run stops at a limit)
 
     def record_if_best(
         self,

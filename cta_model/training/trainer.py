@@ -26,8 +26,8 @@ import yaml
 from tqdm import tqdm
 
 from cta_model.atomic import write_bytes_atomic
-from cta_model.errors import ConfigError
-from cta_model.model_folder import WEIGHTS, verify_checksums
+from cta_model.errors import ConfigError, TrainingError
+from cta_model.model_folder import WEIGHTS, nonfinite_tensors, verify_checksums
 from cta_model.nn.models import build_model
 from cta_model.tasks import get_task
 from cta_model.train_config import VAL_LOSS, TrainConfig
@@ -70,7 +70,7 @@ from cta_model.training.inspection_setup import (
 )
 from cta_model.training.lineage import run_lineage
 from cta_model.training.loaders import build_loaders, build_transforms
-from cta_model.training.optimization import Optimization
+from cta_model.training.optimization import Optimization, StepOutcome
 from cta_model.training.outputs import MODEL_DIR, TrainResult, write_model_folder, write_result
 from cta_model.training.progress import EpochAccumulator, RunState, run_length
 from cta_model.training.validation import Validator
@@ -134,6 +134,7 @@ class Trainer:
         self.epoch_acc = EpochAccumulator()
         self.best_state: dict[str, torch.Tensor] | None = None
         self._masked_tasks = tuple(config.debug.mask_tasks_by_rank.get(self.env.rank, ()))
+        self._nan_loss_steps = set(config.debug.nan_loss_steps_by_rank.get(self.env.rank, ()))
 
     def _build_data(self, opener_for: OpenerFor | None) -> None:
         config = self.config
@@ -262,21 +263,53 @@ class Trainer:
 
     def _optimizer_step(self, batches: Iterator[dict[str, Any]]) -> dict[str, float]:
         started = time.perf_counter()
-        outcome = self.optimization.step(batches, self.epoch_acc, self._masked_tasks)
+        nan_loss = self.state.global_step + 1 in self._nan_loss_steps
+        outcome = self.optimization.step(
+            batches, self.epoch_acc, self._masked_tasks, nan_loss=nan_loss
+        )
         elapsed = time.perf_counter() - started
         self.state.global_step += 1
         self.state.steps_in_epoch += 1
         self.state.images_seen += self.config.batch_size
         self.state.train_time_s += elapsed
+        if outcome.skipped:
+            self._skipped(outcome)
+        else:
+            self.state.skipped_in_a_row = 0
         logs = {
             "epoch": float(self.state.epoch + 1),
             "loss": outcome.loss,
             "lr": self.optimization.lr,
             "grad_norm": outcome.grad_norm,
             "images_per_s": self.config.batch_size / elapsed if elapsed > 0 else 0.0,
+            "skipped_steps": float(self.state.skipped_steps),
         }
         logs.update({f"loss_{task}": value for task, value in outcome.task_losses.items()})
         return logs
+
+    def _skipped(self, outcome: StepOutcome) -> None:
+        """Count a skipped step (every rank skips together); stop after too many in a row."""
+        state = self.state
+        state.skipped_steps += 1
+        state.skipped_in_a_row += 1
+        limit = self.config.optim.max_skipped_steps_in_a_row
+        what = f"loss {outcome.loss:.4g}, grad norm {outcome.grad_norm:.4g} on this rank"
+        if self.env.is_main:
+            log.warning(
+                "step %d: non-finite loss or gradients (%s); optimizer step skipped "
+                "(%d in a row, %d in this run)",
+                state.global_step,
+                what,
+                state.skipped_in_a_row,
+                state.skipped_steps,
+            )
+        if state.skipped_in_a_row >= limit:
+            raise TrainingError(
+                f"training diverged: {limit} optimizer steps in a row (up to step "
+                f"{state.global_step}) had a non-finite loss or gradients ({what}); no model "
+                "written. Lower optim.lr, set optim.grad_clip or check the data "
+                "(optim.max_skipped_steps_in_a_row sets the limit)"
+            )
 
     def _end_epoch(self) -> None:
         weighting = self.optimization.loss.weighting
@@ -314,8 +347,13 @@ class Trainer:
             if train_logs.get("anomalies")
             else ""
         )
+        skipped = (
+            f", {int(train_logs['skipped_steps'])} steps skipped (non-finite loss or gradients)"
+            if train_logs["skipped_steps"]
+            else ""
+        )
         self._info(
-            "epoch %d/%d step %d: train loss %.4f, val_loss %.4f%s%s%s",
+            "epoch %d/%d step %d: train loss %.4f, val_loss %.4f%s%s%s%s",
             epoch_number,
             self.num_epochs,
             self.state.global_step,
@@ -323,6 +361,7 @@ class Trainer:
             val_metrics[VAL_LOSS],
             selection,
             pasted,
+            skipped,
             " (best)" if improved else "",
         )
         self.state.epoch += 1
@@ -418,9 +457,12 @@ class Trainer:
         result = TrainResult.of(self.state, self.output / MODEL_DIR)
         if self.config.debug.dump_param_hashes:
             self._dump_param_hash()
+        if self.env.is_main and self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        problem = broadcast_object(self._unusable(result) if self.env.is_main else None)
+        if problem is not None:
+            raise TrainingError(f"{self.output}: {problem}; no model written")
         if self.env.is_main:
-            if self.best_state is not None:
-                self.model.load_state_dict(self.best_state)
             write_model_folder(
                 self.model,
                 self.output,
@@ -448,6 +490,19 @@ class Trainer:
                 callback.on_train_end(result)
         barrier()  # every rank returns once the model folder exists
         return result
+
+    def _unusable(self, result: TrainResult) -> str | None:
+        """Why the model to be written must not be (non-finite weights, no finite validation
+        metric); None when it is fine. Rank 0 decides (it holds the best weights)."""
+        bad = nonfinite_tensors(self.model.state_dict())
+        if bad:
+            return (
+                f"the trained weights hold NaN or infinite values in {len(bad)} tensor(s) "
+                f"(e.g. {', '.join(bad[:3])})"
+            )
+        if not any(math.isfinite(value) for value in result.best_metrics.values()):
+            return f"no finite validation metric at epoch {result.best_epoch}"
+        return None
 
     def _dump_param_hash(self) -> None:
         """Debug hook: each rank writes a digest of its parameters (DDP keeps them equal)."""

@@ -57,7 +57,7 @@ def problems_in(source: str, filename: str) -> list[str]:
         elif owner_name == "yaml" and attribute in ("load", "load_all"):
             loader = _keyword(node, "Loader")
             text = ast.unparse(loader) if loader is not None else ""
-            if not ("safe" in text.lower() or text == "_UniqueKeyLoader"):
+            if not ("safe" in text.lower() or text == "ConfigLoader"):
                 found.append(f"{where}: yaml.{attribute} without a SafeLoader")
         elif attribute == "log_model" and _keyword(node, "python_model") is not None:
             # Models from code: python_model is the path of a file, e.g. str(PATH); an

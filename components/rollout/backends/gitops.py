@@ -17,8 +17,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from components.rollout.backends import ModelRef, deployment_record, model_of
 from components.rollout.backends.kubernetes import (
     ANNOTATION_SHA,
@@ -30,6 +28,7 @@ from components.rollout.backends.kubernetes import (
     namespace_for,
     overlay_files,
 )
+from cta_model.config import read_yaml
 from cta_model.errors import ConfigError, CtaError
 
 BASE_DIR = Path(__file__).resolve().parents[3] / "infra" / "k8s" / "lines" / "base"
@@ -91,9 +90,7 @@ class GitOpsBackend:
         path = self.repo / "lines" / line_id / ("model.yaml" if role == "live" else "shadow.yaml")
         if not path.is_file():
             return None
-        annotations = (yaml.safe_load(path.read_text()).get("metadata") or {}).get(
-            "annotations"
-        ) or {}
+        annotations = (read_yaml(path).get("metadata") or {}).get("annotations") or {}
         match = _PINNED_URI.fullmatch(str(annotations.get(ANNOTATION_URI, "")))
         if match is None:
             return None
