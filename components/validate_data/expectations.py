@@ -112,6 +112,37 @@ class SuiteOutcome:
         return list(seen)
 
 
+# --- derived columns ---
+
+#: The samples a leak message names (the rest are counted).
+MAX_LEAK_PARTNERS = 5
+
+
+def split_leaks(samples: pd.DataFrame) -> pd.Series:
+    """Per sample, the samples of other splits whose image file has the same sha256 (the model
+    would be scored on, or tuned with, an image it trained on), as one text; null when none.
+
+    Only the image counts: identical label files (an empty mask) are normal across samples.
+    """
+    leaks = pd.Series(pd.NA, index=samples.index, dtype="string")
+    hashed = samples[samples["image_sha256"].notna()]
+    for _, group in hashed.groupby("image_sha256", sort=False):
+        if group["split"].nunique() < 2:
+            continue
+        for index, split in group["split"].items():
+            others = group[group["split"] != split]
+            names = [
+                f"{other} ({where})"
+                for other, where in zip(others["sample_id"], others["split"], strict=True)
+            ]
+            shown = ", ".join(names[:MAX_LEAK_PARTNERS])
+            more = len(names) - MAX_LEAK_PARTNERS
+            leaks.at[index] = f"same image file (sha256) as {shown}" + (
+                f" and {more} more" if more > 0 else ""
+            )
+    return leaks
+
+
 # --- the per-line table ---
 
 
@@ -172,6 +203,7 @@ def sample_expectations(
         ("line ids in the lines config", partial(_in_set, "line_id", line_ids)),
         ("split is train/val/test/qa", partial(_in_set, "split", list(SPLITS))),
         ("files readable, checksums match", partial(_null, "read_error")),
+        ("image in one split only (no leak)", partial(_null, "split_leak")),
         ("shapes match (labels vs image vs manifest)", partial(_null, "shape_mismatch")),
         ("image dtype", partial(_in_set, "image_dtype", list(t.image_dtypes))),
         ("image is RGB (3 channels)", partial(_in_set, "image_channels", [3])),

@@ -3,8 +3,8 @@
 ``run()`` is the one home of the step: ``cta validate-data`` and the KFP component both call it.
 Outputs in ``out_dir`` (every run writes all of them, also when validation fails):
 
-- ``statistics.parquet``: per-sample statistics (cta_model.data.statistics) plus a
-  ``quarantined`` column;
+- ``statistics.parquet``: per-sample statistics (cta_model.data.statistics) plus the columns
+  ``quarantined`` and ``split_leak`` (the samples of other splits with the same image file);
 - ``validation_result.json``: every expectation with its table, column, success and up to 50
   unexpected ids, and the warnings;
 - ``validation_report.html``: the self-contained report;
@@ -20,8 +20,10 @@ train split without reject-class pixels (reject classes: the dataset's own, else
 configs/inspection.yaml) cannot teach a model what a defect is.
 
 A failed validation raises ValidationFailed after writing them; its message names the failed
-expectations and the bad samples. Problems that leave nothing to validate (no manifest, a bad
-manifest row, an unknown line, an unknown quarantined id) raise DataError / ConfigError first.
+expectations and the bad samples, e.g. an image file (same sha256) in two splits: a leak.
+Problems that leave nothing to validate (no manifest, a bad manifest row or column type, a
+presence flag that disagrees with the paths, a ``features.parquet`` off its schema, an unknown
+line, an unknown quarantined id) raise DataError / ConfigError first.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from components.validate_data.expectations import (
     SAMPLES_TABLE,
     SuiteOutcome,
     Thresholds,
+    split_leaks,
     validate,
 )
 from components.validate_data.report import ReportInputs, render_report
@@ -67,7 +70,7 @@ MAX_SAMPLES_IN_MESSAGE = 20
 MAX_IDS_IN_MESSAGE = 10
 MAX_BAD_SAMPLES_IN_RESULT = 1000
 # Columns whose value is already the explanation of a failure.
-_TEXT_COLUMNS = ("read_error", "shape_mismatch")
+_TEXT_COLUMNS = ("read_error", "shape_mismatch", "split_leak")
 # Statistics that assume the synthetic classes (cta_model.data.statistics.defect_height_anomaly).
 _SYNTHETIC_CLASS_COLUMNS = ("defect_pixels", "defect_height_anomaly")
 
@@ -113,6 +116,7 @@ def run(
     opener = opener if opener is not None else opener_for(data_uri)
     out = Path(out_dir)
     dataset = LineDataset(uri, lines_config, verify_checksums=True, opener=opener)
+    dataset.check_features()
     manifest_sha256 = hashlib.sha256(_read_manifest(opener, uri)).hexdigest()
     quarantined = (
         read_quarantine(quarantine, dataset.sample_ids, uri) if quarantine is not None else []
@@ -124,6 +128,10 @@ def run(
         for column in _SYNTHETIC_CLASS_COLUMNS:  # every value null, the dtype kept
             statistics[column] = statistics[column].mask(statistics[column].notna())
     statistics["quarantined"] = statistics["sample_id"].isin(set(quarantined))
+    # Among the validated samples: quarantining one of a leaking pair ends the leak.
+    statistics["split_leak"] = split_leaks(statistics[~statistics["quarantined"]]).reindex(
+        statistics.index
+    )
     validated = statistics[~statistics["quarantined"]].reset_index(drop=True)
     outcome, lines = validate(validated, dataset.lines_config, thresholds, len(class_names))
     warnings = data_warnings(validated, dataset.reject_classes)

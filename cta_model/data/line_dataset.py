@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from cta_model.config import parse_yaml
 from cta_model.data.lines import (
     LINE_ID_PATTERN,
     LinesConfig,
+    LineSpec,
     load_lines_config,
 )
 from cta_model.errors import ConfigError, DataError
@@ -151,14 +153,6 @@ FEATURES_SCHEMA = pa.schema(
         pa.field("in_tolerance", pa.bool_(), nullable=False),
     ]
 )
-_REQUIRED_COLUMNS = (
-    "sample_id",
-    "line_id",
-    "split",
-    "image_path",
-    "sha256_image",
-    "pitch_mm_per_px",
-)
 _LINE_ID_RE = re.compile(LINE_ID_PATTERN)
 
 Opener = Callable[[str], bytes]
@@ -166,6 +160,105 @@ Opener = Callable[[str], bytes]
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+#: A line's images come from its camera: an image (or a label image) may have at most the
+#: camera's pixel count times this factor, and each side at most the camera's longer side times
+#: its square root (a frame may be rotated). Checked on the PNG header before decoding: a 419 KB
+#: PNG can declare 12000 x 12000 pixels, 432 MB decoded and gigabytes in the statistics.
+IMAGE_PIXELS_PER_CAMERA_PIXEL = 1
+
+
+@dataclass(frozen=True)
+class ImageSizeLimit:
+    """The largest image a line's camera gives (``IMAGE_PIXELS_PER_CAMERA_PIXEL``)."""
+
+    line_id: str
+    resolution: tuple[int, int]  # the camera's [height, width]
+
+    @classmethod
+    def of_line(cls, line: LineSpec) -> ImageSizeLimit:
+        return cls(line.id, tuple(line.resolution))
+
+    @property
+    def max_pixels(self) -> int:
+        return IMAGE_PIXELS_PER_CAMERA_PIXEL * self.resolution[0] * self.resolution[1]
+
+    @property
+    def max_side(self) -> int:
+        return math.isqrt(IMAGE_PIXELS_PER_CAMERA_PIXEL) * max(self.resolution)
+
+    def problem(self, width: int, height: int) -> str | None:
+        """Why a ``width`` x ``height`` image is refused, or None when it is within the limit."""
+        if width * height <= self.max_pixels and max(width, height) <= self.max_side:
+            return None
+        return (
+            f"{height}x{width} pixels (PNG header) exceed the limit of line {self.line_id}: "
+            f"at most {self.max_pixels} pixels and {self.max_side} per side (its camera's "
+            f"{self.resolution[0]}x{self.resolution[1]} times {IMAGE_PIXELS_PER_CAMERA_PIXEL}); "
+            "not decoded"
+        )
+
+
+def read_parquet_bytes(data: bytes) -> pa.Table:
+    """A parquet file's table, read on the calling thread.
+
+    Arrow's thread pools start worker threads on the first read (``pq.read_table`` goes through
+    the datasets API, which uses the I/O pool even with ``use_threads=False``). A process that
+    exits right after such a read (an error found in the manifest: exit code 2) can catch them
+    mid-teardown, and libstdc++ aborts with "terminate called without an active exception",
+    exit 134 (apache/arrow#34314). The plain file reader without threads starts none; the
+    tables are small.
+    """
+    return pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
+
+
+def _type_name(kind: str) -> str:
+    return {"string": "a string", "bool": "a boolean", "int": "an integer"}.get(kind, kind)
+
+
+def _column_kind(field: pa.Field) -> str:
+    """The kind a manifest or features column must hold: string, bool, int or number."""
+    if pa.types.is_boolean(field.type):
+        return "bool"
+    if pa.types.is_integer(field.type):
+        return "int"
+    if pa.types.is_floating(field.type):
+        return "number"
+    return "string"
+
+
+def _type_matches(kind: str, arrow_type: pa.DataType, nullable: bool) -> bool:
+    if pa.types.is_null(arrow_type):  # a column written without a schema, every value null
+        return nullable
+    if kind == "string":
+        return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
+    if kind == "bool":
+        return pa.types.is_boolean(arrow_type)
+    if kind == "int":
+        return pa.types.is_integer(arrow_type)
+    return pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)
+
+
+def check_table_schema(table: pa.Table, schema: pa.Schema, where: str) -> None:
+    """DataError naming ``where`` and the column unless ``table`` has every column of
+    ``schema`` with a compatible type (strings, booleans, integers; numbers may be integers
+    or floats; a nullable column may be all-null). Extra columns are allowed."""
+    names = set(table.column_names)
+    missing = [field.name for field in schema if field.name not in names]
+    if missing:
+        raise DataError(f"{where}: missing column(s) {', '.join(missing)}")
+    for field in schema:
+        actual = table.schema.field(field.name).type
+        kind = _column_kind(field)
+        if not _type_matches(kind, actual, field.nullable):
+            raise DataError(
+                f"{where}: column {field.name}: type {actual}, expected {_type_name(kind)}"
+            )
+
+
+def finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def as_lines_config(lines_config: LinesConfig | str | Path | None) -> LinesConfig:
@@ -327,10 +420,62 @@ class LineDataset:
             )
 
     def read_features(self) -> pa.Table:
-        """``features.parquet`` restricted to this dataset's samples."""
+        """``features.parquet`` restricted to this dataset's samples; DataError naming the file
+        unless it holds the columns of ``FEATURES_SCHEMA`` with their types."""
         table = self._read_parquet(FEATURES_NAME)
+        check_table_schema(table, FEATURES_SCHEMA, self._where(FEATURES_NAME))
         wanted = pa.array(self.sample_ids)
         return table.filter(pc.is_in(table["sample_id"], value_set=wanted))
+
+    def check_features(self) -> int | None:
+        """Check every row of ``features.parquet`` against the manifest; the number of rows,
+        or None when the dataset carries no features file (nothing to measure).
+
+        DataError naming the file, the row and the sample: a null or non-finite number, a
+        negative tolerance, a box outside the image, a feature id twice in a sample, or a
+        sample, line or split the manifest does not have.
+        """
+        where = self._where(FEATURES_NAME)
+        try:
+            data = self.opener(FEATURES_NAME)
+        except (FileNotFoundError, DataError):  # DataError: a missing S3 object
+            return None
+        except (ValueError, OSError) as exc:
+            raise DataError(f"{where}: cannot read: {exc}") from None
+        table = self._parse_parquet(FEATURES_NAME, data)
+        check_table_schema(table, FEATURES_SCHEMA, where)
+        manifest = {row["sample_id"]: row for row in self.rows}
+        seen: set[tuple[str, str]] = set()
+        for number, feature in enumerate(table.select(FEATURES_SCHEMA.names).to_pylist()):
+            at = f"{where}: row {number} ({feature['sample_id']})"
+            for field in FEATURES_SCHEMA:
+                if feature[field.name] is None:
+                    raise DataError(f"{at}: {field.name}: missing")
+            sample = manifest.get(feature["sample_id"])
+            if sample is None:
+                raise DataError(f"{at}: sample_id: not in {self._where(MANIFEST_NAME)}")
+            for column in ("line_id", "split"):
+                if feature[column] != sample[column]:
+                    raise DataError(
+                        f"{at}: {column}: {feature[column]!r}, the manifest says {sample[column]!r}"
+                    )
+            key = (feature["sample_id"], feature["feature_id"])
+            if key in seen:
+                raise DataError(f"{at}: feature_id: {key[1]!r} appears twice in the sample")
+            seen.add(key)
+            for column in ("nominal_mm", "actual_mm", "tolerance_mm"):
+                if not finite_number(feature[column]):
+                    raise DataError(f"{at}: {column}: {feature[column]!r}, expected a finite mm")
+            if feature["tolerance_mm"] < 0:
+                raise DataError(f"{at}: tolerance_mm: {feature['tolerance_mm']!r} is negative")
+            box = [feature[column] for column in ("x0", "y0", "x1", "y1")]
+            width, height = sample["image_width"], sample["image_height"]
+            if not (0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height):
+                raise DataError(
+                    f"{at}: box (x0, y0, x1, y1) {tuple(box)} is empty or outside the "
+                    f"{width}x{height} image"
+                )
+        return table.num_rows
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not -len(self.rows) <= index < len(self.rows):
@@ -393,27 +538,28 @@ class LineDataset:
             raise DataError(f"{self._where(relative)}: {what}: cannot read: {exc}") from None
 
     def _read_parquet(self, relative: str) -> pa.Table:
-        data = self._read(relative, "line-dataset table")
+        return self._parse_parquet(relative, self._read(relative, "line-dataset table"))
+
+    def _parse_parquet(self, relative: str, data: bytes) -> pa.Table:
         try:
-            return pq.read_table(io.BytesIO(data))
+            return read_parquet_bytes(data)
         except (pa.ArrowException, OSError) as exc:
             raise DataError(
                 f"{self._where(relative)}: not a readable parquet file: {exc}"
             ) from None
 
     def _check_columns(self, table: pa.Table) -> tuple[str, ...]:
-        """The tasks the manifest carries: a task's three columns are all there or none."""
+        """The tasks the manifest carries (a task's three columns are all there or none); every
+        column of ``manifest_schema(tasks)`` is there with its type."""
         names = set(table.column_names)
-        missing = [name for name in _REQUIRED_COLUMNS if name not in names]
-        carried = []
-        for task in line_dataset_tasks():
-            columns = _task_columns(task)
-            if any(column in names for column in columns):
-                missing += [column for column in columns if column not in names]
-                carried.append(task)
-        if missing:
-            raise DataError(f"{self._where(MANIFEST_NAME)}: missing column(s) {', '.join(missing)}")
-        return tuple(carried)
+        carried = tuple(
+            task
+            for task in line_dataset_tasks()
+            if any(column in names for column in _task_columns(task))
+        )
+        schema = manifest_schema(carried, part_ids=PART_ID in names)
+        check_table_schema(table, schema, self._where(MANIFEST_NAME))
+        return carried
 
     def _check_rows(self, rows: list[dict[str, Any]]) -> None:
         where = self._where(MANIFEST_NAME)
@@ -442,9 +588,7 @@ class LineDataset:
                 raise DataError(f"{at}: split: {row['split']!r} is not one of {', '.join(SPLITS)}")
             if not row["image_path"]:
                 raise DataError(f"{at}: image_path: missing (every sample has an image)")
-            for task in self.tasks:
-                if row[f"has_{task}"] and not row[f"{task}_path"]:
-                    raise DataError(f"{at}: {task}_path: missing although has_{task} is true")
+            self._check_values(row, at)
             for modality in modalities(self.tasks):
                 path = row.get(f"{modality}_path")
                 if path is None:
@@ -456,6 +600,52 @@ class LineDataset:
                 if self.verify_checksums and not row.get(f"sha256_{modality}"):
                     raise DataError(f"{at}: sha256_{modality}: missing for {path}")
             self._check_part(row, number, at, parts)
+
+    def _check_values(self, row: dict[str, Any], at: str) -> None:
+        """Presence flags agree with the paths; capture metadata are present and in range."""
+        for task in self.tasks:
+            present = row[f"has_{task}"]
+            if not isinstance(present, bool):
+                raise DataError(f"{at}: has_{task}: {present!r}, expected true or false")
+            if present and not row[f"{task}_path"]:
+                raise DataError(f"{at}: {task}_path: missing although has_{task} is true")
+            if not present:
+                for modality in (task, *line_file(task).companions):
+                    for column in (f"{modality}_path", f"sha256_{modality}"):
+                        if row.get(column) is not None:
+                            raise DataError(
+                                f"{at}: {column}: {row[column]!r} although has_{task} is false "
+                                f"(a sample without a {task} label names no {modality} file)"
+                            )
+        camera = row["camera"]
+        if not isinstance(camera, str) or not camera:
+            raise DataError(f"{at}: camera: {camera!r}, expected a non-empty string")
+        for column in ("image_height", "image_width"):
+            value = row[column]
+            if not isinstance(value, int) or value < 1:
+                raise DataError(f"{at}: {column}: {value!r}, expected a whole number >= 1 (px)")
+        if not isinstance(row["has_defect"], bool):
+            raise DataError(f"{at}: has_defect: {row['has_defect']!r}, expected true or false")
+        n_defects = row["n_defects"]
+        if not isinstance(n_defects, int) or n_defects < 0:
+            raise DataError(f"{at}: n_defects: {n_defects!r}, expected a whole number >= 0")
+        self._check_pitch(row, at)
+
+    def _check_pitch(self, row: dict[str, Any], at: str) -> None:
+        """A positive finite pitch; NaN (a benchmark that states none) only on a sample without
+        sensor labels: sensor data (height in mm, normals from its gradient) need the pitch."""
+        pitch = row["pitch_mm_per_px"]
+        if finite_number(pitch) and pitch > 0:
+            return
+        measured = [
+            task for task in self.tasks if get_task(task).sensor is not None and row[f"has_{task}"]
+        ]
+        if isinstance(pitch, float) and math.isnan(pitch) and not measured:
+            return
+        why = f" (the sample has sensor labels: {', '.join(measured)})" if measured else ""
+        raise DataError(
+            f"{at}: pitch_mm_per_px: {pitch!r}, expected a finite number > 0 (mm per pixel){why}"
+        )
 
     @staticmethod
     def _check_part(
@@ -493,12 +683,16 @@ class LineDataset:
 
     def _read_png(self, row: dict[str, Any], modality: str, modes: tuple[str, ...]) -> np.ndarray:
         relative, data = self._read_checked(row, modality)
+        limit = ImageSizeLimit.of_line(self.lines_config.get(row["line_id"]))
         try:
             with Image.open(io.BytesIO(data)) as image:
                 if image.format != "PNG":
                     raise DataError(
                         f"{self._where(relative)}: {modality}: expected a PNG, got {image.format}"
                     )
+                too_large = limit.problem(*image.size)
+                if too_large:
+                    raise DataError(f"{self._where(relative)}: {modality}: {too_large}")
                 if image.mode not in modes:
                     raise DataError(
                         f"{self._where(relative)}: {modality}: PNG mode {image.mode}, expected "

@@ -1,7 +1,8 @@
 """The fleet inventory, ``configs/lines.yaml``: one pydantic model per entry, unknown keys rejected.
 
 Every error raised while loading names the file and the key path, e.g.
-``configs/lines.yaml: lines[2].id: ...``, so that a person editing the file can find the line.
+``configs/lines.yaml: lines[2].id: ...``, and the entry's line id (``... (line mill-c)``), so
+that a person editing the file can find the line. No float may be NaN or infinite.
 """
 
 from __future__ import annotations
@@ -64,8 +65,18 @@ def validate_line_id(value: Any) -> str:
     return value
 
 
+#: Bounds of a camera side (pixels): the largest sensors are ~30000 px wide; above this a value
+#: is a typo (or 1e9), and image size limits derive from the resolution.
+MAX_RESOLUTION_PX = 65536
+#: Light colour components are relative intensities (1 = one unit light); above this the
+#: synthetic images saturate to white.
+MAX_LIGHT_COLOR = 10.0
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No NaN or infinity in any float: a NaN light azimuth renders all-black images, an infinite
+    # parts_per_hour makes every ROI figure infinite.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SyntheticLineSpec(_Strict):
@@ -91,8 +102,11 @@ class SyntheticLineSpec(_Strict):
     @classmethod
     def _colors_distinct(cls, colors: tuple[tuple[float, float, float], ...]) -> Any:
         for color in colors:
-            if min(color) < 0 or max(color) <= 0:
-                raise ValueError(f"each light colour needs components >= 0, not all 0: {color}")
+            if min(color) < 0 or max(color) <= 0 or max(color) > MAX_LIGHT_COLOR:
+                raise ValueError(
+                    f"each light colour needs components in [0, {MAX_LIGHT_COLOR:g}], not all 0: "
+                    f"{color}"
+                )
         # Colour photometric stereo inverts the 3x3 colour matrix: it must be well conditioned.
         if _condition_number(colors) > 50:
             raise ValueError(
@@ -157,8 +171,11 @@ class LineSpec(_Strict):
     @field_validator("resolution")
     @classmethod
     def _positive_resolution(cls, resolution: tuple[int, int]) -> tuple[int, int]:
-        if min(resolution) < 1:
-            raise ValueError(f"resolution is [height, width] in pixels, got {list(resolution)}")
+        if min(resolution) < 1 or max(resolution) > MAX_RESOLUTION_PX:
+            raise ValueError(
+                f"resolution is [height, width] in pixels, each in [1, {MAX_RESOLUTION_PX}], "
+                f"got {list(resolution)}"
+            )
         return resolution
 
     @field_validator("sensors")
@@ -250,7 +267,8 @@ class LinesConfig(_Strict):
         try:
             config = cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(source, exc)) from None
+            message = format_validation_error(source, exc)
+            raise ConfigError(_named_by_line_id(message, data)) from None
         config._source = source
         return config
 
@@ -260,6 +278,24 @@ def load_lines_config(path: str | Path | None = None) -> LinesConfig:
     ConfigError naming file and key."""
     path = default_lines_config() if path is None else path
     return LinesConfig.from_dict(read_yaml(path), source=str(path))
+
+
+def _named_by_line_id(message: str, data: dict[str, Any]) -> str:
+    """Each problem under ``lines[i]`` ends with ``(line <id>)``: the id finds the entry in the
+    file (not for the id's own problems, whose message shows the value)."""
+    entries = data.get("lines")
+    if not isinstance(entries, list):
+        return message
+    named = []
+    for problem in message.splitlines():
+        match = re.search(r": lines\[(\d+)\](\.id)?", problem)
+        if match and not match.group(2) and int(match.group(1)) < len(entries):
+            entry = entries[int(match.group(1))]
+            line_id = entry.get("id") if isinstance(entry, dict) else None
+            if isinstance(line_id, str):
+                problem += f" (line {line_id})"
+        named.append(problem)
+    return "\n".join(named)
 
 
 def _condition_number(rows: Sequence[Sequence[float]]) -> float:

@@ -3,15 +3,17 @@
 Data validation checks this table, not pixels. Files are read leniently: a PNG in the wrong
 mode or an ``.npy`` of the wrong dtype or shape still gets its statistics, with the actual
 dtype and shape recorded so that the expectations name the problem. Anything that stops a
-file being used at all (missing, checksum mismatch, corrupt bytes) goes into ``read_error`` and
-the sample still gets a row: one bad file never aborts the table.
+file being used at all (missing, checksum mismatch, corrupt bytes, a PNG header beyond the
+line camera's ``ImageSizeLimit``: never decoded) goes into ``read_error`` and the sample still
+gets a row: one bad file never aborts the table.
 
 Columns (``STATISTICS_COLUMNS`` gives the dtypes; NaN / null where a task is absent):
 
 - identity: ``sample_id``, ``line_id``, ``split``; presence ``has_semseg``, ``has_height``,
   ``has_normals``; ``read_error`` (every file problem of the sample, each naming its path);
   ``shape_mismatch`` (a label whose shape differs from the image, or an image whose size
-  differs from the manifest's ``image_height``/``image_width``).
+  differs from the manifest's ``image_height``/``image_width``); ``image_sha256`` (of the image
+  file as read: the same image in two splits is a leak).
 - image: ``image_height``, ``image_width``, ``image_channels``, ``image_dtype``; ``brightness``
   (mean Rec. 601 luma, 0-255), ``contrast`` (luma std), ``ratio_rg`` / ``ratio_bg`` (mean R / mean
   G, mean B / mean G: colour balance).
@@ -46,7 +48,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 from tqdm import tqdm
 
-from cta_model.data.line_dataset import LineDataset, Opener, sha256_hex
+from cta_model.data.line_dataset import ImageSizeLimit, LineDataset, Opener, sha256_hex
 from cta_model.data.synthetic import CLASS_IDS, CLASS_NAMES, NUM_CLASSES
 from cta_model.tasks import SEMSEG_INVALID_UINT8, SEMSEG_INVALID_UINT16
 
@@ -85,6 +87,7 @@ STATISTICS_COLUMNS: dict[str, str] = {
     "has_normals": "bool",
     "read_error": "string",
     "shape_mismatch": "string",
+    "image_sha256": "string",
     "image_height": "Int64",
     "image_width": "Int64",
     "image_channels": "Int64",
@@ -140,6 +143,7 @@ def compute_statistics(
         opener=dataset.opener,
         verify_checksums=dataset.verify_checksums,
         location=dataset.location,
+        limits={line.id: ImageSizeLimit.of_line(line) for line in dataset.lines_config.lines},
     )
     chunks = [rows[start : start + _CHUNK_SIZE] for start in range(0, len(rows), _CHUNK_SIZE)]
     records: list[dict[str, Any]] = []
@@ -160,10 +164,21 @@ def compute_statistics(
 
 
 def _chunk_statistics(
-    rows: list[dict[str, Any]], *, opener: Opener, verify_checksums: bool, location: str
+    rows: list[dict[str, Any]],
+    *,
+    opener: Opener,
+    verify_checksums: bool,
+    location: str,
+    limits: Mapping[str, ImageSizeLimit],
 ) -> list[dict[str, Any]]:
     return [
-        sample_statistics(row, opener, verify_checksums=verify_checksums, location=location)
+        sample_statistics(
+            row,
+            opener,
+            verify_checksums=verify_checksums,
+            location=location,
+            limit=limits.get(row["line_id"]),
+        )
         for row in rows
     ]
 
@@ -180,9 +195,15 @@ def statistics_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def sample_statistics(
-    row: dict[str, Any], opener: Opener, *, verify_checksums: bool = True, location: str = ""
+    row: dict[str, Any],
+    opener: Opener,
+    *,
+    verify_checksums: bool = True,
+    location: str = "",
+    limit: ImageSizeLimit | None = None,
 ) -> dict[str, Any]:
-    """One statistics row for one manifest row; never raises for a bad file."""
+    """One statistics row for one manifest row; never raises for a bad file. A PNG whose
+    header exceeds ``limit`` (the line's camera) is a read error, never decoded."""
     stats: dict[str, Any] = {
         "sample_id": row["sample_id"],
         "line_id": row["line_id"],
@@ -197,13 +218,16 @@ def sample_statistics(
     def load(modality: str, decode: Any) -> Any:
         relative = row.get(f"{modality}_path")
         try:
-            data = _read_verified(row, modality, opener, verify_checksums, location)
+            data, digest = _read_verified(row, modality, opener, verify_checksums, location)
+            if modality == "image":
+                stats["image_sha256"] = digest
             return decode(data)
         except _FileProblem as exc:
             problems.append(f"{_where(location, relative)}: {modality}: {exc}")
             return None
 
-    image = load("image", _decode_png)
+    decode_png = partial(_decode_png, limit=limit)
+    image = load("image", decode_png)
     if image is not None:
         stats.update(_image_statistics(image))
         expected = (row.get("image_height"), row.get("image_width"))
@@ -213,7 +237,7 @@ def sample_statistics(
             )
     shape = None if image is None else image.shape[:2]
 
-    semseg = load("semseg", _decode_png) if row["has_semseg"] else None
+    semseg = load("semseg", decode_png) if row["has_semseg"] else None
     labels = None
     if semseg is not None:
         stats["semseg_dtype"] = str(semseg.dtype)
@@ -264,7 +288,8 @@ def _where(location: str, relative: str | None) -> str:
 
 def _read_verified(
     row: dict[str, Any], modality: str, opener: Opener, verify: bool, location: str
-) -> bytes:
+) -> tuple[bytes, str]:
+    """The file's bytes and their sha256."""
     relative = row.get(f"{modality}_path")
     if not relative:
         raise _FileProblem("no path in the manifest")
@@ -274,20 +299,24 @@ def _read_verified(
         raise _FileProblem("file missing") from None
     except (OSError, ValueError) as exc:  # DataError is a ValueError (e.g. a missing S3 key)
         raise _FileProblem(f"cannot read: {exc}") from None
+    actual = sha256_hex(data)
     if verify:
-        expected, actual = row.get(f"sha256_{modality}"), sha256_hex(data)
+        expected = row.get(f"sha256_{modality}")
         if actual != expected:
             raise _FileProblem(
                 f"sha256 mismatch (manifest sha256_{modality}={expected}, file {actual})"
             )
-    return data
+    return data, actual
 
 
-def _decode_png(data: bytes) -> np.ndarray:
+def _decode_png(data: bytes, limit: ImageSizeLimit | None = None) -> np.ndarray:
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
             if image.format != "PNG":
                 raise _FileProblem(f"expected a PNG, got {image.format}")
+            too_large = limit.problem(*image.size) if limit is not None else None
+            if too_large:
+                raise _FileProblem(too_large)
             image.load()
             return np.asarray(image)
     except _FileProblem:
