@@ -9,11 +9,13 @@ Pillow's own decompression-bomb guard is set to the same limit as a second line 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 import warnings
 import zipfile
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -183,10 +185,23 @@ def _npz_archive(body: bytes) -> zipfile.ZipFile:
     return archive
 
 
+@contextlib.contextmanager
+def _npz_errors() -> Iterator[None]:
+    """A broken archive as a 400 naming what could not be read (BadInput passes through)."""
+    try:
+        yield
+    except BadInput:
+        raise
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as exc:
+        raise BadInput(400, f"{NPZ} body is not a readable .npz archive: {exc}") from None
+    except (OSError, EOFError, ValueError, struct.error) as exc:
+        raise BadInput(400, f"{NPZ} body: cannot read the archive: {exc}") from None
+
+
 def _decode_npz(body: bytes, max_pixels: int) -> list[tuple[str, np.ndarray]]:
     """The views of one part: every array of the archive, a (B, H, W, 3) one as B views named
     ``<key>/<i>``; at most MAX_VIEWS views and ``max_pixels`` pixels in all."""
-    try:
+    with _npz_errors():
         archive = _npz_archive(body)
         views: list[tuple[str, np.ndarray]] = []
         pixels = 0
@@ -198,12 +213,6 @@ def _decode_npz(body: bytes, max_pixels: int) -> list[tuple[str, np.ndarray]]:
                 (key if array.ndim == 3 else f"{key}/{i}", image) for i, image in enumerate(batch)
             )
             pixels += int(np.prod(batch.shape[:3]))
-    except BadInput:
-        raise
-    except (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as exc:
-        raise BadInput(400, f"{NPZ} body is not a readable .npz archive: {exc}") from None
-    except (OSError, EOFError, ValueError, struct.error) as exc:
-        raise BadInput(400, f"{NPZ} body: cannot read the archive: {exc}") from None
     return views
 
 
@@ -221,7 +230,7 @@ def _picture_pixels(body: bytes, kind: str, max_pixels: int) -> int:
 
 
 def _npz_pixels(body: bytes, max_pixels: int) -> int:
-    try:
+    with _npz_errors():
         archive = _npz_archive(body)
         pixels = views = 0
         for info in archive.infolist():
@@ -230,12 +239,6 @@ def _npz_pixels(body: bytes, max_pixels: int) -> int:
                 shape, _ = _read_npy_header(stream, what)  # decompresses the header only
             count, added = _check_view_shape(shape, what, max_pixels, pixels, views)
             views, pixels = views + count, pixels + added
-    except BadInput:
-        raise
-    except (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as exc:
-        raise BadInput(400, f"{NPZ} body is not a readable .npz archive: {exc}") from None
-    except (OSError, EOFError, ValueError, struct.error) as exc:
-        raise BadInput(400, f"{NPZ} body: cannot read the archive: {exc}") from None
     return pixels
 
 

@@ -90,14 +90,23 @@ def policy(namespace: str, spec: dict) -> dict:
     return {"kind": "NetworkPolicy", "metadata": metadata, "spec": spec}
 
 
+def db_policy(ingress: list) -> list[dict]:
+    """The docs' example: one policy in `default` selecting the `role: db` pods."""
+    return [policy("default", {"podSelector": {"matchLabels": {"role": "db"}}, "ingress": ingress})]
+
+
 DB = Pod("default", {"kubernetes.io/metadata.name": "default"}, {"role": "db"})
 FRONTEND = Pod("default", {"kubernetes.io/metadata.name": "default"}, {"role": "frontend"})
 CLIENT_IN_MYPROJECT = Pod("other", {"project": "myproject"}, {"role": "client"})
 FRONTEND_IN_MYPROJECT = Pod("other", {"project": "myproject"}, {"role": "frontend"})
 STRANGER = Pod("elsewhere", {}, {"role": "x"})
 # The docs' "and" (one element) vs "or" (two elements) peers.
-AND_PEER = [{"namespaceSelector": {"matchLabels": {"project": "myproject"}},
-             "podSelector": {"matchLabels": {"role": "frontend"}}}]  # fmt: skip
+AND_PEER = [
+    {
+        "namespaceSelector": {"matchLabels": {"project": "myproject"}},
+        "podSelector": {"matchLabels": {"role": "frontend"}},
+    }
+]
 OR_PEERS = [
     {"namespaceSelector": {"matchLabels": {"project": "myproject"}}},
     {"podSelector": {"matchLabels": {"role": "frontend"}}},
@@ -113,108 +122,50 @@ OR_PEERS = [
             FRONTEND,
             6379,
             False,
-        ),  # default deny  # fmt: skip
+        ),  # default deny
         ([policy("default", {"podSelector": {}, "ingress": [{}]})], STRANGER, 1, True),  # allow all
         (
-            [
-                policy(
-                    "default",
-                    {
-                        "podSelector": {"matchLabels": {"role": "db"}},
-                        "ingress": [{"from": AND_PEER}],
-                    },
-                )
-            ],
+            db_policy([{"from": AND_PEER}]),
             FRONTEND_IN_MYPROJECT,
             6379,
             True,
-        ),  # fmt: skip
+        ),
         (
-            [
-                policy(
-                    "default",
-                    {
-                        "podSelector": {"matchLabels": {"role": "db"}},
-                        "ingress": [{"from": AND_PEER}],
-                    },
-                )
-            ],
+            db_policy([{"from": AND_PEER}]),
             CLIENT_IN_MYPROJECT,
             6379,
             False,
-        ),  # fmt: skip
+        ),
         (
-            [
-                policy(
-                    "default",
-                    {
-                        "podSelector": {"matchLabels": {"role": "db"}},
-                        "ingress": [{"from": AND_PEER}],
-                    },
-                )
-            ],
+            db_policy([{"from": AND_PEER}]),
             FRONTEND,
             6379,
             False,
-        ),  # fmt: skip
+        ),
         (
-            [
-                policy(
-                    "default",
-                    {
-                        "podSelector": {"matchLabels": {"role": "db"}},
-                        "ingress": [{"from": OR_PEERS}],
-                    },
-                )
-            ],
+            db_policy([{"from": OR_PEERS}]),
             CLIENT_IN_MYPROJECT,
             6379,
             True,
-        ),  # fmt: skip
+        ),
         (
-            [
-                policy(
-                    "default",
-                    {
-                        "podSelector": {"matchLabels": {"role": "db"}},
-                        "ingress": [{"from": OR_PEERS}],
-                    },
-                )
-            ],
+            db_policy([{"from": OR_PEERS}]),
             FRONTEND,
             6379,
             True,
-        ),  # fmt: skip
+        ),
         (
-            [
-                policy(
-                    "default",
-                    {
-                        "podSelector": {"matchLabels": {"role": "db"}},
-                        "ingress": [
-                            {"from": OR_PEERS, "ports": [{"protocol": "TCP", "port": 6379}]}
-                        ],
-                    },
-                )
-            ],
+            db_policy([{"from": OR_PEERS, "ports": [{"protocol": "TCP", "port": 6379}]}]),
             FRONTEND,
             80,
             False,
-        ),  # fmt: skip
+        ),
         (
-            [
-                policy(
-                    "default",
-                    {
-                        "podSelector": {"matchLabels": {"role": "db"}},
-                        "ingress": [{"from": OR_PEERS}],
-                    },
-                )
-            ],
+            db_policy([{"from": OR_PEERS}]),
             STRANGER,
             6379,
             False,
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_the_evaluator_follows_the_kubernetes_docs(policies, source, port, allowed):
@@ -274,7 +225,7 @@ def test_line_servers_reach_mlflow_and_other_line_pods_do_not(platform_policies,
                 {"pipelines.kubeflow.org/v2_component": "true"},
             ),
             True,
-        ),  # fmt: skip
+        ),
         (
             Pod(
                 "cta",
@@ -282,7 +233,7 @@ def test_line_servers_reach_mlflow_and_other_line_pods_do_not(platform_policies,
                 {"app.kubernetes.io/component": "train"},
             ),
             True,
-        ),  # fmt: skip
+        ),
         # A server-looking pod in a namespace that is not a line's.
         (
             Pod(
@@ -291,11 +242,11 @@ def test_line_servers_reach_mlflow_and_other_line_pods_do_not(platform_policies,
                 {"app.kubernetes.io/name": "cta-serve"},
             ),
             False,
-        ),  # fmt: skip
+        ),
         (
             Pod("kubeflow", {"kubernetes.io/metadata.name": "kubeflow"}, {"app": "ml-pipeline"}),
             False,
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_mlflow_admits_only_the_platform_and_line_servers(platform_policies, source, allowed):
