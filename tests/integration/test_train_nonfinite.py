@@ -206,6 +206,8 @@ def test_a_model_with_non_finite_weights_is_neither_logged_nor_registered(
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
+    # An experiment of this store: an earlier test's active experiment id names another store.
+    mlflow.set_experiment("nonfinite")
     with pytest.raises(DataError, match=f"{WEIGHTS}: 1 tensor"):
         logged_model.log_model_folder(nan_model_dir)
     # Logged by some other route: the registration still refuses it.

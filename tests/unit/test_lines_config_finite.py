@@ -40,13 +40,13 @@ NAN, INF = math.nan, math.inf
             1,
             lambda line: line["synthetic"].update(light_azimuths_deg=[NAN, 120, 240]),
             "lines[1].synthetic.light_azimuths_deg[0]",
-            "finite number",
+            "must be finite",
         ),
         (
             0,
             lambda line: line["synthetic"].update(light_azimuths_deg=[0, INF, 240]),
             "lines[0].synthetic.light_azimuths_deg[1]",
-            "finite number",
+            "must be finite",
         ),
         (2, lambda line: line.update(parts_per_hour=INF), "lines[2].parts_per_hour", "finite"),
         (2, lambda line: line.update(hours_per_year=NAN), "lines[2].hours_per_year", "finite"),
@@ -63,7 +63,7 @@ NAN, INF = math.nan, math.inf
                 light_colors=[[INF, 0.2, 0.2], [0.2, 1, 0.3], [0.25, 0.3, 1]]
             ),
             "lines[0].synthetic.light_colors[0][0]",
-            "finite number",
+            "must be finite",
         ),
         (
             0,
