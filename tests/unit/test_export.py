@@ -65,26 +65,24 @@ def calib_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+def _cli_export(model_dir: Path, out: Path, calib_data: Path):
+    """`cta model export` with every format (int8 calibrated on 3 samples); must succeed."""
+    result = CliRunner().invoke(
+        main,
+        [
+            "model", "export", "--model", str(model_dir), "--out", str(out),
+            "--calib-data", str(calib_data), "--calib-samples", "3",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return result
+
+
 @pytest.fixture(scope="module")
 def exported(tiny_model: Path, calib_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One CLI export with every format, shared by the tests below (they only read it)."""
     out = tmp_path_factory.mktemp("export") / "out"
-    result = CliRunner().invoke(
-        main,
-        [
-            "model",
-            "export",
-            "--model",
-            str(tiny_model),
-            "--out",
-            str(out),
-            "--calib-data",
-            str(calib_data),
-            "--calib-samples",
-            "3",
-        ],
-    )
-    assert result.exit_code == 0, result.output
+    result = _cli_export(tiny_model, out, calib_data)
     assert "int8:" in result.output
     return out
 
@@ -205,22 +203,7 @@ def test_a_linear_mode_model_exports_to_every_format(
     folder = tmp_path_factory.mktemp("export") / "linear"
     model_dir = save_model_folder(build_model(spec), folder / "model")
     out = folder / "out"
-    result = CliRunner().invoke(
-        main,
-        [
-            "model",
-            "export",
-            "--model",
-            str(model_dir),
-            "--out",
-            str(out),
-            "--calib-data",
-            str(calib_data),
-            "--calib-samples",
-            "3",
-        ],
-    )
-    assert result.exit_code == 0, result.output
+    _cli_export(model_dir, out, calib_data)
     manifest = verify_export(out)
     assert manifest["affinity_mode"] == "linear"
     for fmt in ("pt2", "onnx"):
