@@ -48,9 +48,19 @@ def _column_masks(grid: tuple[int, int], kernel_size: int, like: torch.Tensor) -
     return ((shifted >= 0) & (shifted < grid[1])).to(like.dtype)
 
 
-def _masked_values(flat_value: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """(B, T*C, N) -> (B, k, T*C, N): the values with the sources of each dx masked."""
-    return flat_value.unsqueeze(1) * masks[:, None, :]
+def _by_column_shift(kernel_size: int) -> list[tuple[int, list[tuple[int, int]]]]:
+    """Taps grouped by their column shift dx: [(dx, [(d, dy), ...]), ...], d the tap's index in
+    `_offsets` order, so one masked copy of the values serves all k taps of a dx."""
+    pad = kernel_size // 2
+    return [
+        (dx, [((dy + pad) * kernel_size + dx + pad, dy) for dy in range(-pad, pad + 1)])
+        for dx in range(-pad, pad + 1)
+    ]
+
+
+def _masked(flat_value: torch.Tensor, masks: torch.Tensor, dx: int) -> torch.Tensor:
+    """(B, T*C, N) with the sources whose column + dx leaves the grid zeroed (dx = 0: none)."""
+    return flat_value if dx == 0 else flat_value * masks[dx + masks.shape[0] // 2]
 
 
 def _tap_weights(weight: torch.Tensor) -> torch.Tensor:
@@ -60,16 +70,20 @@ def _tap_weights(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _shifted_products(
-    masked: torch.Tensor, flat_unit: torch.Tensor, grid: tuple[int, int], kernel_size: int
+    flat_value: torch.Tensor, flat_unit: torch.Tensor, grid: tuple[int, int], kernel_size: int
 ) -> torch.Tensor:
     """M (B, k*k, T*C, T*C): M[:, d] = sum_j masked V[:, j] u[:, j + d]ᵀ."""
-    pad, n = kernel_size // 2, flat_unit.shape[-1]
-    products = []
-    for dy, dx in _offsets(kernel_size):
-        shift = dy * grid[1] + dx
-        lo, hi = _span(n, shift)
-        sources = masked[:, dx + pad, :, lo:hi]
-        products.append(torch.matmul(sources, flat_unit[..., lo + shift : hi + shift].mT))
+    n = flat_unit.shape[-1]
+    masks = _column_masks(grid, kernel_size, flat_value)
+    products: list[torch.Tensor] = [flat_value] * kernel_size**2  # placeholders, all replaced
+    for dx, taps in _by_column_shift(kernel_size):
+        masked = _masked(flat_value, masks, dx)
+        for d, dy in taps:
+            shift = dy * grid[1] + dx
+            lo, hi = _span(n, shift)
+            products[d] = torch.matmul(
+                masked[..., lo:hi], flat_unit[..., lo + shift : hi + shift].mT
+            )
     return torch.stack(products, 1)
 
 
@@ -114,10 +128,7 @@ def linear_diffusion(
     or F = T (per task); returns (B, T, C, N), as `ctal.blocked_diffusion`. Plain tensor ops
     with static shapes apart from the batch (traceable for export).
     """
-    kernel_size = weight.shape[-1]
-    flat_unit, flat_value = unit.flatten(1, 2), value.flatten(1, 2)
-    masked = _masked_values(flat_value, _column_masks(grid, kernel_size, value))
-    products = _shifted_products(masked, flat_unit, grid, kernel_size)
+    products = _shifted_products(value.flatten(1, 2), unit.flatten(1, 2), grid, weight.shape[-1])
     return _diffused(products, unit, value, _tap_weights(weight), bias)
 
 
@@ -127,10 +138,9 @@ class LinearDiffusion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, unit, value, weight, bias, grid):
-        kernel_size = weight.shape[-1]
-        flat_value = value.flatten(1, 2)
-        masked = _masked_values(flat_value, _column_masks(grid, kernel_size, value))
-        products = _shifted_products(masked, unit.flatten(1, 2), grid, kernel_size)
+        products = _shifted_products(
+            value.flatten(1, 2), unit.flatten(1, 2), grid, weight.shape[-1]
+        )
         ctx.grid = grid
         ctx.save_for_backward(unit, value, weight, bias, products)
         return _diffused(products, unit, value, _tap_weights(weight), bias)
@@ -155,29 +165,44 @@ class LinearDiffusion(torch.autograd.Function):
         d_products = torch.empty_like(products)
         d_unit = torch.zeros_like(unit)
         d_taps = torch.empty_like(taps)
+        # Two scratch buffers serve every tap (no allocation per tap).
+        weighted = unit.new_empty(batch, fusions, tasks, channels, n)
+        d_weighted = unit.new_empty(batch, fusions, width, n)
         for d in range(products.shape[1]):
-            weighted = _weighted_units(unit, taps, d)
-            d_products[:, d] = torch.matmul(grad, weighted.mT).reshape(batch, width, width)
+            torch.mul(unit.unsqueeze(1), taps[None, :, d, :, None, :], out=weighted)
+            d_products[:, d] = torch.matmul(
+                grad, weighted.view(batch, fusions, width, n).mT
+            ).reshape(batch, width, width)
             m_d = products[:, d].reshape(batch, fusions, rows, width)
-            d_weighted = torch.matmul(m_d.mT, grad).view(batch, fusions, tasks, channels, n)
-            d_taps[:, d] = (d_weighted * unit.unsqueeze(1)).sum((0, 3))
-            d_unit += (d_weighted * taps[None, :, d, :, None, :]).sum(1)
+            torch.matmul(m_d.mT, grad, out=d_weighted)
+            per_task = d_weighted.view(batch, fusions, tasks, channels, n)
+            for f in range(fusions):
+                d_unit.addcmul_(per_task[:, f], taps[f, d, :, None, :])
+            d_taps[:, d] = per_task.mul_(unit.unsqueeze(1)).sum((0, 3))
 
-        # First stage: M_d = masked V[:, span] u[:, span + shift]ᵀ.
+        del weighted, d_weighted, per_task, grad
+
+        # First stage: M_d = masked V[:, span] u[:, span + shift]ᵀ, one dx (one masked copy
+        # of the values, one gradient accumulator) at a time.
         masks = _column_masks(grid, kernel_size, value)
-        masked = _masked_values(value.flatten(1, 2), masks)
-        d_masked = torch.zeros_like(masked)
+        flat_value, flat_unit = value.flatten(1, 2), unit.flatten(1, 2)
         d_flat_unit = d_unit.view(batch, width, n)
-        flat_unit = unit.flatten(1, 2)
-        for d, (dy, dx) in enumerate(_offsets(kernel_size)):
-            shift = dy * grid[1] + dx
-            lo, hi = _span(n, shift)
-            targets = flat_unit[..., lo + shift : hi + shift]
-            d_masked[:, dx + pad, :, lo:hi] += torch.matmul(d_products[:, d], targets)
-            d_flat_unit[..., lo + shift : hi + shift] += torch.matmul(
-                d_products[:, d].mT, masked[:, dx + pad, :, lo:hi]
-            )
-        d_flat_value += (d_masked * masks[:, None, :]).sum(1)
+        for dx, taps_of_dx in _by_column_shift(kernel_size):
+            masked = _masked(flat_value, masks, dx)
+            # dx = 0 masks nothing: its taps accumulate straight into the value gradient.
+            d_masked = d_flat_value if dx == 0 else torch.zeros_like(flat_value)
+            for d, dy in taps_of_dx:
+                shift = dy * grid[1] + dx
+                lo, hi = _span(n, shift)
+                d_masked[..., lo:hi].baddbmm_(
+                    d_products[:, d], flat_unit[..., lo + shift : hi + shift]
+                )
+                d_flat_unit[..., lo + shift : hi + shift].baddbmm_(
+                    d_products[:, d].mT, masked[..., lo:hi]
+                )
+            if dx != 0:
+                d_flat_value.addcmul_(d_masked, masks[dx + pad])
+            del masked, d_masked
 
         k = kernel_size
         d_weight = d_taps.reshape(fusions, k, k, tasks, n).permute(0, 4, 3, 1, 2)

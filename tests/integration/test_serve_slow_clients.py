@@ -114,7 +114,10 @@ def test_normal_requests_are_answered_while_slow_sockets_drip(server) -> None:
     assert attack.answers[CLOSED] == timed_out, attack.answers
     assert set(attack.answers) == {"HTTP/1.1 408 Request Timeout", CLOSED}, attack.answers
     metrics = _session().get(f"{server.url}/metrics").text
-    assert _metric(metrics, 'cta_request_timeouts_total{stage="body"}') == timed_out
+    # The server counts every 408 it sends; a socket stopped between the server's answer and
+    # its own read never sees it, so up to one answer per slow socket goes unobserved.
+    server_timeouts = _metric(metrics, 'cta_request_timeouts_total{stage="body"}')
+    assert timed_out <= server_timeouts <= timed_out + SLOW_SOCKETS, (server_timeouts, timed_out)
     assert _metric(metrics, 'cta_requests_total{code="503"}') == 0
 
 
