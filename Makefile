@@ -17,7 +17,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 help:
 	@echo "make setup      create .venv from requirements.txt + constraints.txt"
-	@echo "make test       all tests but 'slow' (unit, integration, e2e)"
+	@echo "make test       all tests but 'slow' (unit, integration, e2e), 2 workers (TEST_WORKERS=N)"
 	@echo "make test-slow  the slow tier"
 	@echo "make test-load  load test of cta serve (32 clients, 2000 requests; bench/results/load_serve.json)"
 	@echo "make lint       ruff check + format check + import layers (lint-imports)"
@@ -37,8 +37,13 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	uv pip install -q --python $(VENV)/bin/python --no-deps -e .
 	@touch $(STAMP)
 
+# Two workers, each test file on one (module fixtures and servers stay per file): most tests
+# wait on subprocesses and servers, so the suite takes about 2/3 of its one-worker time on
+# 2 cores. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: setup
-	$(VENV)/bin/python -m pytest -m "not slow" --durations=15 $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile --durations=15 \
+		$(PYTEST_ARGS)
 
 test-slow: setup
 	$(VENV)/bin/python -m pytest -m "slow" --durations=15 $(PYTEST_ARGS)
