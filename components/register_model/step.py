@@ -4,8 +4,9 @@
 In order (DESIGN 6.1, 6.2 - aliases only, no stages):
 
 1. find the version of ``model_name`` already made from ``model_id`` (re-runs complete it), else
-   register ``models:/<model_id>`` (with the LoggedModel's source run as the version's run) and
-   wait until it is READY;
+   register the LoggedModel (its artifact location as the source, ``model_id`` passed, its
+   source run as the version's run) and wait until it is READY; then link the version on the
+   LoggedModel (``mlflow.modelVersions``);
 2. attach evaluation.json, dataset_ref.json and (when given) roi.json: they are logged as
    artifacts of the LoggedModel's source run under ``registration/v<version>/`` (the evaluation
    copy with ``model.name`` / ``model.version`` filled in) and the version tags
@@ -14,10 +15,12 @@ In order (DESIGN 6.1, 6.2 - aliases only, no stages):
    ``cta.data_uri``, ``cta.evaluation.split``, ``cta.evaluation.n_images`` and
    ``cta.evaluation.<task>.<primary metric>`` (overall; ``nan`` when not scorable);
 4. set the alias ``challenger`` to the version;
-5. only then tag ``cta.registration=complete``. Consumers (gate, promotion, serve) go through
+5. log the evaluation's overall figures (``<split>/<metric>``) on the LoggedModel, so the
+   model page shows its held-out scores;
+6. only then tag ``cta.registration=complete``. Consumers (gate, promotion, serve) go through
    components/registry, which ignores every version without that tag: a registration that died
    half-way is invisible until a re-run completes it;
-6. render the version's model card (components/model_card) and attach it.
+7. render the version's model card (components/model_card) and attach it.
 
 Consistency checks before anything is registered: the evaluation's model_id and sha256 must
 be those of the LoggedModel, the evaluation and dataset_ref must name the same manifest, and
@@ -231,6 +234,58 @@ def _version_tags(
     return tags
 
 
+def _link_logged_model(client: Any, logged_model: Any, name: str, version: str) -> None:
+    """Record the version on the LoggedModel's ``mlflow.modelVersions`` tag, the link MLflow's
+    model page shows. An MLflow server sets it itself; a client on a local store (sqlite) does
+    not, and MLflow's SQL registry keeps no ``model_id`` column (``ModelVersion.model_id`` reads
+    None there), so without this tag the LoggedModel would not know its versions."""
+    import json
+
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    current = client.get_logged_model(logged_model.model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+    linked = json.loads(current) if current else []
+    if not any(
+        entry.get("name") == name and str(entry.get("version")) == version for entry in linked
+    ):
+        linked.append({"name": name, "version": version})
+        client.set_logged_model_tags(
+            logged_model.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(linked)}
+        )
+
+
+#: The inspection figures of evaluation.json's ``overall.inspection`` logged on the LoggedModel.
+INSPECTION_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "aupro", "recall", "frr")
+
+
+def _evaluation_metrics(model_id: str, evaluation: Mapping[str, Any]) -> list[Any]:
+    """The evaluation's overall figures as metrics of the LoggedModel, ``<split>/<key>``, with
+    the scored split as the metric's dataset (its manifest sha256 the digest): the model page
+    then shows what it scored on held-out data, not only the validation figures of training."""
+    import math
+
+    from mlflow.entities import Metric
+
+    split, overall = evaluation["data"]["split"], evaluation["overall"]
+    figures = dict(overall["metrics"])
+    inspection = overall.get("inspection") or {}
+    figures.update({f"inspection.{k}": inspection.get(k) for k in INSPECTION_METRICS})
+    timestamp = int(time.time() * 1000)
+    return [
+        Metric(
+            f"{split}/{key}",
+            float(value),
+            timestamp,
+            0,
+            model_id=model_id,
+            dataset_name=split,
+            dataset_digest=evaluation["data"]["manifest_sha256"][:36],
+        )
+        for key, value in sorted(figures.items())
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ]
+
+
 def _source_run(client: Any, logged_model: Any, name: str) -> str:
     """The LoggedModel's source run; a run made for the registration when it has none."""
     if logged_model.source_run_id:
@@ -290,6 +345,7 @@ def run(
             await_creation_for=int(READY_TIMEOUT_S),
         )
     version = _wait_ready(client, model_name, existing.version)
+    _link_logged_model(client, logged_model, model_name, str(version.version))
 
     run_id = _source_run(client, logged_model, model_name)
     artifacts = _attach(
@@ -302,6 +358,8 @@ def run(
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version.version, key, value)
     client.set_registered_model_alias(model_name, alias, version.version)
+    if evaluation_data is not None:
+        client.log_batch(run_id, metrics=_evaluation_metrics(model_id, evaluation_data))
     # Last: from here on consumers see the version.
     client.set_model_version_tag(model_name, version.version, TAG_COMPLETE, COMPLETE)
     card_uri = publish_card(client, model_name, version.version)

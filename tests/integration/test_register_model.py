@@ -86,6 +86,20 @@ def test_register_sets_alias_tags_artifacts_and_is_idempotent(
         value = evaluated["overall"]["metrics"][key]
         assert tags[f"cta.evaluation.{key}"] == ("nan" if value is None else repr(value))
     assert tags["cta.model_sha256"] == evaluated["model"]["sha256"]
+    # Lineage: the LoggedModel lists its version and holds the held-out figures. (MLflow's SQL
+    # registry stores no model_id column: ModelVersion.model_id reads None on sqlite.)
+    linked = json.loads(client.get_logged_model(model_id).tags["mlflow.modelVersions"])
+    assert linked == [{"name": name, "version": "1"}]
+    split = evaluated["data"]["split"]
+    on_model = {m.key: m for m in client.get_logged_model(model_id).metrics}
+    for key, value in evaluated["overall"]["metrics"].items():
+        if value is not None:
+            assert on_model[f"{split}/{key}"].value == pytest.approx(value), key
+            assert on_model[f"{split}/{key}"].dataset_name == split
+    inspection = evaluated["overall"]["inspection"]
+    for key in ("image_auroc", "recall"):
+        if inspection[key] is not None:
+            assert on_model[f"{split}/inspection.{key}"].value == pytest.approx(inspection[key])
 
     folder = Path(
         mlflow.artifacts.download_artifacts(
@@ -110,6 +124,7 @@ def test_register_sets_alias_tags_artifacts_and_is_idempotent(
     assert not second["created"] and second["version"] == first["version"]
     assert len(client.search_model_versions(f"name = '{name}'")) == 1
     assert [str(v.version) for v in complete_versions(client, name)] == ["1"]
+    assert json.loads(client.get_logged_model(model_id).tags["mlflow.modelVersions"]) == linked
 
 
 def test_incomplete_version_is_ignored_until_a_rerun_completes_it(
@@ -176,6 +191,9 @@ def test_register_over_http_with_the_cli(
     assert again.exit_code == 0, again.output
     assert _summary_and_json(again.output)[0].startswith("completed existing")
     assert len(client.search_model_versions(f"name = '{name}'")) == 1
+    # The server links the version on the LoggedModel itself; the step adds no duplicate.
+    linked = json.loads(client.get_logged_model(model_id).tags["mlflow.modelVersions"])
+    assert [(e["name"], str(e["version"])) for e in linked] == [(name, "1")]
 
 
 def test_roi_is_attached_and_a_model_card_rendered(
