@@ -165,22 +165,20 @@ class LinearDiffusion(torch.autograd.Function):
         d_products = torch.empty_like(products)
         d_unit = torch.zeros_like(unit)
         d_taps = torch.empty_like(taps)
-        # Two scratch buffers serve every tap (no allocation per tap).
-        weighted = unit.new_empty(batch, fusions, tasks, channels, n)
-        d_weighted = unit.new_empty(batch, fusions, width, n)
+        # One scratch buffer serves every tap: Z_d (the weighted units) until M_d's gradient is
+        # taken, then Z_d's gradient (no allocation per tap).
+        scratch = unit.new_empty(batch, fusions, width, n)
+        per_task = scratch.view(batch, fusions, tasks, channels, n)
         for d in range(products.shape[1]):
-            torch.mul(unit.unsqueeze(1), taps[None, :, d, :, None, :], out=weighted)
-            d_products[:, d] = torch.matmul(
-                grad, weighted.view(batch, fusions, width, n).mT
-            ).reshape(batch, width, width)
+            torch.mul(unit.unsqueeze(1), taps[None, :, d, :, None, :], out=per_task)
+            d_products[:, d] = torch.matmul(grad, scratch.mT).reshape(batch, width, width)
             m_d = products[:, d].reshape(batch, fusions, rows, width)
-            torch.matmul(m_d.mT, grad, out=d_weighted)
-            per_task = d_weighted.view(batch, fusions, tasks, channels, n)
+            torch.matmul(m_d.mT, grad, out=scratch)
             for f in range(fusions):
                 d_unit.addcmul_(per_task[:, f], taps[f, d, :, None, :])
             d_taps[:, d] = per_task.mul_(unit.unsqueeze(1)).sum((0, 3))
 
-        del weighted, d_weighted, per_task, grad
+        del scratch, per_task, grad
 
         # First stage: M_d = masked V[:, span] u[:, span + shift]ᵀ, one dx (one masked copy
         # of the values, one gradient accumulator) at a time.
