@@ -13,7 +13,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 .PHONY: setup test test-slow test-all lint format lock clean help demo demo-clean
 .PHONY: test-load
 .PHONY: bench bench-quality
-.PHONY: image test-image setup-system
+.PHONY: image test-image setup-system test-system
 
 help:
 	@echo "make setup      create .venv from requirements.txt + constraints.txt"
@@ -41,11 +41,11 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 # wait on subprocesses and servers, so the suite takes about 2/3 of its one-worker time on
 # 2 cores. TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
-test: setup
+test: setup test-system
 	$(VENV)/bin/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile --durations=15 \
 		$(PYTEST_ARGS)
 
-test-slow: setup
+test-slow: setup test-system
 	$(VENV)/bin/python -m pytest -m "slow" --durations=15 $(PYTEST_ARGS)
 
 test-all: setup
@@ -105,6 +105,11 @@ test-image: setup
 
 setup-system:
 	bash infra/images/setup-system.sh
+
+# Debian's Chromium for the report tests: installed when missing (root or password-less sudo),
+# else make test stops at once with the command to run.
+test-system:
+	@bash infra/images/test-system.sh
 
 # Bounded load test of `cta serve` on loopback (issue 9 item 3); also part of test-slow.
 test-load: setup
