@@ -30,8 +30,6 @@ from typing import Any
 
 import numpy as np
 
-from cta_model.errors import DataError
-
 log = logging.getLogger("cta.evaluate")
 
 
@@ -203,11 +201,12 @@ def _batches(dataset: Any, indices: list[int], batch_size: int) -> Iterator[list
 
 
 def read_features(dataset: Any) -> dict[str, list[dict[str, Any]]]:
-    """features.parquet rows of the dataset's samples by sample_id; {} when it has none."""
-    try:
-        rows = dataset.read_features().to_pylist()
-    except DataError:
+    """features.parquet rows of the dataset's samples by sample_id; {} only when the dataset has
+    no such file: an unreadable or malformed one is a DataError naming it (scoring "no
+    features" there would silently drop the dimension figures)."""
+    if dataset.check_features() is None:
         return {}
+    rows = dataset.read_features().to_pylist()
     by_sample: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_sample.setdefault(row["sample_id"], []).append(row)

@@ -185,12 +185,12 @@ def run(
     qa: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``monitor.json`` and ``monitor.html`` under ``out_dir``; returns the report."""
-    import pandas as pd
 
     from components.artifacts import write_json_atomic
     from components.monitor.config import DEFAULT_MONITOR_CONFIG, load_monitor_config
     from components.monitor.report import write_html
     from components.registry.models import fetch_model_folder
+    from cta_model.data.line_dataset import read_parquet_bytes
     from cta_model.data.lines import load_lines_config
     from cta_model.training import REFERENCE_STATS_FILE
 
@@ -207,7 +207,9 @@ def run(
     reference_path = Path(folder) / REFERENCE_STATS_FILE
     if not reference_path.is_file():
         raise DataError(f"{model_uri}: model folder has no {REFERENCE_STATS_FILE}")
-    reference = pd.read_parquet(reference_path)
+    # On the calling thread: pd.read_parquet starts Arrow's pools, which can abort a process
+    # that exits right after (exit 134; cta_model.data.line_dataset.read_parquet_bytes).
+    reference = read_parquet_bytes(reference_path.read_bytes()).to_pandas(use_threads=False)
     if (reference["line_id"] == line_id).any():
         reference = reference[reference["line_id"] == line_id]
 

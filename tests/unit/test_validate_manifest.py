@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from png_bombs import black_png
 
+from components.evaluate.scoring import read_features
 from cta_model.data.line_dataset import (
     FEATURES_NAME,
     MANIFEST_NAME,
@@ -152,8 +153,12 @@ def test_junk_features_are_refused_naming_the_file(root):
         dataset.check_features()
     with pytest.raises(DataError, match=rf"{FEATURES_NAME}: missing column\(s\) feature_id"):
         dataset.read_features()
+    # evaluate's reader too: junk is an error, not "no features"
+    with pytest.raises(DataError, match=rf"{FEATURES_NAME}: missing column\(s\) feature_id"):
+        read_features(dataset)
     (root / FEATURES_NAME).unlink()
     assert dataset.check_features() is None  # no features: nothing to measure
+    assert read_features(dataset) == {}
 
 
 @pytest.mark.parametrize(
