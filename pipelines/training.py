@@ -189,7 +189,7 @@ def training_pipeline(
         evaluated.after(baselines)
         k8s_settings.configure(evaluated, k8s_settings.EVALUATE, **secrets)
         priced = roi_report(
-            evaluation=evaluated.output,
+            evaluation=evaluated.outputs["Output"],
             out_dir=f"{work_dir}/roi_report",
             roi_config=roi_config,
             lines_config=lines_config,
@@ -200,10 +200,10 @@ def training_pipeline(
         registered = register_model(
             model_id=model_id,
             model_name=model_name,
-            evaluation=evaluated.output,
+            evaluation=evaluated.outputs["Output"],
             dataset_ref=dataset_ref,
             tracking_uri=tracking_uri,
-            roi=priced.output,
+            roi=priced.outputs["Output"],
         )
         registered.set_display_name(REGISTER_TASK)
         k8s_settings.configure(registered, k8s_settings.REGISTER_MODEL, **secrets)

@@ -6,7 +6,8 @@ that path (the register step attaches it). With ``tracking_uri`` and ``model_nam
 compares with the registered STL baselines (Delta_m) and the champion. ``bootstrap_n``,
 ``latency_repeats`` and ``explain`` let a quick pipeline (tests, smoke runs) do less.
 ``data_sha256`` is not read: it is the data's identity in KFP's cache key
-(pipelines/k8s_settings.py).
+(pipelines/k8s_settings.py). ``metrics`` (a KFP Metrics artefact) holds the headline figures
+(``components.evaluate.step.headline_metrics``), so the KFP UI shows them on the run.
 """
 
 from kfp import dsl
@@ -26,15 +27,16 @@ def evaluate(
     latency_repeats: int = 5,
     explain: bool = True,
     data_sha256: str = "",
+    metrics: dsl.Output[dsl.Metrics] = None,
 ) -> str:
     """Evaluate one model folder; returns the evaluation.json path."""
     import logging
     from pathlib import Path
 
-    from components.evaluate.step import EVALUATION_NAME, run
+    from components.evaluate.step import EVALUATION_NAME, headline_metrics, run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    run(
+    evaluation = run(
         model_dir,
         dataset_ref,
         out_dir,
@@ -45,4 +47,6 @@ def evaluate(
         latency_repeats=latency_repeats,
         explain=explain,
     )
+    for key, value in headline_metrics(evaluation).items():
+        metrics.log_metric(key, value)
     return str(Path(out_dir) / EVALUATION_NAME)

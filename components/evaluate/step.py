@@ -28,6 +28,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import defaultdict
 from collections.abc import Mapping
@@ -493,6 +494,28 @@ def run(
     }
     write_json_atomic(out / EVALUATION_NAME, evaluation, schema_name=SCHEMA_NAME)
     return evaluation
+
+
+#: The inspection figures of ``overall.inspection`` among the headline metrics.
+HEADLINE_INSPECTION = ("image_auroc", "image_ap", "pixel_auroc", "aupro", "recall", "frr")
+
+
+def headline_metrics(evaluation: Mapping[str, Any]) -> dict[str, float]:
+    """The overall figures of an evaluation.json as ``{key: value}``, finite numbers only: every
+    task metric (``semseg.miou``, ...) and the inspection figures (``inspection.image_auroc``,
+    ...). The KFP Metrics artefact of the evaluate step and the LoggedModel's metrics (register
+    step) are these."""
+    overall = evaluation["overall"]
+    inspection = overall.get("inspection") or {}
+    figures = {
+        **overall["metrics"],
+        **{f"inspection.{k}": inspection.get(k) for k in HEADLINE_INSPECTION},
+    }
+    return {
+        key: float(value)
+        for key, value in sorted(figures.items())
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    }
 
 
 def _dataset_warnings(dataset: Any, reject_classes: tuple[int, ...]) -> list[str]:

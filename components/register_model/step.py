@@ -254,35 +254,27 @@ def _link_logged_model(client: Any, logged_model: Any, name: str, version: str) 
         )
 
 
-#: The inspection figures of evaluation.json's ``overall.inspection`` logged on the LoggedModel.
-INSPECTION_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "aupro", "recall", "frr")
-
-
 def _evaluation_metrics(model_id: str, evaluation: Mapping[str, Any]) -> list[Any]:
-    """The evaluation's overall figures as metrics of the LoggedModel, ``<split>/<key>``, with
+    """The evaluation's headline figures as metrics of the LoggedModel, ``<split>/<key>``, with
     the scored split as the metric's dataset (its manifest sha256 the digest): the model page
     then shows what it scored on held-out data, not only the validation figures of training."""
-    import math
-
     from mlflow.entities import Metric
 
-    split, overall = evaluation["data"]["split"], evaluation["overall"]
-    figures = dict(overall["metrics"])
-    inspection = overall.get("inspection") or {}
-    figures.update({f"inspection.{k}": inspection.get(k) for k in INSPECTION_METRICS})
-    timestamp = int(time.time() * 1000)
+    from components.evaluate.step import headline_metrics
+
+    split, timestamp = evaluation["data"]["split"], int(time.time() * 1000)
+    digest = evaluation["data"]["manifest_sha256"][:36]  # MLflow's limit on a digest
     return [
         Metric(
             f"{split}/{key}",
-            float(value),
+            value,
             timestamp,
             0,
             model_id=model_id,
             dataset_name=split,
-            dataset_digest=evaluation["data"]["manifest_sha256"][:36],
+            dataset_digest=digest,
         )
-        for key, value in sorted(figures.items())
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        for key, value in headline_metrics(evaluation).items()
     ]
 
 

@@ -5,7 +5,8 @@ to ``out_dir``; returns the roi.json path (the register step attaches it). Empty
 ``roi_config`` / ``lines_config`` mean configs/roi.yaml / configs/lines.yaml; an empty
 ``model_version`` means the version evaluation.json names (null before registration).
 ``data_sha256`` is not read: it is the data's identity in KFP's cache key
-(pipelines/k8s_settings.py).
+(pipelines/k8s_settings.py). The report also goes out as KFP artefacts, ``report`` (HTML) and
+``summary`` (Markdown), which the KFP UI renders on the run.
 """
 
 from kfp import dsl
@@ -21,11 +22,14 @@ def roi_report(
     lines_config: str = "",
     model_version: str = "",
     data_sha256: str = "",
+    report: dsl.Output[dsl.HTML] = None,
+    summary: dsl.Output[dsl.Markdown] = None,
 ) -> str:
     """Write roi.json, report.html and report.md; returns the roi.json path."""
+    import shutil
     from pathlib import Path
 
-    from components.roi_report.step import ROI_NAME, run
+    from components.roi_report.step import HTML_NAME, MARKDOWN_NAME, ROI_NAME, run
 
     run(
         evaluation,
@@ -34,4 +38,6 @@ def roi_report(
         lines_config=lines_config or None,
         model_version=model_version or None,
     )
+    shutil.copyfile(Path(out_dir) / HTML_NAME, report.path)
+    shutil.copyfile(Path(out_dir) / MARKDOWN_NAME, summary.path)
     return str(Path(out_dir) / ROI_NAME)

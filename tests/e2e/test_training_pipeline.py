@@ -102,6 +102,13 @@ def _retrain(data_root, work, config_path, tracking_uri, *extra) -> dict:
     return json.loads(result.output[result.output.rindex('{\n  "action"') :])
 
 
+def _artifact(run_dir: str, task: str, name: str) -> dict:
+    """The output artefact ``name`` of ``task`` as kfp.local recorded it (uri, metadata)."""
+    executor_output = json.loads((Path(run_dir) / task / "executor_output.json").read_text())
+    (artifact,) = executor_output["artifacts"][name]["artifacts"]
+    return artifact
+
+
 def _states(run_dir: str) -> dict:
     from pipelines.run import TASKS, task_result
 
@@ -142,6 +149,13 @@ def test_retrain_runs_the_whole_pipeline_then_skips_unchanged_data(
         assert evaluation["model"]["model_id"] == model_id
         assert evaluation["delta_m"] is not None  # the baselines just trained were found
         assert (work / "roi_report" / "report.html").is_file()
+        # What the KFP UI shows: the evaluate step's Metrics, the ROI report as HTML + Markdown.
+        metrics = _artifact(first["run_dir"], EVALUATE_TASK, "metrics")
+        assert metrics["metadata"]["semseg.miou"] == evaluation["overall"]["metrics"]["semseg.miou"]
+        html = _artifact(first["run_dir"], ROI_TASK, "report")
+        assert Path(html["uri"]).read_bytes() == (work / "roi_report" / "report.html").read_bytes()
+        markdown = _artifact(first["run_dir"], ROI_TASK, "summary")
+        assert "payback" in Path(markdown["uri"]).read_text()
         version = tasks[REGISTER_TASK]["outputs"]["Output"]
         registered = client.get_model_version("cta-inspection", version)
         assert registered.tags["cta.registration"] == "complete"

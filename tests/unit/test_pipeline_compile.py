@@ -136,3 +136,34 @@ def test_cli_compile(tmp_path):
     result = CliRunner().invoke(pipeline, ["compile", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert load_component_from_file(str(out)).name
+
+
+def test_reports_and_metrics_are_kfp_artifacts_the_ui_renders(compiled):
+    """Issue 16 item 1 (part): the evaluate step's headline figures as a Metrics artefact, the
+    ROI report as HTML and Markdown artefacts; the register step still takes the JSON paths."""
+    spec = pipeline_spec(compiled)
+    outputs = {
+        name: {
+            artifact: definition["artifactType"]["schemaTitle"]
+            for artifact, definition in spec["components"][name]["outputDefinitions"][
+                "artifacts"
+            ].items()
+        }
+        for name in ("comp-evaluate", "comp-roi-report")
+    }
+    assert outputs == {
+        "comp-evaluate": {"metrics": "system.Metrics"},
+        "comp-roi-report": {"report": "system.HTML", "summary": "system.Markdown"},
+    }
+    register = next(
+        task
+        for component in spec["components"].values()
+        for name, task in component.get("dag", {}).get("tasks", {}).items()
+        if name == "register-model"
+    )
+    inputs = register["inputs"]["parameters"]
+    assert inputs["evaluation"]["taskOutputParameter"] == {
+        "outputParameterKey": "Output",
+        "producerTask": "evaluate",
+    }
+    assert inputs["roi"]["taskOutputParameter"]["producerTask"] == "roi-report"
