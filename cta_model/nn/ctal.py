@@ -20,7 +20,7 @@ Modes (DESIGN 3.2, docs/model.md "Affinity modes"):
   row i's own T maps, so a block needs A_t[blk, :] = P̂_t[:, blk]ᵀ P̂_t and no halo; backward
   recomputes each block, so memory is O(block x N).
 - `linear` (cta_model/nn/ctal_linear.py): the same numbers without forming A_t or G, in time
-  O(T^2 k^2 C^2 N) and memory O(k T C N) instead of O(T C N^2) and O(T N^2).
+  O(T^2 k^2 C^2 N) and memory O(T C N) instead of O(T C N^2) and O(T N^2).
 - `auto`: the exact mode with the least estimated time among those whose memory fits
   (`affinity_costs`, DESIGN 3.4): forward+backward FLOPs and memory traffic of each mode for
   the batch, grid, T, C, kernel and fusion count, over the device's rough FLOP rate and

@@ -15,12 +15,14 @@ would leave the grid (dx wraps into the next row) is masked on the value side, a
 range keeps rows inside. So M_d is one matrix product of a masked slice of V with a slice of
 U (strided views, no shifted copies), and each of the two stages is k^2 products of
 (T*C x N) by (N x T*C) or (T*C x T*C) by (T*C x N): O(T^2 k^2 C^2 N) time against the dense
-O(T C N^2), O(k T C N) memory against O(T N^2). Per-task fusion (F = T convs) uses w_t in
+O(T C N^2), O(T C N) memory against O(T N^2) (one masked copy of the values per column
+shift at a time). Per-task fusion (F = T convs) uses w_t in
 Z_d and the rows of M_d for task t. The two forms cost the same near N = T k^2 C positions
 (the cost model in ctal.py decides).
 
 `LinearDiffusion` keeps only the small M_d (k^2 (T*C)^2 per sample) for backward and
-recomputes the masked values and Z_d; without grad (inference, torch.export, ONNX)
+recomputes the masked values and Z_d into reused buffers, accumulating the gradients in place;
+without grad (inference, torch.export, ONNX)
 `linear_diffusion` runs the same plain ops.
 """
 
@@ -134,7 +136,7 @@ def linear_diffusion(
 
 class LinearDiffusion(torch.autograd.Function):
     """`linear_diffusion` with a backward that saves only M (k^2 (T*C)^2 per sample) and
-    recomputes the masked values and Z_d, so memory stays O(k T C N)."""
+    recomputes the masked values and Z_d, so memory stays O(T C N)."""
 
     @staticmethod
     def forward(ctx, unit, value, weight, bias, grid):
