@@ -65,6 +65,8 @@ def run_steps(prep: dict[str, Any]) -> dict[str, float]:
     (pipelines/training.py and run_local's defaults); seconds each."""
     import os
 
+    from kfp import dsl
+
     from components.evaluate.component import evaluate
     from components.gate.component import gate
     from components.register_model.component import register_model
@@ -115,6 +117,7 @@ def run_steps(prep: dict[str, Any]) -> dict[str, float]:
         model_name=MODEL_NAME,
         bootstrap_n=1000,
         latency_repeats=5,
+        metrics=dsl.Metrics(uri=f"{work}/evaluate/kfp_metrics"),
     )
     roi = timed(
         "roi-report",
@@ -123,6 +126,8 @@ def run_steps(prep: dict[str, Any]) -> dict[str, float]:
         out_dir=f"{work}/roi_report",
         roi_config="",
         lines_config="",
+        report=dsl.HTML(uri=f"{work}/roi_report/kfp_report.html"),
+        summary=dsl.Markdown(uri=f"{work}/roi_report/kfp_report.md"),
     )
     version = timed(
         "register-model",

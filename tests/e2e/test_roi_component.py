@@ -54,7 +54,7 @@ def _write_evaluation(folder: Path) -> Path:
 
 @dsl.pipeline(name="roi-report-only")
 def roi_report_only(evaluation: str, out_dir: str) -> str:
-    return roi_report(evaluation=evaluation, out_dir=out_dir).output
+    return roi_report(evaluation=evaluation, out_dir=out_dir).outputs["Output"]
 
 
 def test_roi_component_runs_through_kfp_local(tmp_path):
