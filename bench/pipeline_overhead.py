@@ -39,7 +39,9 @@ def _prepare(key: str) -> dict[str, Any]:
 
     root = ensure_synthetic_dataset(
         DataConfig(
-            synthetic={"lines": 2, "samples_per_line": 8, "size": 32},
+            # 384 px scenes cut into 32 px tiles at their pitch: the lines' smallest defects
+            # must span 3 px where the model looks (cta_model.inspection).
+            synthetic={"lines": 2, "samples_per_line": 8, "size": 384},
             cache_dir=str(REPO_ROOT / ".cta" / "cache"),
         )
     )
@@ -48,7 +50,8 @@ def _prepare(key: str) -> dict[str, Any]:
     work.mkdir(parents=True)
     config = yaml.safe_load((REPO_ROOT / "configs" / "demo.yaml").read_text())
     config["model"].update(input_size=[32, 32], backbone="resnet18", output_stride=8)
-    config["data"]["synthetic"] = {"lines": 2, "samples_per_line": 8, "size": 32, "seed": 0}
+    config["data"]["synthetic"] = {"lines": 2, "samples_per_line": 8, "size": 384, "seed": 0}
+    config["data"]["tiling"].update(tiles_per_image=1, val_tiles_per_image=1)
     config.update(epochs=1, batch_size=4, output=str(work / "unused"))
     config_path = work / "train.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
