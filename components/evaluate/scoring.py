@@ -204,9 +204,10 @@ def read_features(dataset: Any) -> dict[str, list[dict[str, Any]]]:
     """features.parquet rows of the dataset's samples by sample_id; {} only when the dataset has
     no such file: an unreadable or malformed one is a DataError naming it (scoring "no
     features" there would silently drop the dimension figures)."""
-    if dataset.check_features() is None:
+    table = dataset.read_features(missing_ok=True)
+    if table is None:
         return {}
-    rows = dataset.read_features().to_pylist()
+    rows = table.to_pylist()
     by_sample: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_sample.setdefault(row["sample_id"], []).append(row)

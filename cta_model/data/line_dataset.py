@@ -419,13 +419,29 @@ class LineDataset:
                 f"(its manifest carries {', '.join(self.tasks) or 'no task'})"
             )
 
-    def read_features(self) -> pa.Table:
+    def read_features(self, missing_ok: bool = False) -> pa.Table | None:
         """``features.parquet`` restricted to this dataset's samples; DataError naming the file
-        unless it holds the columns of ``FEATURES_SCHEMA`` with their types."""
-        table = self._read_parquet(FEATURES_NAME)
+        unless it holds the columns of ``FEATURES_SCHEMA`` with their types. ``missing_ok``:
+        None when the dataset has no such file (an unreadable one is still an error)."""
+        if missing_ok:
+            table = self._optional_features()
+            if table is None:
+                return None
+        else:
+            table = self._read_parquet(FEATURES_NAME)
         check_table_schema(table, FEATURES_SCHEMA, self._where(FEATURES_NAME))
         wanted = pa.array(self.sample_ids)
         return table.filter(pc.is_in(table["sample_id"], value_set=wanted))
+
+    def _optional_features(self) -> pa.Table | None:
+        """``features.parquet`` parsed, or None when the dataset carries none."""
+        try:
+            data = self.opener(FEATURES_NAME)
+        except (FileNotFoundError, DataError):  # DataError: a missing S3 object
+            return None
+        except (ValueError, OSError) as exc:
+            raise DataError(f"{self._where(FEATURES_NAME)}: cannot read: {exc}") from None
+        return self._parse_parquet(FEATURES_NAME, data)
 
     def check_features(self) -> int | None:
         """Check every row of ``features.parquet`` against the manifest; the number of rows,
@@ -436,13 +452,9 @@ class LineDataset:
         sample, line or split the manifest does not have.
         """
         where = self._where(FEATURES_NAME)
-        try:
-            data = self.opener(FEATURES_NAME)
-        except (FileNotFoundError, DataError):  # DataError: a missing S3 object
+        table = self._optional_features()
+        if table is None:
             return None
-        except (ValueError, OSError) as exc:
-            raise DataError(f"{where}: cannot read: {exc}") from None
-        table = self._parse_parquet(FEATURES_NAME, data)
         check_table_schema(table, FEATURES_SCHEMA, where)
         manifest = {row["sample_id"]: row for row in self.rows}
         seen: set[tuple[str, str]] = set()

@@ -245,14 +245,21 @@ def test_model_spec_modes_round_trip_and_old_specs_load():
         _ctal_spec(affinity_mode="sparse")
 
 
-def test_a_dense_model_loads_and_runs_blocked():
+@pytest.mark.parametrize(
+    ("mode", "extra", "size"),
+    [
+        ("blocked", {"affinity_block_size": 3}, (32, 32)),
+        ("linear", {}, (40, 48)),  # a non-square 5 x 6 feature grid
+    ],
+)
+def test_a_dense_model_loads_and_runs_in_another_exact_mode(mode, extra, size):
     torch.manual_seed(0)
-    dense = build_model(_ctal_spec(affinity_mode="dense")).eval()
-    blocked = build_model(_ctal_spec(affinity_mode="blocked", affinity_block_size=3)).eval()
-    blocked.load_state_dict(dense.state_dict())  # strict: same keys and shapes
-    images = torch.randn(2, 3, 32, 32)
+    dense = build_model(_ctal_spec(size, affinity_mode="dense")).eval()
+    other = build_model(_ctal_spec(size, affinity_mode=mode, **extra)).eval()
+    other.load_state_dict(dense.state_dict())  # strict: same keys and shapes
+    images = torch.randn(2, 3, *size)
     with torch.no_grad():
-        expected, got = dense(images), blocked(images)
+        expected, got = dense(images), other(images)
     for t in THREE:
         torch.testing.assert_close(got.final[t], expected.final[t], atol=1e-5, rtol=1e-5)
 

@@ -7,7 +7,6 @@ import torch
 
 from cta_model.nn.ctal import CrossTaskAffinity
 from cta_model.nn.ctal_linear import LinearDiffusion
-from cta_model.nn.models import ModelSpec, build_model
 
 pytestmark = pytest.mark.unit
 
@@ -144,29 +143,6 @@ def test_linear_runs_in_float32_under_bf16_autocast():
     for t in THREE:
         assert got[t].dtype == torch.float32
         torch.testing.assert_close(got[t], expected[t], atol=0.05, rtol=0.02)
-
-
-def test_a_dense_model_loads_and_runs_linear():
-    spec = ModelSpec(
-        arch="ctal",
-        tasks=THREE,
-        input_size=(40, 48),  # a 5 x 6 feature grid
-        backbone="resnet18",
-        num_classes=4,
-        output_stride=8,
-        decoder_channels=16,
-        affinity_channels=8,
-        affinity_mode="dense",
-    )
-    torch.manual_seed(0)
-    dense = build_model(spec).eval()
-    linear = build_model(spec.replace(affinity_mode="linear")).eval()
-    linear.load_state_dict(dense.state_dict())  # strict: same keys and shapes
-    images = torch.randn(2, 3, 40, 48)
-    with torch.no_grad():
-        expected, got = dense(images), linear(images)
-    for t in THREE:
-        torch.testing.assert_close(got.final[t], expected.final[t], atol=1e-5, rtol=1e-5)
 
 
 def test_at_grid_keeps_the_linear_mode():
