@@ -42,8 +42,19 @@ class _CtaGroup(click.Group):
 
 @click.group(cls=_CtaGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cta")
-def main() -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    envvar="CTA_LOG_FORMAT",
+    default="text",
+    show_default=True,
+    help="Log lines on stderr as text or as one JSON object per line (env CTA_LOG_FORMAT).",
+)
+def main(log_format: str) -> None:
     """Multitask visual-inspection models with Cross-Task Affinity Learning."""
+    from components.logs import configure_logging
+
+    configure_logging(log_format)
 
 
 for command in (

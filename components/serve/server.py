@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from components.logs import configure_logging
+
 #: The largest image a server takes, over the larger of the line camera's pixels and the
 #: model's input pixels: a quarter of headroom for a camera mounted with a slightly larger
 #: sensor or frame, and no more, since a pixel costs ~160 bytes in flight (limits.py).
@@ -60,9 +62,7 @@ def run(
     `cta serve`'s flags (cta_cli/commands/serve.py holds their defaults and help)."""
     # The chosen level applies to cta's own loggers; libraries stay at INFO (PIL and others
     # log every chunk at DEBUG).
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging()
     logging.getLogger("cta").setLevel(log_level.upper())
     # Before torch is imported: OpenMP reads these once, for every thread it starts.
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):

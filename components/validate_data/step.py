@@ -31,9 +31,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,8 @@ from cta_model.data.statistics import SEMSEG_FRACTION_COLUMNS, compute_statistic
 from cta_model.data.synthetic import CLASS_NAMES
 from cta_model.errors import ConfigError, DataError
 from cta_model.inspection import load_inspection_config
+
+_log = logging.getLogger("cta.validate_data")
 
 STATISTICS_NAME = "statistics.parquet"
 RESULT_NAME = "validation_result.json"
@@ -111,6 +115,7 @@ def run(
     local folder, ``file://`` or ``s3://``). ``quarantine`` is a file of sample ids to exclude
     (one per line, ``#`` comments, or a JSON list). ``workers`` processes compute the statistics.
     """
+    started = time.perf_counter()
     uri = dataset_uri(data_uri)
     thresholds = thresholds or Thresholds()
     opener = opener if opener is not None else opener_for(data_uri)
@@ -188,6 +193,14 @@ def run(
     write_bytes_atomic(report_path, report.encode("utf-8"))
     # Last: a dataset_ref.json next to the other outputs means the step finished.
     write_json_atomic(out / DATASET_REF_NAME, dataset_ref, DATASET_REF_SCHEMA)
+    _log.info(
+        "validate-data: %s (%d samples, %d quarantined) %s in %.1f s",
+        uri,
+        len(statistics),
+        len(quarantined),
+        "passed" if passed else "FAILED",
+        time.perf_counter() - started,
+    )
 
     if not passed:
         raise ValidationFailed(

@@ -5,18 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import click
-
-#: Epoch summaries and warnings of the training loop (cta_model.training.trainer logs at INFO)
-#: go to stderr, which is what `kubectl logs` and the KFP UI show for a pod.
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def _parse_set(items: tuple[str, ...]) -> dict:
@@ -131,7 +125,6 @@ def train(
     TrainJob of --nodes x --gpus that writes to --output-uri; its state and logs are shown and
     --fetch-to gets the model. --data may be an s3:// dataset_ref.json (fetched first).
     """
-    configure_logging()
     if backend == "kubeflow":
         local_only = {
             "--arch": arch,
@@ -206,11 +199,6 @@ def train(
         )
     if os.environ.get("RANK", "0") == "0":
         _emit_train_result(result, summary_out)
-
-
-def configure_logging() -> None:
-    """INFO and above of the package's loggers to stderr (once; a caller's set-up is kept)."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
 
 
 @contextlib.contextmanager
