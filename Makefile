@@ -13,7 +13,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 .PHONY: setup test test-slow test-all lint format lock clean help demo demo-clean
 .PHONY: test-load
 .PHONY: bench bench-quality
-.PHONY: image test-image setup-system test-system
+.PHONY: image image-gpu test-image test-containers setup-system test-system
 
 help:
 	@echo "make setup      create .venv from requirements.txt + constraints.txt"
@@ -24,7 +24,9 @@ help:
 	@echo "make bench-quality  STL/HPS/CTAL inspection figures, 5 seeds (SIZE=cpu|full|smoke, SEEDS=N)"
 	@echo "make bench      every bench/*.py benchmark -> bench/results/ (BENCH_QUICK=1: smoke sizes)"
 	@echo "make image      build the project image (buildah, else docker; infra/images/README.md)"
+	@echo "make image-gpu  the same image with the CUDA build of torch (CTA_GPU_IMAGE, cta-gpu:0.1.0)"
 	@echo "make test-image build the image, run a component in it with podman (slow)"
+	@echo "make test-containers  build the image, run the compiled pipeline with every step in it (slow)"
 	@echo "make setup-system  install chromium, buildah, podman, runc, debootstrap (apt)"
 
 setup: $(STAMP)
@@ -100,8 +102,19 @@ demo-clean:
 image:
 	bash infra/images/build.sh
 
+# The same image with the CUDA build of the pinned torch from the package index (several GB),
+# tagged $CTA_GPU_IMAGE or cta-gpu:0.1.0: the train step and the TrainJob pods run in it.
+image-gpu:
+	TORCH_BUILD=cuda CTA_IMAGE=$${CTA_GPU_IMAGE:-cta-gpu:0.1.0} bash infra/images/build.sh
+
 test-image: setup
 	$(VENV)/bin/python -m pytest tests/slow/test_image.py -m slow -v --timeout 3600 $(PYTEST_ARGS)
+
+# The compiled pipeline with every step a podman container of the image (kfp.local DockerRunner),
+# data on moto S3 and an MLflow server on loopback (issue 16 item 5); also part of test-slow.
+test-containers: setup setup-system
+	$(VENV)/bin/python -m pytest tests/integration/test_containers.py -m slow -v -s --timeout 3600 \
+		$(PYTEST_ARGS)
 
 setup-system:
 	bash infra/images/setup-system.sh

@@ -4,7 +4,7 @@ step) on tiny data, minus the steps' own work.
 Rows, each in a fresh subprocess with its own work folder and sqlite MLflow store:
 - `steps`: the component functions themselves (`component.python_func`, the same bodies
   kfp.local executes) called one after another in this process with the pipeline's wiring,
-  each timed: validate_data -> baselines_needed (-> train_baselines) -> train -> evaluate ->
+  each timed: validate_data -> data_fingerprint -> train_baselines -> train -> evaluate ->
   roi_report -> register_model -> gate (-> rollout), with run_local's default arguments;
 - `pipeline`: `pipelines.run.run_local` end to end (wall time).
 Overhead = pipeline - sum(steps): kfp.local's orchestration, one interpreter start and the
@@ -76,15 +76,19 @@ def run_steps(prep: dict[str, Any]) -> dict[str, float]:
     from components.roi_report.component import roi_report
     from components.rollout.component import rollout
     from components.train.component import train
-    from components.train_baselines.component import baselines_needed, train_baselines
+    from components.train_baselines.component import train_baselines
     from components.validate_data.component import validate_data
+    from pipelines.data_fingerprint import data_fingerprint
     from pipelines.run import DEFAULT_GATE_POLICY, DEFAULT_ROLLOUT_PLAN
 
     os.environ["MLFLOW_TRACKING_URI"] = prep["tracking_uri"]
     work = str(prep["work"])
-    ref = f"{work}/validate_data/dataset_ref.json"
     uri = prep["tracking_uri"]
     seconds: dict[str, float] = {}
+
+    def artifact(kind: Any, name: str) -> Any:
+        """An output artefact where kfp.local would put it: <task folder>/<name>."""
+        return kind(name=name, uri=f"{work}/{name}")
 
     def timed(name: str, fn: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
@@ -93,53 +97,67 @@ def run_steps(prep: dict[str, Any]) -> dict[str, float]:
         print(f"[pipeline_overhead] {name}: {seconds[name]:.1f} s", file=sys.stderr, flush=True)
         return out
 
+    dataset = artifact(dsl.Dataset, "dataset")
     passed = timed(
-        "validate-data", validate_data, data_uri=prep["data"], out_dir=f"{work}/validate_data"
+        "validate-data",
+        validate_data,
+        data_uri=prep["data"],
+        dataset=dataset,
+        report=artifact(dsl.HTML, "validation_report"),
     )
     if not passed:
         raise RuntimeError("validate_data failed on the synthetic data")
-    common = {"dataset_ref": ref, "config_path": prep["config"], "tracking_uri": uri}
-    if timed("baselines-needed", baselines_needed, model_name=MODEL_NAME, **common):
-        timed(
-            "train-baselines",
-            train_baselines,
-            out_dir=f"{work}/train_baselines",
-            model_name=MODEL_NAME,
-            experiment="cta",
-            **common,
-        )
-    model_id = timed("train", train, out_dir=f"{work}/train", experiment="cta", **common)
-    evaluation = timed(
+    sha256 = timed("data-fingerprint", data_fingerprint, dataset=dataset)
+    timed(
+        "train-baselines",
+        train_baselines,
+        dataset=dataset,
+        config_path=prep["config"],
+        model_name=MODEL_NAME,
+        tracking_uri=uri,
+        baselines=artifact(dsl.Artifact, "baselines"),
+    )
+    model_id = timed(
+        "train",
+        train,
+        dataset=dataset,
+        config_path=prep["config"],
+        tracking_uri=uri,
+        data_sha256=sha256,
+        model=artifact(dsl.Model, "model"),
+    )
+    evaluation = artifact(dsl.Artifact, "evaluation")
+    timed(
         "evaluate",
         evaluate,
-        model_dir=f"{work}/train/model",
-        dataset_ref=ref,
-        out_dir=f"{work}/evaluate",
         model_id=model_id,
+        dataset=dataset,
         tracking_uri=uri,
         model_name=MODEL_NAME,
         bootstrap_n=1000,
         latency_repeats=5,
-        metrics=dsl.Metrics(uri=f"{work}/evaluate/kfp_metrics"),
+        data_sha256=sha256,
+        evaluation=evaluation,
+        metrics=artifact(dsl.Metrics, "metrics"),
     )
-    roi = timed(
+    roi = artifact(dsl.Artifact, "roi")
+    timed(
         "roi-report",
         roi_report,
         evaluation=evaluation,
-        out_dir=f"{work}/roi_report",
-        roi_config="",
-        lines_config="",
-        report=dsl.HTML(uri=f"{work}/roi_report/kfp_report.html"),
-        summary=dsl.Markdown(uri=f"{work}/roi_report/kfp_report.md"),
+        data_sha256=sha256,
+        roi=roi,
+        report=artifact(dsl.HTML, "roi_report.html"),
+        summary=artifact(dsl.Markdown, "roi_report.md"),
     )
     version = timed(
         "register-model",
         register_model,
         model_id=model_id,
         model_name=MODEL_NAME,
-        evaluation=evaluation,
-        dataset_ref=ref,
         tracking_uri=uri,
+        evaluation=evaluation,
+        dataset=dataset,
         roi=roi,
     )
     verdict = timed(

@@ -25,6 +25,9 @@ from cta_model.errors import ConfigError
 LOG_FORMAT_ENV = "CTA_LOG_FORMAT"
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: Libraries whose INFO lines are their own housekeeping (GX's ephemeral docs site, MLflow's
+#: sqlite migrations): WARNING and above only.
+QUIET_LIBRARIES = ("great_expectations", "alembic")
 
 
 class JsonFormatter(logging.Formatter):
@@ -68,3 +71,5 @@ def configure_logging(log_format: str | None = None, level: int = logging.INFO) 
     handler.setFormatter(JsonFormatter() if chosen == "json" else logging.Formatter(TEXT_FORMAT))
     root.addHandler(handler)
     root.setLevel(level)
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))

@@ -57,9 +57,8 @@ class StepSettings:
 HOUR = 3600
 VALIDATE = StepSettings(("1", "2"), ("2Gi", "4Gi"), HOUR, retries=2, cache=False)
 DATA_FINGERPRINT = StepSettings(("100m", "250m"), ("256Mi", "512Mi"), 300, retries=2, cache=False)
-# Reads the registry, whose answer changes with no input changing: never cached.
-BASELINES_NEEDED = StepSettings(("250m", "500m"), ("512Mi", "1Gi"), 600, retries=2, cache=False)
-# Registers the STL baselines.
+# Asks the registry (whose answer changes with no input changing) and registers the missing STL
+# baselines: never cached, never retried.
 TRAIN_BASELINES = StepSettings(("4", "4"), ("16Gi", "16Gi"), 12 * HOUR, retries=0, cache=False)
 # A retried train would log a second MLflow run and LoggedModel: no retries.
 TRAIN = StepSettings(("8", "8"), ("32Gi", "32Gi"), 24 * HOUR, retries=0, cache=True)

@@ -1,10 +1,11 @@
 """Compile the training pipeline, or run it on this machine through kfp.local.
 
 ``run_local`` uses ``kfp.local.SubprocessRunner(use_venv=False)``: every component runs in a
-subprocess of this interpreter (the project image's environment, DESIGN 6), with its outputs
-under ``<work_dir>/kfp``. kfp.local returns no per-task status, so the result is read back
-from the run's folder: a task that ran has a folder with its outputs there; a task whose gate
-was False has none.
+subprocess of this interpreter (the project image's environment, DESIGN 6), with its artefacts
+under the pipeline root ``<work_dir>/kfp``. kfp.local returns no per-task status, so the result
+is read back from the run's folder: a task that ran has a folder with its
+``executor_output.json`` (parameter outputs and artefact URIs) there; a task whose gate was False
+has none.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import Any
 from kfp import compiler
 
 from pipelines.training import (
-    BASELINES_NEEDED_TASK,
     EVALUATE_TASK,
     FINGERPRINT_TASK,
     GATE_TASK,
@@ -38,7 +38,6 @@ from pipelines.training import (
 TASKS = (
     VALIDATE_TASK,
     FINGERPRINT_TASK,
-    BASELINES_NEEDED_TASK,
     TRAIN_BASELINES_TASK,
     TRAIN_TASK,
     TRAIN_TRAINJOB_TASK,
@@ -88,7 +87,8 @@ def run_local(
 
     ``rollout_state`` defaults to ``$CTA_ROLLOUT_STATE``, else ``<work_dir>/rollout``.
 
-    Returns ``{"run_dir", "tasks": {task: {"state": "ran" | "skipped", "outputs": {...}}}}``.
+    Returns ``{"run_dir", "tasks": {task: {"state": "ran" | "skipped", "outputs": {...},
+    "artifacts": {name: local path}}}}``.
     A failing task raises RuntimeError (kfp.local names the task; its log is on stdout).
     """
     from kfp import local
@@ -107,7 +107,6 @@ def run_local(
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         training_pipeline(
             data_uri=str(data_uri),
-            work_dir=str(work),
             config_path=str(Path(config_path).resolve()),
             tracking_uri=tracking_uri,
             experiment=experiment,
@@ -142,9 +141,19 @@ def _absolute(path: str | os.PathLike[str] | None) -> str:
 
 
 def task_result(run_dir: str | os.PathLike[str], task: str) -> dict[str, Any]:
-    """``{"state": "ran", "outputs": {name: value}}`` or ``{"state": "skipped", "outputs": {}}``."""
+    """``{"state": "ran", "outputs": {name: value}, "artifacts": {name: path}}``, or state
+    "skipped" with both empty."""
     output_file = Path(run_dir) / task / _EXECUTOR_OUTPUT
     if not output_file.is_file():
-        return {"state": "skipped", "outputs": {}}
+        return {"state": "skipped", "outputs": {}, "artifacts": {}}
     executor_output = json.loads(output_file.read_text(encoding="utf-8"))
-    return {"state": "ran", "outputs": dict(executor_output.get("parameterValues", {}))}
+    artifacts = {
+        name: entry["artifacts"][0]["uri"]
+        for name, entry in executor_output.get("artifacts", {}).items()
+        if entry.get("artifacts")
+    }
+    return {
+        "state": "ran",
+        "outputs": dict(executor_output.get("parameterValues", {})),
+        "artifacts": artifacts,
+    }

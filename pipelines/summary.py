@@ -79,29 +79,42 @@ def _rollout_lines(state_uri: str) -> list[str]:
     return out
 
 
+def _artifact(tasks: dict, task: str, name: str, *parts: str) -> Path | None:
+    """The local path of ``task``'s artefact ``name`` (joined with ``parts``), None when the
+    task did not run."""
+    uri = tasks.get(task, {}).get("artifacts", {}).get(name)
+    return Path(uri, *parts) if uri else None
+
+
 def summary_lines(
     result: dict,
-    work_dir: Path,
     tracking_uri: str,
     model_name: str = "cta-inspection",
     rollout_state: str | None = None,
 ) -> list[str]:
+    from components.evaluate.step import EVALUATION_NAME
+    from components.roi_report.step import HTML_NAME, ROI_NAME
+    from components.train_baselines.step import SUMMARY_NAME as BASELINES_SUMMARY
+    from components.validate_data.step import REPORT_NAME
     from pipelines.training import (
-        BASELINES_NEEDED_TASK,
+        EVALUATE_TASK,
         GATE_TASK,
         REGISTER_TASK,
+        ROI_TASK,
         TRAIN_BASELINES_TASK,
+        TRAIN_TASK,
+        VALIDATE_TASK,
     )
 
     tasks = result["tasks"]
     lines = ["pipeline tasks: " + ", ".join(f"{t} {i['state']}" for t, i in tasks.items())]
     version = tasks.get(REGISTER_TASK, {}).get("outputs", {}).get("Output")
     tags = _registered(tracking_uri, model_name, version) if version else {}
-    evaluation_path = work_dir / "evaluate" / "evaluation.json"
-    roi_path = work_dir / "roi_report" / "roi.json"
-    roi = json.loads(roi_path.read_text()) if roi_path.is_file() else None
+    evaluation_path = _artifact(tasks, EVALUATE_TASK, "evaluation", EVALUATION_NAME)
+    roi_path = _artifact(tasks, ROI_TASK, "roi", ROI_NAME)
+    roi = json.loads(roi_path.read_text()) if roi_path and roi_path.is_file() else None
     evaluation: dict[str, Any] = {}
-    if evaluation_path.is_file():
+    if evaluation_path and evaluation_path.is_file():
         evaluation = json.loads(evaluation_path.read_text())
         overall = evaluation["overall"]
         lines.append(f"test metrics ({overall['n_images']} images):")
@@ -118,11 +131,11 @@ def summary_lines(
             )
         else:
             lines.append(f"Delta_m: n/a ({evaluation.get('delta_m_reason')})")
-    needed = tasks.get(BASELINES_NEEDED_TASK, {}).get("outputs", {}).get("Output")
-    if needed is not None:
-        trained = tasks.get(TRAIN_BASELINES_TASK, {}).get("state") == "ran"
-        if trained:
-            state = "trained and registered"
+    baselines_path = _artifact(tasks, TRAIN_BASELINES_TASK, "baselines", BASELINES_SUMMARY)
+    if baselines_path and baselines_path.is_file():
+        baselines = json.loads(baselines_path.read_text())
+        if baselines.get("trained"):
+            state = f"trained and registered ({', '.join(sorted(baselines['trained']))})"
         elif evaluation.get("delta_m"):
             state = "reused from the registry"
         else:  # none matched and none trained (the pipeline's stl_baselines off)
@@ -142,11 +155,15 @@ def summary_lines(
     if rollout_state and Path(rollout_state).exists():
         lines.append("lines:")
         lines += _rollout_lines(rollout_state)
+    for label, path in (
+        ("validation report", _artifact(tasks, VALIDATE_TASK, "dataset", REPORT_NAME)),
+        ("evaluation", evaluation_path),
+        ("ROI report", _artifact(tasks, ROI_TASK, "roi", HTML_NAME)),
+        ("model folder", _artifact(tasks, TRAIN_TASK, "model", "model")),
+    ):
+        if path is not None:
+            lines.append(f"{label + ':':<18} {path}")
     lines += [
-        f"validation report: {work_dir / 'validate_data' / 'validation_report.html'}",
-        f"evaluation:        {evaluation_path}",
-        f"ROI report:        {work_dir / 'roi_report' / 'report.html'}",
-        f"model folder:      {work_dir / 'train' / 'model'}",
         f"MLflow store:      {tracking_uri}",
         f"open the MLflow UI: mlflow ui --backend-store-uri {tracking_uri}",
     ]

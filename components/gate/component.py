@@ -17,7 +17,9 @@ def gate(
     returns its verdict."""
     from components.gate.policy import DEFAULT_POLICY
     from components.gate.step import run
+    from components.logs import configure_logging
 
+    configure_logging()
     result = run(
         model_name,
         version,

@@ -1,8 +1,9 @@
 """KFP wrapper of the register_model step: only calls components.register_model.step.run().
 
-Registers the LoggedModel ``model_id`` under ``model_name`` with its evaluation, dataset_ref and
-(when ``roi`` is a path; "" for none) roi.json attached, alias ``challenger``, and
-``cta.registration=complete`` last; returns the version.
+Registers the LoggedModel ``model_id`` under ``model_name`` with the evaluation.json of the
+``evaluation`` artefact, the dataset_ref.json of the ``dataset`` artefact and the roi.json of the
+``roi`` artefact attached, alias ``challenger``, and ``cta.registration=complete`` last; returns
+the version.
 """
 
 from kfp import dsl
@@ -14,20 +15,26 @@ from components.image import PROJECT_IMAGE
 def register_model(
     model_id: str,
     model_name: str,
-    evaluation: str,
-    dataset_ref: str,
     tracking_uri: str,
-    roi: str = "",
+    evaluation: dsl.Input[dsl.Artifact],
+    dataset: dsl.Input[dsl.Dataset],
+    roi: dsl.Input[dsl.Artifact],
 ) -> str:
     """Register one model version; returns its version number as a string."""
-    from components.register_model.step import run
+    from pathlib import Path
 
+    from components.evaluate.step import EVALUATION_NAME
+    from components.logs import configure_logging
+    from components.register_model.step import run
+    from components.roi_report.step import ROI_NAME
+
+    configure_logging()
     result = run(
         model_id,
         model_name,
-        evaluation=evaluation,
-        dataset_ref=dataset_ref,
+        evaluation=str(Path(evaluation.path) / EVALUATION_NAME),
+        dataset_ref=str(Path(dataset.path) / "dataset_ref.json"),
         tracking_uri=tracking_uri or None,
-        roi=roi or None,
+        roi=str(Path(roi.path) / ROI_NAME),
     )
     return str(result["version"])

@@ -7,6 +7,8 @@ argument, else the version's ``cta.model_sha256`` tag (set at training and regis
 version without one is refused, since a folder's own SHA256SUMS proves nothing about who wrote
 it). Any mismatch raises DataError naming the URI. Only versions tagged
 ``cta.registration=complete`` are served (DESIGN 6.1): a half-registered version is refused.
+``fetch_logged_model(model_id)`` fetches a LoggedModel that is not registered yet (the pipeline's
+evaluate step), verified against the ``cta.model_sha256`` tag training set on it.
 
 Where the folder lives: a registered version points at its LoggedModel, a models-from-code
 pyfunc whose artifact ``model_dir`` is the model folder (components/train/logged_model.py); the
@@ -52,8 +54,8 @@ _ALIAS_RE = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[\w\-]+)$")
 
 @dataclass(frozen=True)
 class _Registered:
-    name: str
-    version: str
+    name: str | None
+    version: str | None
     model_id: str | None
     sha256: str | None
     source: str
@@ -242,6 +244,42 @@ def fetch_model(
             f"model URI {uri!r}: version {found.version} records no {TAG_MODEL_SHA256} and no "
             "expected sha256 was given; refusing weights that cannot be verified"
         )
+    return _fetch_verified(found, uri, dest, tracking_uri, expected)
+
+
+def fetch_logged_model(
+    model_id: str, dest: Path | None = None, tracking_uri: str | None = None
+) -> FetchedModel:
+    """The verified model folder of the LoggedModel ``model_id`` (``models:/<model_id>``), for
+    the steps between training and registration (evaluate): it need not be registered, but its
+    folder must match the ``cta.model_sha256`` tag that training set on it."""
+    from mlflow.exceptions import MlflowException
+
+    uri = f"{MODELS_SCHEME}{model_id}"
+    client = mlflow_client(tracking_uri)
+    try:
+        logged = client.get_logged_model(model_id)
+    except MlflowException as exc:
+        raise DataError(f"model {uri!r}: no such LoggedModel: {exc.message}") from exc
+    expected = _check_sha(
+        (logged.tags or {}).get(TAG_MODEL_SHA256), f"{uri}: tag {TAG_MODEL_SHA256}"
+    )
+    if expected is None:
+        raise DataError(
+            f"model {uri!r}: the LoggedModel records no {TAG_MODEL_SHA256}; refusing weights "
+            "that cannot be verified"
+        )
+    found = _Registered(
+        name=None, version=None, model_id=model_id, sha256=expected, source=logged.artifact_location
+    )
+    return _fetch_verified(found, uri, dest, tracking_uri, expected)
+
+
+def _fetch_verified(
+    found: _Registered, uri: str, dest: Path | None, tracking_uri: str | None, expected: str
+) -> FetchedModel:
+    """Download ``found``'s model folder to ``dest`` (else the cache), verified against
+    ``expected``; a folder already there that verifies is reused."""
     identity = {"name": found.name, "version": found.version, "model_id": found.model_id}
     target = Path(dest) if dest is not None else _cache_root() / expected
     if (target / CHECKSUMS).is_file():
@@ -278,6 +316,7 @@ def fetch_model_folder(
 
 __all__ = [
     "FetchedModel",
+    "fetch_logged_model",
     "fetch_model",
     "fetch_model_folder",
     "is_registry_uri",

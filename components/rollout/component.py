@@ -19,12 +19,21 @@ def rollout(
     state: str,
     tracking_uri: str,
     backend: str = "local",
+    lines_config: str = "",
 ) -> str:
     """Start wave 1 of the roll-out (``plan`` "" = the shipped configs/rollout-plan.yaml, ``state``
-    "" = $CTA_ROLLOUT_STATE or .cta/demo/rollout); returns its status line."""
+    "" = $CTA_ROLLOUT_STATE or .cta/demo/rollout); returns its status line. ``lines_config`` is
+    the fleet inventory of this step and of the line servers the local backend starts ("" for
+    the image's configs/lines.yaml)."""
+    import os
+
+    from components.logs import configure_logging
     from components.rollout.plan import DEFAULT_PLAN
     from components.rollout.step import run
 
+    configure_logging()
+    if lines_config:
+        os.environ["CTA_LINES_CONFIG"] = lines_config
     result = run(
         model_name,
         version,

@@ -39,7 +39,7 @@ def compile_command(out_path: Path) -> None:
     "--work-dir",
     required=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="run folder: every step's outputs and kfp.local's",
+    help="run folder: kfp.local's pipeline root (every step's artefacts) and the roll-out state",
 )
 @click.option(
     "--config",
@@ -119,7 +119,7 @@ def run_command(
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    for line in summary_lines(result, work_dir.resolve(), tracking_uri, model_name, state):
+    for line in summary_lines(result, tracking_uri, model_name, state):
         click.echo(line)
     from pipelines.training import VALIDATE_TASK
 
@@ -177,7 +177,7 @@ def _remote_options(command):
             multiple=True,
             callback=_checked(_parse_params),
             metavar="KEY=VALUE",
-            help="pipeline parameter (repeatable): data_uri, work_dir, config_path, "
+            help="pipeline parameter (repeatable): data_uri, config_path, "
             "tracking_uri (default $MLFLOW_TRACKING_URI), experiment, model_name",
         ),
         click.option(

@@ -66,8 +66,8 @@ def retrain(
             raise click.UsageError("give exactly one of --local or --host")
         if config_path is None:
             raise click.UsageError("--config is required to run the pipeline")
-        if work_dir is None:
-            raise click.UsageError("--work-dir is required to run the pipeline")
+        if work_dir is None and local:
+            raise click.UsageError("--work-dir is required to run the pipeline locally")
         started = _start_pipeline(
             data_uri,
             model_name,
@@ -110,12 +110,12 @@ def _start_pipeline(
     # On a cluster every path is as the pipeline's pods see it (docs/cluster.md).
     params = {
         "data_uri": data_uri,
-        "work_dir": str(work_dir),
         "config_path": str(config_path),
         "tracking_uri": tracking_uri,
         "model_name": model_name,
         "gate_policy": str(policy),
         "rollout_plan": str(plan),
-        "rollout_state": os.environ.get("CTA_ROLLOUT_STATE", f"{work_dir}/rollout"),
+        "rollout_state": os.environ.get("CTA_ROLLOUT_STATE")
+        or (f"{work_dir}/rollout" if work_dir else ""),
     }
     return {"run_id": submit_run(host, params)["run_id"]}

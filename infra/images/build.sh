@@ -15,6 +15,9 @@ FIND_LINKS="${PIP_FIND_LINKS:-/opt/wheels}"
 CA_BUNDLE="${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
 WORK="${CTA_IMAGE_WORK:-$ROOT/.cta/image}"
 BUILDER="${BUILDER:-}"
+# cpu: the pinned torch==2.13.0+cpu from the local wheels; cuda: the same torch release's CUDA
+# build from the package index (make image-gpu), every other pin unchanged.
+TORCH_BUILD="${TORCH_BUILD:-cpu}"
 BASE_PACKAGES="python3,python3-venv,python3-psycopg2,ca-certificates,passwd"
 
 log() { echo "[image] $*" >&2; }
@@ -30,8 +33,10 @@ if [[ -z "$BUILDER" ]]; then
   fi
 fi
 case "$BUILDER" in buildah|docker) ;; *) die "BUILDER=$BUILDER: expected buildah or docker" ;; esac
+case "$TORCH_BUILD" in cpu|cuda) ;; *) die "TORCH_BUILD=$TORCH_BUILD: expected cpu or cuda" ;; esac
 [[ -f "$CA_BUNDLE" ]] || die "CA_BUNDLE=$CA_BUNDLE: no such file"
-[[ -d "$FIND_LINKS" ]] || die "PIP_FIND_LINKS=$FIND_LINKS: no such folder (it holds the torch CPU wheel)"
+[[ "$TORCH_BUILD" == cuda || -d "$FIND_LINKS" ]] \
+  || die "PIP_FIND_LINKS=$FIND_LINKS: no such folder (it holds the torch CPU wheel)"
 
 image_exists() {
   if [[ "$BUILDER" == buildah ]]; then buildah inspect --type image "$1" >/dev/null 2>&1
@@ -73,14 +78,24 @@ mkdir -p "$context/.wheels"
 # --ignore-failed-read: files deleted in the work tree but still tracked are skipped.
 (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard \
    | tar --null --ignore-failed-read -T - -cf - 2>/dev/null) | tar -C "$context" -xf -
-cp -l "$FIND_LINKS"/*.whl "$context/.wheels/" 2>/dev/null || cp "$FIND_LINKS"/*.whl "$context/.wheels/"
+if [[ "$TORCH_BUILD" == cuda ]]; then
+  # The CUDA build of the pinned release: PyPI's torch==X (Linux x86_64) is built with CUDA and
+  # brings its nvidia-* runtime wheels. No local wheels: their X+cpu would win the resolve.
+  pinned="$(sed -n 's/^torch==\([0-9.]*\)+cpu$/\1/p' "$context/requirements.txt")"
+  [[ -n "$pinned" ]] || die "requirements.txt pins no torch==X+cpu to swap for its CUDA build"
+  sed -i "s/^torch==$pinned+cpu$/torch==$pinned/" "$context/requirements.txt" "$context/constraints.txt"
+  log "torch $pinned: the CUDA build from the package index"
+else
+  cp -l "$FIND_LINKS"/*.whl "$context/.wheels/" 2>/dev/null || cp "$FIND_LINKS"/*.whl "$context/.wheels/"
+fi
 cp "$CA_BUNDLE" "$context/.host-ca.crt"
 commit="$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)"
 
 # 3. The image.
 log "building $IMAGE with $BUILDER"
 args=(-f "$context/infra/images/Containerfile" -t "$IMAGE"
-      --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "GIT_COMMIT=$commit")
+      --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "GIT_COMMIT=$commit"
+      --build-arg "TORCH_BUILD=$TORCH_BUILD")
 [[ -n "${PIP_INDEX_URL:-}" ]] && args+=(--build-arg "PIP_INDEX_URL=$PIP_INDEX_URL")
 if [[ "$BUILDER" == buildah ]]; then
   # chroot isolation: works inside containers and without user namespaces.

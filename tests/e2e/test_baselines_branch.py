@@ -1,4 +1,5 @@
-"""The STL baselines branch through kfp.local: trained when missing, skipped once registered."""
+"""The STL baselines step through kfp.local: trained when missing, nothing trained once
+registered, nothing asked when switched off."""
 
 import json
 import warnings
@@ -8,39 +9,40 @@ import pytest
 import yaml
 from kfp import dsl, local
 
-from components.train_baselines.component import baselines_needed, train_baselines
+from components.train_baselines.component import train_baselines
+from components.train_baselines.step import SUMMARY_NAME
 from cta_model.data.line_dataset import MANIFEST_NAME, sha256_hex
 from cta_model.data.synthetic_dataset import generate_dataset
 from pipelines.run import task_result
 
 pytestmark = pytest.mark.e2e
 
-NEEDED_TASK = "baselines-needed"
 TRAIN_TASK = "train-baselines"
-PIPELINE_NAME = "baselines-branch"
+PIPELINE_NAME = "baselines-step"
+
+
+@dsl.component(base_image="python:3.11", install_kfp_package=False)
+def dataset_artifact(ref_text: str, dataset: dsl.Output[dsl.Dataset]):
+    """What validate-data hands the later steps: a folder holding dataset_ref.json."""
+    from pathlib import Path
+
+    Path(dataset.path).mkdir(parents=True)
+    (Path(dataset.path) / "dataset_ref.json").write_text(ref_text)
 
 
 @dsl.pipeline(name=PIPELINE_NAME)
-def baselines_branch(
-    dataset_ref: str, config_path: str, out_dir: str, model_name: str, tracking_uri: str
+def baselines_step(
+    ref_text: str, config_path: str, model_name: str, tracking_uri: str, enabled: bool = True
 ):
-    needed = baselines_needed(
-        dataset_ref=dataset_ref,
+    made = dataset_artifact(ref_text=ref_text)
+    trained = train_baselines(
+        dataset=made.outputs["dataset"],
         config_path=config_path,
         model_name=model_name,
         tracking_uri=tracking_uri,
+        enabled=enabled,
     )
-    needed.set_display_name(NEEDED_TASK)
-    # A single-output task: a condition on a NamedTuple output is silently False (DESIGN 6.2).
-    with dsl.If(needed.output == True, name="baselines-missing"):  # noqa: E712
-        trained = train_baselines(
-            dataset_ref=dataset_ref,
-            config_path=config_path,
-            out_dir=out_dir,
-            model_name=model_name,
-            tracking_uri=tracking_uri,
-        )
-        trained.set_display_name(TRAIN_TASK)
+    trained.set_display_name(TRAIN_TASK)
 
 
 def _run(kfp_root: Path, **arguments: str) -> dict:
@@ -52,9 +54,12 @@ def _run(kfp_root: Path, **arguments: str) -> dict:
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-        baselines_branch(**arguments)
+        baselines_step(**arguments)
     (run_dir,) = [p for p in kfp_root.iterdir() if p.name.startswith(f"{PIPELINE_NAME}-")]
-    return {task: task_result(run_dir, task) for task in (NEEDED_TASK, TRAIN_TASK)}
+    result = task_result(run_dir, TRAIN_TASK)
+    assert result["state"] == "ran"
+    summary = Path(result["artifacts"]["baselines"]) / SUMMARY_NAME
+    return {"trained": result["outputs"]["Output"], "summary": json.loads(summary.read_text())}
 
 
 def test_baselines_are_trained_when_missing_and_skipped_when_registered(tmp_path: Path) -> None:
@@ -94,23 +99,25 @@ def test_baselines_are_trained_when_missing_and_skipped_when_registered(tmp_path
     config_path.write_text(yaml.safe_dump(config))
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     arguments = {
-        "dataset_ref": str(ref_path),
+        "ref_text": ref_path.read_text(),
         "config_path": str(config_path),
         "model_name": "cta-branch",
         "tracking_uri": tracking_uri,
     }
 
-    first = _run(tmp_path / "kfp1", out_dir=str(tmp_path / "first"), **arguments)
-    assert first[NEEDED_TASK] == {"state": "ran", "outputs": {"Output": True}}
-    assert first[TRAIN_TASK]["state"] == "ran"
-    summary = json.loads(Path(first[TRAIN_TASK]["outputs"]["Output"]).read_text())
-    assert set(summary["trained"]) == {"height"}
+    first = _run(tmp_path / "kfp1", **arguments)
+    assert first["trained"] == "height"
+    assert set(first["summary"]["trained"]) == {"height"} and first["summary"]["reused"] == []
     version = MlflowClient(tracking_uri).get_model_version_by_alias(
         "cta-branch-stl-height", "baseline"
     )
     assert version.tags["cta.data_manifest_sha256"] == manifest
 
-    second = _run(tmp_path / "kfp2", out_dir=str(tmp_path / "second"), **arguments)
-    assert second[NEEDED_TASK] == {"state": "ran", "outputs": {"Output": False}}
-    assert second[TRAIN_TASK] == {"state": "skipped", "outputs": {}}
-    assert not (tmp_path / "second").exists()
+    second = _run(tmp_path / "kfp2", **arguments)
+    assert second["trained"] == ""
+    assert second["summary"]["trained"] == {} and second["summary"]["reused"] == ["height"]
+    versions = MlflowClient(tracking_uri).search_model_versions("name='cta-branch-stl-height'")
+    assert len(versions) == 1
+
+    off = _run(tmp_path / "kfp3", enabled=False, **arguments)
+    assert off == {"trained": "", "summary": {"disabled": True}}

@@ -10,6 +10,7 @@ from kfp import dsl, local
 from components.artifacts import validation_problems
 from components.roi_report.component import roi_report
 from components.roi_report.step import HTML_NAME, MARKDOWN_NAME, ROI_NAME
+from pipelines.run import task_result
 
 pytestmark = pytest.mark.e2e
 
@@ -52,14 +53,23 @@ def _write_evaluation(folder: Path) -> Path:
     return path
 
 
+@dsl.component(base_image="python:3.11", install_kfp_package=False)
+def evaluation_artifact(text: str, evaluation: dsl.Output[dsl.Artifact]):
+    """What the evaluate step hands roi_report: a folder holding evaluation.json."""
+    from pathlib import Path
+
+    Path(evaluation.path).mkdir(parents=True)
+    (Path(evaluation.path) / "evaluation.json").write_text(text)
+
+
 @dsl.pipeline(name="roi-report-only")
-def roi_report_only(evaluation: str, out_dir: str) -> str:
-    return roi_report(evaluation=evaluation, out_dir=out_dir).outputs["Output"]
+def roi_report_only(text: str):
+    made = evaluation_artifact(text=text)
+    roi_report(evaluation=made.outputs["evaluation"])
 
 
 def test_roi_component_runs_through_kfp_local(tmp_path):
     evaluation = _write_evaluation(tmp_path / "evaluate")
-    out_dir = tmp_path / "roi_report"
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(tmp_path / "kfp"),
@@ -68,11 +78,18 @@ def test_roi_component_runs_through_kfp_local(tmp_path):
     with warnings.catch_warnings():
         # The project image's name has no "python" in it, which kfp.local warns about.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-        task = roi_report_only(evaluation=str(evaluation), out_dir=str(out_dir))
+        roi_report_only(text=evaluation.read_text())
 
-    assert task.output == str(out_dir / ROI_NAME)
+    (run_dir,) = (tmp_path / "kfp").iterdir()
+    result = task_result(run_dir, "roi-report")
+    assert result["state"] == "ran"
+    out_dir = Path(result["artifacts"]["roi"])
     roi = json.loads((out_dir / ROI_NAME).read_text())
     assert validation_problems(roi, "roi") == []
     assert roi["pilot_line"] == "press-a" and roi["pilot"]["inputs"]["recall"] == 0.9
     assert (out_dir / HTML_NAME).stat().st_size > 0
     assert roi["pilot"]["payback_label"] in (out_dir / MARKDOWN_NAME).read_text()
+    # The UI's copies: the report as HTML, the summary as Markdown.
+    report = Path(result["artifacts"]["report"]).read_bytes()
+    assert report == (out_dir / HTML_NAME).read_bytes()
+    assert Path(result["artifacts"]["summary"]).read_text() == (out_dir / MARKDOWN_NAME).read_text()

@@ -1,7 +1,8 @@
 """The training pipeline through kfp.local, driven by `cta retrain --local`.
 
-1. No champion yet: the retrain trigger runs the whole pipeline; the STL baselines are trained
-   (their branch ran), the model is trained, evaluated, priced, registered, passes a permissive
+1. No champion yet: the retrain trigger runs the whole pipeline; the steps hand each other
+   KFP artefacts (dataset, model, evaluation, roi); the STL baselines are trained, the model is
+   trained, evaluated, priced, registered, passes a permissive
    gate and wave 1 of the roll-out starts a line server for the pilot line.
 2. The same data again: the trigger skips, saying the data is the champion's.
 3. Broken data: validation fails and every later step is skipped.
@@ -26,7 +27,6 @@ from cta_model.data.synthetic_dataset import generate_dataset
 from pipelines.run import run_local
 from pipelines.summary import summary_lines
 from pipelines.training import (
-    BASELINES_NEEDED_TASK,
     EVALUATE_TASK,
     GATE_TASK,
     REGISTER_TASK,
@@ -138,22 +138,44 @@ def test_retrain_runs_the_whole_pipeline_then_skips_unchanged_data(
         first = _retrain(data_root, work, config_path, tracking_uri, *chosen)
         assert first["action"] == "run" and "no champion" in first["reason"]
         tasks = _states(first["run_dir"])
-        assert tasks[VALIDATE_TASK] == {"state": "ran", "outputs": {"Output": True}}
-        assert tasks[BASELINES_NEEDED_TASK]["outputs"] == {"Output": True}
+        assert tasks[VALIDATE_TASK]["outputs"] == {"Output": True}
         for ran in (TRAIN_BASELINES_TASK, TRAIN_TASK, EVALUATE_TASK, ROI_TASK, REGISTER_TASK):
             assert tasks[ran]["state"] == "ran", ran
+        assert set(tasks[TRAIN_BASELINES_TASK]["outputs"]["Output"].split(",")) == {
+            "semseg",
+            "height",
+            "normals",
+        }
         model_id = tasks[TRAIN_TASK]["outputs"]["Output"]
-        dataset_ref = json.loads((work / "validate_data" / "dataset_ref.json").read_text())
+        # Every hand-over is an artefact under the pipeline root, none under a shared work dir.
+        run_dir = Path(first["run_dir"])
+        for task in (VALIDATE_TASK, TRAIN_TASK, EVALUATE_TASK, ROI_TASK):
+            for path in tasks[task]["artifacts"].values():
+                assert Path(path).is_relative_to(run_dir), (task, path)
+        dataset = Path(tasks[VALIDATE_TASK]["artifacts"]["dataset"])
+        dataset_ref = json.loads((dataset / "dataset_ref.json").read_text())
         assert dataset_ref["passed"] is True and dataset_ref["uri"] == str(data_root.resolve())
-        evaluation = json.loads((work / "evaluate" / "evaluation.json").read_text())
+        assert _artifact(first["run_dir"], VALIDATE_TASK, "dataset")["metadata"] == {
+            "uri": dataset_ref["uri"],
+            "manifest_sha256": dataset_ref["manifest_sha256"],
+        }
+        model = _artifact(first["run_dir"], TRAIN_TASK, "model")
+        assert model["metadata"]["model_id"] == model_id
+        assert (Path(model["uri"]) / "model" / "SHA256SUMS").is_file()
+        evaluated = Path(tasks[EVALUATE_TASK]["artifacts"]["evaluation"])
+        evaluation = json.loads((evaluated / "evaluation.json").read_text())
         assert evaluation["model"]["model_id"] == model_id
+        # evaluate fetched the LoggedModel train logged: the same folder, byte for byte.
+        from cta_model.model_folder import folder_sha256
+
+        assert evaluation["model"]["sha256"] == folder_sha256(Path(model["uri"]) / "model")
         assert evaluation["delta_m"] is not None  # the baselines just trained were found
-        assert (work / "roi_report" / "report.html").is_file()
+        roi_dir = Path(tasks[ROI_TASK]["artifacts"]["roi"])
         # What the KFP UI shows: the evaluate step's Metrics, the ROI report as HTML + Markdown.
         metrics = _artifact(first["run_dir"], EVALUATE_TASK, "metrics")
         assert metrics["metadata"]["semseg.miou"] == evaluation["overall"]["metrics"]["semseg.miou"]
         html = _artifact(first["run_dir"], ROI_TASK, "report")
-        assert Path(html["uri"]).read_bytes() == (work / "roi_report" / "report.html").read_bytes()
+        assert Path(html["uri"]).read_bytes() == (roi_dir / "report.html").read_bytes()
         markdown = _artifact(first["run_dir"], ROI_TASK, "summary")
         assert "payback" in Path(markdown["uri"]).read_text()
         version = tasks[REGISTER_TASK]["outputs"]["Output"]
@@ -172,7 +194,7 @@ def test_retrain_runs_the_whole_pipeline_then_skips_unchanged_data(
         assert str(pilot["running"]["version"]) == version and pilot["alive"]
         # The printed summary shows what MLflow holds.
         summary = "\n".join(
-            summary_lines({"tasks": tasks}, work, tracking_uri, "cta-inspection", state_uri)
+            summary_lines({"tasks": tasks}, tracking_uri, "cta-inspection", state_uri)
         )
         tagged = {k.removeprefix("cta.evaluation."): v for k, v in registered.tags.items()}
         primaries = [k for k in evaluation["overall"]["metrics"] if k in tagged]
@@ -183,6 +205,7 @@ def test_retrain_runs_the_whole_pipeline_then_skips_unchanged_data(
         assert "gate: pass (MLflow tag cta.gate.verdict=pass)" in summary
         assert f"press-a    runs v{version}" in summary
         assert "STL baselines: trained and registered" in summary
+        assert f"evaluation:        {evaluated / 'evaluation.json'}" in summary
         assert "pilot line press-a: payback" in summary
 
         second = _retrain(data_root, work, config_path, tracking_uri, *chosen)
@@ -203,11 +226,13 @@ def test_failed_validation_skips_training(data_root, config_path, tmp_path):
     result = run_local(str(broken), tmp_path / "work", config_path, tracking_uri)
 
     tasks = result["tasks"]
-    assert tasks[VALIDATE_TASK] == {"state": "ran", "outputs": {"Output": False}}
+    assert tasks[VALIDATE_TASK]["state"] == "ran"
+    assert tasks[VALIDATE_TASK]["outputs"] == {"Output": False}
     for skipped in TASKS[1:]:
-        assert tasks[skipped] == {"state": "skipped", "outputs": {}}
-    work = tmp_path / "work"
-    assert not (work / "train").exists()
-    dataset_ref = json.loads((work / "validate_data" / "dataset_ref.json").read_text())
+        assert tasks[skipped] == {"state": "skipped", "outputs": {}, "artifacts": {}}
+    dataset = Path(tasks[VALIDATE_TASK]["artifacts"]["dataset"])
+    dataset_ref = json.loads((dataset / "dataset_ref.json").read_text())
     assert dataset_ref["passed"] is False
-    assert sample_id in (work / "validate_data" / "validation_result.json").read_text()
+    assert sample_id in (dataset / "validation_result.json").read_text()
+    # The failed validation's report still reaches the KFP UI.
+    assert sample_id in Path(tasks[VALIDATE_TASK]["artifacts"]["report"]).read_text()

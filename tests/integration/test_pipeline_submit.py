@@ -19,7 +19,6 @@ pytestmark = pytest.mark.integration
 
 PARAMS = {
     "data_uri": "s3://cta-data/lines/v3",
-    "work_dir": "/data/runs/nightly",
     "config_path": "/configs/train.yaml",
     "tracking_uri": "http://mlflow.cta-platform.svc:5000",
 }
@@ -60,7 +59,6 @@ def assert_is_training_pipeline(spec: dict, platform: dict) -> None:
     assert set(executors) == {
         "exec-validate-data",
         "exec-data-fingerprint",
-        "exec-baselines-needed",
         "exec-train-baselines",
         "exec-train",
         "exec-train-trainjob",

@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from components.register_model.step import run as register
-from components.registry.models import fetch_model_folder, resolve_version
+from components.registry.models import fetch_logged_model, fetch_model_folder, resolve_version
 from components.train.logged_model import log_model_folder
 from cta_model.errors import DataError
 from cta_model.model_folder import folder_sha256
@@ -153,3 +153,23 @@ def test_a_verified_folder_in_place_is_kept_not_replaced(
     _move_into_place(late, target, "models:/m/1", digest)
     assert folder_sha256(target) == digest and not late.exists()
     fetch_model_folder(str(target), expected_sha256=digest)  # verifies again
+
+
+def test_an_unregistered_logged_model_is_fetched_by_id_and_verified(
+    tiny_model_dir: Path, mlflow_server: str, tmp_path: Path
+) -> None:
+    """The pipeline's evaluate step: the LoggedModel train logged, before any registration."""
+    model_id, _ = _log(tiny_model_dir, mlflow_server)
+    fetched = fetch_logged_model(model_id, tmp_path / "model", tracking_uri=mlflow_server)
+    assert fetched.folder == (tmp_path / "model").resolve()
+    assert fetched.sha256 == folder_sha256(tiny_model_dir)
+    assert (fetched.model_id, fetched.name, fetched.version) == (model_id, None, None)
+
+    # A LoggedModel whose recorded digest disagrees with its bytes is refused.
+    client = MlflowClient(mlflow_server)
+    client.set_logged_model_tags(model_id, {"cta.model_sha256": "0" * 64})
+    with pytest.raises(DataError, match="sha256"):
+        fetch_logged_model(model_id, tmp_path / "other", tracking_uri=mlflow_server)
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(DataError, match="no such LoggedModel"):
+        fetch_logged_model("m-" + "0" * 32, tmp_path / "none", tracking_uri=mlflow_server)

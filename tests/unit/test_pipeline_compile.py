@@ -5,7 +5,7 @@ import yaml
 from click.testing import CliRunner
 from kfp.components import load_component_from_file
 
-from components.image import PROJECT_IMAGE
+from components.image import GPU_IMAGE, PROJECT_IMAGE
 from cta_cli.commands.pipeline import pipeline
 from pipelines.run import compile_pipeline
 
@@ -45,7 +45,6 @@ def test_compiled_pipeline_loads(compiled):
     component = load_component_from_file(str(compiled))
     assert set(component.component_spec.inputs) == {
         "data_uri",
-        "work_dir",
         "config_path",
         "tracking_uri",
         "experiment",
@@ -76,7 +75,6 @@ def test_components_run_in_the_project_image_and_install_nothing(compiled):
     assert set(executors) == {
         "exec-validate-data",
         "exec-data-fingerprint",
-        "exec-baselines-needed",
         "exec-train-baselines",
         "exec-train",
         "exec-train-trainjob",
@@ -86,9 +84,10 @@ def test_components_run_in_the_project_image_and_install_nothing(compiled):
         "exec-gate",
         "exec-rollout",
     }
-    for executor in executors.values():
+    for name, executor in executors.items():
         container = executor["container"]
-        assert container["image"] == PROJECT_IMAGE
+        # Training runs in the CUDA build of the same image (make image-gpu).
+        assert container["image"] == (GPU_IMAGE if name == "exec-train" else PROJECT_IMAGE)
         command = " ".join(container["command"] + container.get("args", []))
         assert "pip install" not in command  # no packages_to_install, no kfp install
 
@@ -103,23 +102,18 @@ def test_train_is_gated_on_the_single_validate_output(compiled):
 
 
 def test_every_later_gate_sits_on_a_single_output(compiled):
-    """Baselines train only when needed; evaluate waits for that branch; the roll-out starts
-    only when the gate's one str output is "pass" (DESIGN 6.2)."""
+    """evaluate waits for the baselines step and for whichever train branch ran; the roll-out
+    starts only when the gate's one str output is "pass" (DESIGN 6.2)."""
     spec = pipeline_spec(compiled)
     components = spec["components"]
-    branch = components["comp-stl-baselines"]["dag"]["tasks"]
-    needed = branch["condition-1"]["triggerPolicy"]["condition"]
-    assert "baselines-needed-Output" in needed and needed.endswith("true")
-    assert "train-baselines" in components["comp-condition-1-2"]["dag"]["tasks"]
     after_data = components["comp-condition-1"]["dag"]["tasks"]
-    # evaluate waits for the baselines and for whichever train branch ran (dsl.OneOf).
     training = next(
         name
         for name, entry in after_data.items()
         if "train" in tasks_below(spec, entry["componentRef"]["name"])
     )
     assert set(after_data["evaluate"]["dependentTasks"]) == {
-        "stl-baselines",
+        "train-baselines",
         training,
         "data-fingerprint",
     }
@@ -131,6 +125,56 @@ def test_every_later_gate_sits_on_a_single_output(compiled):
     assert list(components[rollout_component]["dag"]["tasks"]) == ["rollout"]
 
 
+def _artifact_source(task: dict, name: str) -> tuple[str, str]:
+    """(producer task, output key) of a task's input artefact ``name``."""
+    argument = task["inputs"]["artifacts"][name]
+    if "taskOutputArtifact" in argument:
+        output = argument["taskOutputArtifact"]
+        return output["producerTask"], output["outputArtifactKey"]
+    # Passed into a condition's DAG: "pipelinechannel--<task>-<key>".
+    channel = argument["componentInputArtifact"].removeprefix("pipelinechannel--")
+    producer, _, key = channel.rpartition("-")
+    return producer, key
+
+
+def test_steps_hand_each_other_artifacts_not_paths(compiled):
+    """Issue 16 item 1: no step takes a path on a shared folder; the data, the evaluation and
+    the ROI figures travel as KFP artefacts of the right types, and the reports are artefacts
+    the KFP UI renders."""
+    spec = pipeline_spec(compiled)
+    tasks = {}
+    for component in spec["components"].values():
+        tasks.update(component.get("dag", {}).get("tasks", {}))
+    tasks.update(spec["root"]["dag"]["tasks"])
+    for name in ("data-fingerprint", "train-baselines", "train", "train-trainjob", "evaluate"):
+        assert _artifact_source(tasks[name], "dataset") == ("validate-data", "dataset"), name
+    assert _artifact_source(tasks["register-model"], "dataset") == ("validate-data", "dataset")
+    assert _artifact_source(tasks["roi-report"], "evaluation") == ("evaluate", "evaluation")
+    assert _artifact_source(tasks["register-model"], "evaluation") == ("evaluate", "evaluation")
+    assert _artifact_source(tasks["register-model"], "roi") == ("roi-report", "roi")
+
+    def outputs(component: str) -> dict[str, str]:
+        artifacts = spec["components"][component]["outputDefinitions"].get("artifacts", {})
+        return {key: value["artifactType"]["schemaTitle"] for key, value in artifacts.items()}
+
+    assert outputs("comp-validate-data") == {"dataset": "system.Dataset", "report": "system.HTML"}
+    assert outputs("comp-train") == {"model": "system.Model"}
+    assert outputs("comp-train-trainjob") == {"model": "system.Model"}
+    assert outputs("comp-evaluate") == {
+        "evaluation": "system.Artifact",
+        "metrics": "system.Metrics",
+    }
+    assert outputs("comp-roi-report") == {
+        "roi": "system.Artifact",
+        "report": "system.HTML",
+        "summary": "system.Markdown",
+    }
+    # No parameter of any step or of the pipeline is a shared run folder.
+    for component in spec["components"].values():
+        parameters = component.get("inputDefinitions", {}).get("parameters", {})
+        assert not {"work_dir", "out_dir", "dataset_ref", "model_dir"} & set(parameters)
+
+
 def test_cli_compile(tmp_path):
     out = tmp_path / "p.yaml"
     result = CliRunner().invoke(pipeline, ["compile", "--out", str(out)])
@@ -138,32 +182,14 @@ def test_cli_compile(tmp_path):
     assert load_component_from_file(str(out)).name
 
 
-def test_reports_and_metrics_are_kfp_artifacts_the_ui_renders(compiled):
-    """Issue 16 item 1 (part): the evaluate step's headline figures as a Metrics artefact, the
-    ROI report as HTML and Markdown artefacts; the register step still takes the JSON paths."""
+def test_trainjob_pods_run_the_gpu_image(compiled):
+    """Item 4: the TrainJob the train-trainjob step creates runs the CUDA build of the image."""
     spec = pipeline_spec(compiled)
-    outputs = {
-        name: {
-            artifact: definition["artifactType"]["schemaTitle"]
-            for artifact, definition in spec["components"][name]["outputDefinitions"][
-                "artifacts"
-            ].items()
-        }
-        for name in ("comp-evaluate", "comp-roi-report")
-    }
-    assert outputs == {
-        "comp-evaluate": {"metrics": "system.Metrics"},
-        "comp-roi-report": {"report": "system.HTML", "summary": "system.Markdown"},
-    }
-    register = next(
-        task
+    task = next(
+        entry
         for component in spec["components"].values()
-        for name, task in component.get("dag", {}).get("tasks", {}).items()
-        if name == "register-model"
+        for name, entry in component.get("dag", {}).get("tasks", {}).items()
+        if name == "train-trainjob"
     )
-    inputs = register["inputs"]["parameters"]
-    assert inputs["evaluation"]["taskOutputParameter"] == {
-        "outputParameterKey": "Output",
-        "producerTask": "evaluate",
-    }
-    assert inputs["roi"]["taskOutputParameter"]["producerTask"] == "roi-report"
+    image = task["inputs"]["parameters"]["image"]["runtimeValue"]["constant"]
+    assert image == GPU_IMAGE != PROJECT_IMAGE

@@ -11,7 +11,6 @@ import yaml
 from pipelines import k8s_settings
 from pipelines.run import compile_pipeline
 from pipelines.training import (
-    BASELINES_NEEDED_TASK,
     EVALUATE_TASK,
     FINGERPRINT_TASK,
     GATE_TASK,
@@ -29,7 +28,6 @@ pytestmark = pytest.mark.unit
 SETTINGS = {
     VALIDATE_TASK: k8s_settings.VALIDATE,
     FINGERPRINT_TASK: k8s_settings.DATA_FINGERPRINT,
-    BASELINES_NEEDED_TASK: k8s_settings.BASELINES_NEEDED,
     TRAIN_BASELINES_TASK: k8s_settings.TRAIN_BASELINES,
     TRAIN_TASK: k8s_settings.TRAIN,
     TRAIN_TRAINJOB_TASK: k8s_settings.TRAIN_TRAINJOB,
@@ -39,7 +37,7 @@ SETTINGS = {
     GATE_TASK: k8s_settings.GATE,
     ROLLOUT_TASK: k8s_settings.ROLLOUT,
 }
-IDEMPOTENT = {VALIDATE_TASK, FINGERPRINT_TASK, BASELINES_NEEDED_TASK, EVALUATE_TASK, ROI_TASK}
+IDEMPOTENT = {VALIDATE_TASK, FINGERPRINT_TASK, EVALUATE_TASK, ROI_TASK}
 CACHED = {TRAIN_TASK, EVALUATE_TASK, ROI_TASK}
 WITH_SIDE_EFFECTS = {
     VALIDATE_TASK,
@@ -171,9 +169,9 @@ def test_every_cached_step_takes_the_data_sha256(ir, task):
         }
     else:  # inside a train backend's branch: passed down as the condition's input
         assert argument == {"componentInputParameter": "pipelinechannel--data-fingerprint-Output"}
-    # ...and the fingerprint reads what validate-data accepted.
-    ref = tasks[FINGERPRINT_TASK]["inputs"]["parameters"]["dataset_ref"]
-    assert "validate_data/dataset_ref.json" in str(ref)
+    # ...and the fingerprint reads what validate-data accepted (its dataset artefact).
+    dataset = tasks[FINGERPRINT_TASK]["inputs"]["artifacts"]["dataset"]
+    assert "validate-data" in str(dataset) and "dataset" in str(dataset)
 
 
 def test_train_in_a_pod_gets_gpus_and_processes_from_the_same_parameter(ir):
