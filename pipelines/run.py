@@ -1,6 +1,8 @@
 """Compile the training pipeline, or run it on this machine through kfp.local.
 
-``run_local`` uses ``kfp.local.SubprocessRunner(use_venv=False)``: every component runs in a
+``run_local`` compiles the pipeline to ``<work_dir>/kfp/training.yaml`` and runs that YAML (the
+one ``cta pipeline submit`` sends to a cluster) with
+``kfp.local.SubprocessRunner(use_venv=False)``: every component runs in a
 subprocess of this interpreter (the project image's environment, DESIGN 6), with its artefacts
 under the pipeline root ``<work_dir>/kfp``. kfp.local returns no per-task status, so the result
 is read back from the run's folder: a task that ran has a folder with its
@@ -51,8 +53,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 #: The strict gate and roll-out plan; the demo passes its loose, documented ones.
 DEFAULT_GATE_POLICY = CONFIGS / "gate.yaml"
 DEFAULT_ROLLOUT_PLAN = CONFIGS / "rollout-plan.yaml"
-#: Where kfp.local keeps its outputs, under the work dir.
+#: Where kfp.local keeps its outputs, under the work dir, and the compiled YAML it runs.
 KFP_ROOT = "kfp"
+COMPILED_NAME = "training.yaml"
 _EXECUTOR_OUTPUT = "executor_output.json"
 
 
@@ -92,10 +95,13 @@ def run_local(
     A failing task raises RuntimeError (kfp.local names the task; its log is on stdout).
     """
     from kfp import local
+    from kfp.components import load_component_from_file
 
     work = Path(work_dir).resolve()
     kfp_root = work / KFP_ROOT
     kfp_root.mkdir(parents=True, exist_ok=True)
+    # The YAML a cluster would run, not the Python function: what runs here is what ships.
+    compiled = load_component_from_file(str(compile_pipeline(kfp_root / COMPILED_NAME)))
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(kfp_root),
@@ -105,7 +111,7 @@ def run_local(
     with warnings.catch_warnings():
         # The project image's name has no "python" in it, which kfp.local warns about.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-        training_pipeline(
+        compiled(
             data_uri=str(data_uri),
             config_path=str(Path(config_path).resolve()),
             tracking_uri=tracking_uri,

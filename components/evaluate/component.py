@@ -10,7 +10,8 @@ and ``explain`` let a quick pipeline (tests, smoke runs) do less; ``lines_config
 inventory ("" for the image's configs/lines.yaml). ``data_sha256`` is not read:
 it is the data's identity in KFP's cache key (pipelines/k8s_settings.py). ``metrics`` (a KFP
 Metrics artefact) holds the headline figures (``components.evaluate.step.headline_metrics``),
-so the KFP UI shows them on the run.
+so the KFP UI shows them on the run, and ``confusion`` (ClassificationMetrics) the pooled test
+images at the operating threshold: good / defective against the verdict.
 """
 
 from kfp import dsl
@@ -31,12 +32,13 @@ def evaluate(
     lines_config: str = "",
     evaluation: dsl.Output[dsl.Artifact] = None,
     metrics: dsl.Output[dsl.Metrics] = None,
+    confusion: dsl.Output[dsl.ClassificationMetrics] = None,
 ) -> None:
     """Evaluate one LoggedModel into the ``evaluation`` artefact."""
     import tempfile
     from pathlib import Path
 
-    from components.evaluate.step import headline_metrics, run
+    from components.evaluate.step import headline_metrics, operating_confusion, run
     from components.logs import configure_logging
     from components.registry.models import fetch_logged_model
 
@@ -60,3 +62,6 @@ def evaluate(
     evaluation.metadata.update({"model_id": model_id, "model_sha256": fetched.sha256})
     for key, value in headline_metrics(result).items():
         metrics.log_metric(key, value)
+    matrix = operating_confusion(result)
+    if matrix is not None:
+        confusion.log_confusion_matrix(["good", "defective"], matrix)

@@ -518,6 +518,22 @@ def headline_metrics(evaluation: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
+def operating_confusion(evaluation: Mapping[str, Any]) -> list[list[int]] | None:
+    """The pooled test images at the operating threshold as a confusion matrix over
+    (good, defective): rows are the truth, columns the verdict; None without a defect score
+    (no inspection figures, or a rate missing for images that exist)."""
+    inspection = evaluation["overall"].get("inspection") or {}
+    n_defective, n_good = inspection.get("n_defective"), inspection.get("n_good")
+    recall, frr = inspection.get("recall"), inspection.get("frr")
+    if n_defective is None or n_good is None:
+        return None
+    if (n_defective and recall is None) or (n_good and frr is None):
+        return None
+    caught = round(recall * n_defective) if n_defective else 0
+    rejected_good = round(frr * n_good) if n_good else 0
+    return [[n_good - rejected_good, rejected_good], [n_defective - caught, caught]]
+
+
 def _dataset_warnings(dataset: Any, reject_classes: tuple[int, ...]) -> list[str]:
     """A dataset that names other defect classes than the model scores."""
     named = dataset.reject_classes

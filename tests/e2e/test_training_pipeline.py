@@ -174,6 +174,12 @@ def test_retrain_runs_the_whole_pipeline_then_skips_unchanged_data(
         # What the KFP UI shows: the evaluate step's Metrics, the ROI report as HTML + Markdown.
         metrics = _artifact(first["run_dir"], EVALUATE_TASK, "metrics")
         assert metrics["metadata"]["semseg.miou"] == evaluation["overall"]["metrics"]["semseg.miou"]
+        confusion = _artifact(first["run_dir"], EVALUATE_TASK, "confusion")["metadata"]
+        matrix = confusion["confusionMatrix"]
+        assert [c["displayName"] for c in matrix["annotationSpecs"]] == ["good", "defective"]
+        counts = [row["row"] for row in matrix["rows"]]
+        inspection = evaluation["overall"]["inspection"]
+        assert [sum(counts[0]), sum(counts[1])] == [inspection["n_good"], inspection["n_defective"]]
         html = _artifact(first["run_dir"], ROI_TASK, "report")
         assert Path(html["uri"]).read_bytes() == (roi_dir / "report.html").read_bytes()
         markdown = _artifact(first["run_dir"], ROI_TASK, "summary")

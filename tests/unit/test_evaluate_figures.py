@@ -166,3 +166,18 @@ def test_a_dataset_naming_other_defects_than_the_model_is_warned_about() -> None
         "dataset: it calls classes [1] defects but the model scores [5, 6]; every figure uses "
         "the model's (its own definition wins)"
     ]
+
+
+def test_operating_confusion_counts_the_verdicts_at_the_threshold():
+    from components.evaluate.step import operating_confusion
+
+    inspection = {"recall": 0.75, "frr": 0.1, "n_defective": 8, "n_good": 30}
+    evaluation = {"overall": {"inspection": inspection}}
+    # good: 27 passed, 3 rejected; defective: 2 missed, 6 caught.
+    assert operating_confusion(evaluation) == [[27, 3], [2, 6]]
+    assert operating_confusion({"overall": {"inspection": None}}) is None
+    no_recall = {**inspection, "recall": None}
+    assert operating_confusion({"overall": {"inspection": no_recall}}) is None
+    # No good images: their rate is null, the matrix still counts the defective ones.
+    only_defective = {"recall": 1.0, "frr": None, "n_defective": 2, "n_good": 0}
+    assert operating_confusion({"overall": {"inspection": only_defective}}) == [[0, 0], [0, 2]]

@@ -163,6 +163,7 @@ def test_steps_hand_each_other_artifacts_not_paths(compiled):
     assert outputs("comp-evaluate") == {
         "evaluation": "system.Artifact",
         "metrics": "system.Metrics",
+        "confusion": "system.ClassificationMetrics",
     }
     assert outputs("comp-roi-report") == {
         "roi": "system.Artifact",
