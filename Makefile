@@ -85,7 +85,7 @@ demo: setup
 			--line-samples press-a=400 --splits 0.5,0.15,0.25,0.1 --size 384 --seed 0 \
 			--workers 2; \
 	fi && \
-	$(VENV)/bin/cta pipeline run --local --data $(DEMO_DIR)/data --work-dir $(DEMO_DIR)/kfp \
+	$(VENV)/bin/cta pipeline run --local --data $(DEMO_DIR)/data --work-dir $(DEMO_DIR) \
 		--config configs/demo.yaml --tracking-uri sqlite:///$(DEMO_DIR)/mlflow/mlflow.db \
 		--gate-policy configs/gate-demo.yaml --rollout-plan configs/rollout-demo.yaml \
 		--rollout-state $(DEMO_DIR)/rollout --no-stl-baselines && \

@@ -11,7 +11,7 @@ import yaml
 from click.testing import CliRunner
 from kfp_standin import API, KfpStandIn
 
-from components.image import PROJECT_IMAGE
+from components.image import GPU_IMAGE, PROJECT_IMAGE
 from cta_cli.commands.pipeline import pipeline
 from pipelines.remote import normalise_cron
 
@@ -68,7 +68,10 @@ def assert_is_training_pipeline(spec: dict, platform: dict) -> None:
         "exec-gate",
         "exec-rollout",
     }
-    assert {e["container"]["image"] for e in executors.values()} == {PROJECT_IMAGE}
+    # Training runs in the GPU build of the image, every other step in the project image.
+    assert {name: e["container"]["image"] for name, e in executors.items()} == {
+        name: GPU_IMAGE if name == "exec-train" else PROJECT_IMAGE for name in executors
+    }
 
 
 def test_submit_creates_experiment_and_run_with_inline_spec(kfp_server):
