@@ -4,16 +4,17 @@ Trainer TrainJob of ``nodes`` x ``gpus`` and waits for it.
 
 Both train on the validated data (the ``dataset`` artefact of validate_data) with the config at
 ``config_path`` (a path in the image) into their ``model`` artefact (a folder: the model folder
-``model/`` and the step's summary ``train_summary.json`` = {model_dir, model_id, run_id,
-best_metrics, best_epoch}), tracking in ``tracking_uri`` (every step of a pipeline gets the same
-one; DESIGN 6.1), and return the MLflow LoggedModel id, through which the later steps fetch the
-model (kfp.local cannot merge the two branches' artefacts with ``dsl.OneOf``). CTA_* environment
-overrides are ignored: the pipeline's parameters are the whole input. ``train`` runs in the GPU
-image (components/image.py), and so do the TrainJob's pods (the pipeline passes it as ``image``);
-the ``train_trainjob`` launcher itself needs no GPU. ``data_sha256`` is not read:
-it is the data's identity in KFP's cache key (pipelines/k8s_settings.py). ``lines_config`` (a
-path in the image, "" for the shipped configs/lines.yaml) is the fleet inventory the pod trains
-with; the TrainJob's pods read the config's ``data.lines_config`` or the image's default.
+``model/``, the run's config and the step's summary ``train_summary.json`` = {model_dir,
+model_id, run_id, best_metrics, best_epoch}; no checkpoints), tracking in ``tracking_uri``
+(every step of a pipeline gets the same one; DESIGN 6.1), and return the MLflow LoggedModel id,
+through which the later steps fetch the model (kfp.local cannot merge the two branches'
+artefacts with ``dsl.OneOf``). CTA_* environment overrides are ignored: the pipeline's
+parameters are the whole input. ``train`` runs in the GPU image (components/image.py), and so do
+the TrainJob's pods (the pipeline passes it as ``image``); the ``train_trainjob`` launcher
+itself needs no GPU. ``data_sha256`` is not read: it is the data's identity in KFP's cache key
+(pipelines/k8s_settings.py). ``lines_config`` (a path in the image, "" for the shipped
+configs/lines.yaml) is the fleet inventory the pod trains with; the TrainJob's pods read the
+config's ``data.lines_config`` or the image's default.
 """
 
 from kfp import dsl
@@ -36,6 +37,7 @@ def train(
     """Train one model in this pod, one process per GPU (torchrun) or one on CPU; returns its
     model_id. ``gpu_type`` is what the pod requested ``gpus`` of (logged only)."""
     import os
+    import shutil
     from pathlib import Path
 
     from components.artifacts import write_json_atomic
@@ -57,6 +59,9 @@ def train(
         experiment=experiment,
         environ={},
     )
+    # The artefact is the model, not the resume state: KFP uploads the whole folder, and a
+    # retried or re-run step trains afresh (retries=0), so the checkpoints go.
+    shutil.rmtree(Path(out_dir) / "checkpoints", ignore_errors=True)
     # A literal: a lightweight component's body cannot see its module's globals.
     write_json_atomic(Path(out_dir) / "train_summary.json", summary)
     model.metadata.update(

@@ -162,6 +162,7 @@ def test_retrain_runs_the_whole_pipeline_then_skips_unchanged_data(
         model = _artifact(first["run_dir"], TRAIN_TASK, "model")
         assert model["metadata"]["model_id"] == model_id
         assert (Path(model["uri"]) / "model" / "SHA256SUMS").is_file()
+        assert not (Path(model["uri"]) / "checkpoints").exists()  # the model, not resume state
         evaluated = Path(tasks[EVALUATE_TASK]["artifacts"]["evaluation"])
         evaluation = json.loads((evaluated / "evaluation.json").read_text())
         assert evaluation["model"]["model_id"] == model_id
