@@ -139,6 +139,7 @@ def run_steps(prep: dict[str, Any]) -> dict[str, float]:
         data_sha256=sha256,
         evaluation=evaluation,
         metrics=artifact(dsl.Metrics, "metrics"),
+        confusion=artifact(dsl.ClassificationMetrics, "confusion"),
     )
     roi = artifact(dsl.Artifact, "roi")
     timed(
@@ -234,7 +235,7 @@ def summarise(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
         {"step": "overhead (total - steps)", "own work s": overhead},
     ]
     markdown = (
-        "## Pipeline overhead, kfp.local on tiny data (2 lines x 8 samples, 32x32, 1 epoch)\n\n"
+        "## Pipeline overhead, kfp.local on tiny data (2 lines x 8 scenes of 384 px, 32 px tiles, 1 epoch)\n\n"
         + markdown_table(table, ["step", "own work s"])
         + f"\nPipeline/steps {ratios['pipeline_over_steps']:.2f}x; "
         f"{ratios['overhead_per_step_s']:.1f} s overhead per step ({len(ran)} steps ran)."
