@@ -47,7 +47,7 @@ test: setup test-system
 	$(VENV)/bin/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile --durations=15 \
 		$(PYTEST_ARGS)
 
-test-slow: setup test-system
+test-slow: setup test-system setup-system
 	$(VENV)/bin/python -m pytest -m "slow" --durations=15 $(PYTEST_ARGS)
 
 test-all: setup

@@ -60,10 +60,16 @@ _EXECUTOR_OUTPUT = "executor_output.json"
 
 
 def compile_pipeline(out_path: str | os.PathLike[str]) -> Path:
-    """Write the training pipeline's IR YAML to ``out_path``; returns the path."""
+    """Write the training pipeline's IR YAML to ``out_path`` (whole or not at all: compiled
+    beside it, then renamed); returns the path."""
     target = Path(out_path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(training_pipeline, str(target))
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial.yaml")
+    try:
+        compiler.Compiler().compile(training_pipeline, str(partial))
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
     return target
 
 
