@@ -235,7 +235,8 @@ def summarise(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
         {"step": "overhead (total - steps)", "own work s": overhead},
     ]
     markdown = (
-        "## Pipeline overhead, kfp.local on tiny data (2 lines x 8 scenes of 384 px, 32 px tiles, 1 epoch)\n\n"
+        "## Pipeline overhead, kfp.local on tiny data "
+        "(2 lines x 8 scenes of 384 px, 32 px tiles, 1 epoch)\n\n"
         + markdown_table(table, ["step", "own work s"])
         + f"\nPipeline/steps {ratios['pipeline_over_steps']:.2f}x; "
         f"{ratios['overhead_per_step_s']:.1f} s overhead per step ({len(ran)} steps ran)."

@@ -134,12 +134,14 @@ def summary_lines(
     baselines_path = _artifact(tasks, TRAIN_BASELINES_TASK, "baselines", BASELINES_SUMMARY)
     if baselines_path and baselines_path.is_file():
         baselines = json.loads(baselines_path.read_text())
-        if baselines.get("trained"):
+        if baselines.get("disabled"):
+            state = "none trained (stl_baselines off)"
+            if not evaluation.get("delta_m"):
+                state = "none registered for this data and " + state
+        elif baselines.get("trained"):
             state = f"trained and registered ({', '.join(sorted(baselines['trained']))})"
-        elif evaluation.get("delta_m"):
-            state = "reused from the registry"
-        else:  # none matched and none trained (the pipeline's stl_baselines off)
-            state = "none registered for this data and none trained (stl_baselines off)"
+        else:
+            state = f"reused from the registry ({', '.join(baselines.get('reused', []))})"
         lines.append(f"STL baselines: {state}")
     if roi is not None:
         pilot = roi["pilot"]
