@@ -18,5 +18,7 @@ def data_fingerprint(dataset: dsl.Input[dsl.Dataset]) -> str:
     import json
     from pathlib import Path
 
-    ref = Path(dataset.path) / "dataset_ref.json"
+    from cta_model.data.dataset_ref import dataset_ref_in
+
+    ref = Path(dataset_ref_in(dataset.path))
     return json.loads(ref.read_text(encoding="utf-8"))["manifest_sha256"]

@@ -41,6 +41,7 @@ def evaluate(
     from components.evaluate.step import headline_metrics, operating_confusion, run
     from components.logs import configure_logging
     from components.registry.models import fetch_logged_model
+    from cta_model.data.dataset_ref import dataset_ref_in
 
     configure_logging()
     with tempfile.TemporaryDirectory(prefix="cta-evaluate-") as scratch:
@@ -49,7 +50,7 @@ def evaluate(
         )
         result = run(
             str(fetched.folder),
-            str(Path(dataset.path) / "dataset_ref.json"),
+            dataset_ref_in(dataset.path),
             evaluation.path,
             model_id=model_id,
             model_name=model_name or None,

@@ -27,13 +27,14 @@ def register_model(
     from components.logs import configure_logging
     from components.register_model.step import run
     from components.roi_report.step import ROI_NAME
+    from cta_model.data.dataset_ref import dataset_ref_in
 
     configure_logging()
     result = run(
         model_id,
         model_name,
         evaluation=str(Path(evaluation.path) / EVALUATION_NAME),
-        dataset_ref=str(Path(dataset.path) / "dataset_ref.json"),
+        dataset_ref=dataset_ref_in(dataset.path),
         tracking_uri=tracking_uri or None,
         roi=str(Path(roi.path) / ROI_NAME),
     )

@@ -43,11 +43,12 @@ def train(
     from components.artifacts import write_json_atomic
     from components.logs import configure_logging
     from components.train.step import run
+    from cta_model.data.dataset_ref import dataset_ref_in
 
     configure_logging()  # epoch summaries (INFO) in the pod's log
     if lines_config:  # the fleet inventory of this process and its torchrun workers
         os.environ["CTA_LINES_CONFIG"] = lines_config
-    dataset_ref = str(Path(dataset.path) / "dataset_ref.json")
+    dataset_ref = dataset_ref_in(dataset.path)
     out_dir = model.path
     if gpus > 0:
         print(f"training on {gpus} x {gpu_type or 'GPU'}: torchrun --nproc-per-node {gpus}")
@@ -93,9 +94,10 @@ def train_trainjob(
     from components.artifacts import write_json_atomic
     from components.logs import configure_logging
     from components.train.remote import train_in_trainjob
+    from cta_model.data.dataset_ref import dataset_ref_in
 
     configure_logging()  # the TrainJob's state and logs in this pod's log
-    dataset_ref = str(Path(dataset.path) / "dataset_ref.json")
+    dataset_ref = dataset_ref_in(dataset.path)
     out_dir = model.path
     if not output_uri:
         raise ValueError("train_output_uri: the TrainJob backend needs an s3:// prefix")

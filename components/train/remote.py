@@ -34,13 +34,13 @@ from components.train.trainjob import (
     build_trainjob_manifest,
     load_trainjob_spec,
 )
+from cta_model.data.dataset_ref import DATASET_REF_NAME
 from cta_model.errors import ConfigError, DataError
 
 # Where each pod trains; rank 0 uploads <POD_OUTPUT>/model to <output_uri>/model.
 POD_OUTPUT = "/workspace/out"
 MODEL_SUBDIR = "model"
 SUMMARY_NAME = "train_summary.json"
-DATASET_REF_NAME = "dataset_ref.json"
 # Keys of the spec that run_on_kubeflow sets itself.
 _OWN_KEYS = frozenset({"config_path", "command"})
 

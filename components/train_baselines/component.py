@@ -32,6 +32,7 @@ def train_baselines(
     from components.artifacts import write_json_atomic
     from components.logs import configure_logging
     from components.train_baselines.step import SUMMARY_NAME, run
+    from cta_model.data.dataset_ref import dataset_ref_in
 
     configure_logging()
     if lines_config:  # the fleet inventory of this process and its training runs
@@ -42,7 +43,7 @@ def train_baselines(
         return ""
     summary = run(
         config_path,
-        str(Path(dataset.path) / "dataset_ref.json"),
+        dataset_ref_in(dataset.path),
         model_name,
         baselines.path,
         tracking_uri=tracking_uri or None,

@@ -54,6 +54,7 @@ from components.validate_data.expectations import (
 )
 from components.validate_data.report import ReportInputs, render_report
 from cta_model.atomic import write_bytes_atomic
+from cta_model.data.dataset_ref import DATASET_REF_NAME
 from cta_model.data.line_dataset import MANIFEST_NAME, LineDataset, Opener
 from cta_model.data.statistics import SEMSEG_FRACTION_COLUMNS, compute_statistics
 from cta_model.data.synthetic import CLASS_NAMES
@@ -65,7 +66,6 @@ _log = logging.getLogger("cta.validate_data")
 STATISTICS_NAME = "statistics.parquet"
 RESULT_NAME = "validation_result.json"
 REPORT_NAME = "validation_report.html"
-DATASET_REF_NAME = "dataset_ref.json"
 DATASET_REF_SCHEMA = "dataset_ref"
 DVC_REV_ENV = "DVC_REV"
 # How much of the failure a message (an exception, a terminal line) carries; the report and

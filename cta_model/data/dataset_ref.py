@@ -17,6 +17,14 @@ from typing import Any
 from cta_model.data.line_dataset import MANIFEST_NAME
 from cta_model.errors import ConfigError, DataError
 
+#: The file validate-data writes into its output folder (the pipeline's ``dataset`` artefact).
+DATASET_REF_NAME = "dataset_ref.json"
+
+
+def dataset_ref_in(folder: str | Path) -> str:
+    """The dataset_ref.json inside a validate-data output folder (or ``dataset`` artefact)."""
+    return str(Path(folder) / DATASET_REF_NAME)
+
 
 def read_dataset_ref(path: str) -> dict[str, Any]:
     """The parsed dataset_ref of the train config's ``data.dataset_ref``; ConfigError when it is

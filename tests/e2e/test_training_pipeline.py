@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from click.testing import CliRunner
+from pipeline_inputs import PERMISSIVE_GATE, pilot_shadow_plan, write_tiny_config
 
 from cta_cli.commands.retrain import retrain
 from cta_model.data.line_dataset import MANIFEST_NAME
@@ -39,25 +40,7 @@ from pipelines.training import (
 
 pytestmark = pytest.mark.e2e
 
-PERMISSIVE_GATE = {
-    "schema_version": 1,
-    "data_validation": {"required": True},
-    "when_no_champion": "pass",
-    "approval": {"required": False},
-}
-ROLLOUT_PLAN = {
-    "name": "e2e",
-    "waves": [
-        {
-            "name": "pilot shadow",
-            "lines": ["press-a"],
-            "mode": "shadow",
-            "bake": {"min_samples": 2, "min_seconds": 0},
-            "health": {"max_error_rate": 0.0, "max_p95_latency_ms": 60000},
-            "failure_policy": "halt_and_rollback",
-        }
-    ],
-}
+ROLLOUT_PLAN = pilot_shadow_plan("e2e")
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +53,7 @@ def data_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def config_path(tmp_path_factory) -> Path:
-    """configs/demo.yaml made tiny: ResNet-18 at stride 8, 32x32, one epoch of batches of 4."""
-    config = yaml.safe_load(Path("configs/demo.yaml").read_text())
-    config["model"].update(backbone="resnet18", output_stride=8, input_size=[32, 32])
-    config.update(epochs=1, batch_size=4, progress=False)
-    config["checkpoint"]["every_steps"] = 0
-    config["data"]["tiling"].update(tiles_per_image=1, val_tiles_per_image=1)
-    # The pipeline replaces the data source with the validated dataset_ref and sets output.
-    path = tmp_path_factory.mktemp("config") / "train.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_tiny_config(tmp_path_factory.mktemp("config") / "train.yaml")
 
 
 def _corrupt_one_png(root: Path) -> str:
