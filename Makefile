@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test test-slow test-all lint format lock clean help demo demo-clean
+.PHONY: setup test test-slow test-all lint format lock dvc-lock clean help demo demo-clean
 .PHONY: test-load
 .PHONY: bench bench-quality
 .PHONY: image image-gpu test-image test-containers setup-system test-system
@@ -20,7 +20,8 @@ help:
 	@echo "make test       all tests but 'slow' (unit, integration, e2e), 2 workers (TEST_WORKERS=N)"
 	@echo "make test-slow  the slow tier"
 	@echo "make test-load  load test of cta serve (32 clients, 2000 requests; bench/results/load_serve.json)"
-	@echo "make lint       ruff check + format check + import layers (lint-imports)"
+	@echo "make lint       ruff check + format check + import layers (lint-imports) + dvc.lock fresh"
+	@echo "make dvc-lock   dvc repro: rebuild the data stages and refresh dvc.lock after their sources change"
 	@echo "make bench-quality  STL/HPS/CTAL inspection figures, 5 seeds (SIZE=cpu|full|smoke, SEEDS=N)"
 	@echo "make bench      every bench/*.py benchmark -> bench/results/ (BENCH_QUICK=1: smoke sizes)"
 	@echo "make image      build the project image (buildah, else docker; infra/images/README.md)"
@@ -58,6 +59,13 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports --no-cache --no-logo
+	@# A stage's source changed without `make dvc-lock`: a fresh clone's dry repro then fails.
+	@stale=$$(PATH=$(VENV)/bin:$$PATH dvc status 2>&1 | grep -E 'modified: +[^ ]+\.(py|yaml)$$'); \
+		if [ -n "$$stale" ]; then echo "dvc.lock is stale (run make dvc-lock, commit dvc.lock):"; \
+		echo "$$stale"; exit 1; fi
+
+dvc-lock: setup
+	PATH=$(VENV)/bin:$$PATH dvc repro
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

@@ -40,6 +40,8 @@ def test_status_and_a_dry_repro_work_on_a_fresh_clone(tmp_path):
     assert "analytics = false" in (clone / ".dvc" / "config").read_text()
 
     status = _run([str(VENV_BIN / "dvc"), "status"], clone, env)
+    stale = [line.strip() for line in status.splitlines() if "modified:" in line]
+    assert not stale, f"dvc.lock is stale for {stale}: run `make dvc-lock` and commit dvc.lock"
     # The data is not in a fresh clone: DVC names the locked outputs as missing.
     assert "deleted:            data/synthetic" in status
     assert "not in cache:       data/validation/dataset_ref.json" in status
