@@ -35,8 +35,10 @@ setup: $(STAMP)
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install -q "uv==$(UV_VERSION)"
 	@test -x $(VENV)/bin/python || uv venv -q --python $(PYTHON) $(VENV)
+	@# --compile-bytecode: .pyc files written once here; without them every process (each
+	@# pipeline step, server and test subprocess) compiled mlflow and torch again, ~3 s each.
 	uv pip install -q --python $(VENV)/bin/python --find-links "$(FIND_LINKS)" \
-		-r requirements.txt -c constraints.txt
+		--compile-bytecode -r requirements.txt -c constraints.txt
 	uv pip install -q --python $(VENV)/bin/python --no-deps -e .
 	@touch $(STAMP)
 

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cta_model.errors import ConfigError
+from cta_model.nn.functional import unit_vectors
 
 
 class PixelLoss(Protocol):
@@ -132,7 +133,7 @@ def cosine_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """1 - cos(angle) between normalised prediction and unit target; (0, 0, 0) is invalid."""
     valid = (target != 0).any(dim=1) & _sample_mask(present, pred.shape[0], pred.device)
-    cosine = (F.normalize(pred, dim=1) * target).sum(dim=1)
+    cosine = (unit_vectors(pred, dim=1) * target).sum(dim=1)
     return _masked_mean(1 - cosine, valid)
 
 

@@ -60,6 +60,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cta_model.nn.functional import class_ids
+
 Reduction = Literal["pooled", "batch_mean"]
 MiouRule = Literal["nanmean_union", "strict", "zero_union_as_0"]
 
@@ -448,7 +450,7 @@ class SegmentationMeter(Meter):
     def _batch_state(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
         c = self.num_classes
         # argmax and the NaN check run where the logits live; only int labels move to the CPU.
-        labels = pred.argmax(dim=1).to("cpu", torch.int64)
+        labels = class_ids(pred).to("cpu", torch.int64)
         nan_logits = torch.isnan(pred).any(dim=1).cpu()
         target = target.to("cpu", torch.int64)
         valid = (target >= 0) & (target < c)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from cta_model import losses, metrics
 from cta_model.errors import ConfigError
+from cta_model.nn.functional import class_ids, unit_vectors
 
 Direction = Literal["higher", "lower"]
 #: The role a task plays beyond its own metrics (at most one task of each but ``values``):
@@ -169,7 +170,7 @@ class TaskSpec:
         """Raw head output (B, C, H, W) -> the label's layout: class ids (B, H, W), one value
         (B, H, W), or channels-last vectors (B, H, W, C) after the task's activation."""
         if self.label_channels == 0:
-            return raw.argmax(dim=1)
+            return class_ids(raw)
         if self.label_channels == 1:
             return raw[:, 0]
         return self.activation(raw).permute(0, 2, 3, 1)
@@ -240,7 +241,7 @@ def _normals_valid(label: torch.Tensor) -> torch.Tensor:
 
 
 def _unit_vectors(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x, dim=1)
+    return unit_vectors(x, dim=1)
 
 
 # ---- what `cta serve` answers per task for one image (decoded prediction, numpy layout) ----

@@ -23,7 +23,9 @@ Sections (every key is optional unless marked; defaults follow the paper's recip
                     own pitch: defect_fraction, tiles_per_image, val_tiles_per_image,
                     overlap_px), anomalies (null = off; synthetic anomalies pasted into
                     training images: cta_model.data.anomalies.AnomalyConfig keys plus
-                    class_id, region_classes), num_workers, cache_dir
+                    class_id, region_classes), num_workers, cache_dir, memory_cache_mb
+                    (decoded samples kept in memory per loader process, up to this many MiB;
+                    0 = decode every time)
     inspection:     reject_classes (null = the dataset's, else configs/inspection.yaml's),
                     score_window_px: the defect score the model folder records
     optim:          name (adam | adamw | sgd), lr, weight_decay, momentum (sgd), grad_clip,
@@ -215,6 +217,9 @@ class DataConfig(StrictModel):
     anomalies: AnomalyTrainConfig | None = None
     num_workers: int = Field(default=0, ge=0, le=MAX_WORKERS)
     cache_dir: str = ".cta/cache"
+    # Decoded train / val samples kept in memory (each loader process its own), in MiB: a
+    # tile is a fraction of its image, so without it every tile decodes the whole image again.
+    memory_cache_mb: int = Field(default=0, ge=0, le=2**20)
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> DataConfig:
@@ -374,6 +379,7 @@ class TrainConfig(StrictModel):
         data["optim"].pop("max_skipped_steps_in_a_row")  # stops a run, never changes its steps
         data["data"].pop("num_workers")
         data["data"].pop("cache_dir")
+        data["data"].pop("memory_cache_mb")  # the same samples, decoded once or every time
         return data
 
     def trajectory_hash(self) -> str:

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from cta_model.errors import ConfigError
 from cta_model.nn.ctal_linear import LinearDiffusion, linear_diffusion
+from cta_model.nn.functional import unit_vectors
 
 AFFINITY_MODES = ("auto", "dense", "blocked", "linear", "pooled")
 # The block's defaults, also those of the model settings (ModelSpec): gamma is the paper's
@@ -65,7 +66,7 @@ AUTO_BLOCK_BYTES = 8 * 2**20
 
 def task_affinity(features: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, N, N) cosine similarities between all pixel pairs (row-major N)."""
-    flat = F.normalize(features.flatten(2), dim=1)
+    flat = unit_vectors(features.flatten(2), dim=1)
     return torch.bmm(flat.transpose(1, 2), flat)
 
 
@@ -527,7 +528,7 @@ class CrossTaskAffinity(nn.Module):
             self._check_grid(features[t])
         on_grid = [self._to_fusion_grid(features[t]) for t in self.tasks]
         values = [self._to_fusion_grid(self.value_projection[t](features[t])) for t in self.tasks]
-        unit = torch.stack([F.normalize(x.flatten(2), dim=1) for x in on_grid], 1)
+        unit = torch.stack([unit_vectors(x.flatten(2), dim=1) for x in on_grid], 1)
         value = torch.stack([v.flatten(2) for v in values], 1)  # (B, T, C, N)
         weight, bias = self._stacked_fusion()
         batch = value.shape[0]
@@ -586,7 +587,7 @@ class CrossTaskAffinity(nn.Module):
             device=features[self.tasks[0]].device,
         )
         unit = torch.stack(
-            [F.normalize(self._to_fusion_grid(features[t]).flatten(2), dim=1) for t in self.tasks],
+            [unit_vectors(self._to_fusion_grid(features[t]).flatten(2), dim=1) for t in self.tasks],
             1,
         )  # (B, T, C, N)
         batch, tasks, _, n = unit.shape

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cta_model.data.dataset_ref import (
     check_manifest,
     quarantined_ids,
@@ -52,6 +54,47 @@ class DataBundle:
     depth_is_disparity: bool
     lineage: dict[str, Any]
     reject_classes: tuple[int, ...] | None = None  # the dataset's own defect classes, if any
+
+
+@dataclass
+class ByteBudget:
+    """Bytes a process may still keep; shared by the train and val sample caches."""
+
+    left: int
+
+
+class DecodedSampleCache:
+    """`base`'s decoded samples kept in memory while `budget` lasts (numpy arrays' bytes).
+
+    The first samples to arrive that fit are kept and never evicted: training reads samples in
+    a new random order every epoch, where a least-recently-used cache would evict what comes
+    next. Kept arrays are made read-only, so a transform that wrote into one would fail
+    loudly instead of changing what later epochs see (`transforms._writable` copies them
+    before torch takes them); each read gets a fresh dict.
+    """
+
+    def __init__(self, base: Any, budget: ByteBudget) -> None:
+        self.base = base
+        self.budget = budget
+        self._kept: dict[int, dict[str, Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        kept = self._kept.get(index)
+        if kept is not None:
+            return dict(kept)
+        sample = self.base[index]
+        arrays = [value for value in sample.values() if isinstance(value, np.ndarray)]
+        size = sum(array.nbytes for array in arrays)
+        if size <= self.budget.left:
+            for array in arrays:
+                array.flags.writeable = False
+            self._kept[index] = sample
+            self.budget.left -= size
+            return dict(sample)
+        return sample
 
 
 class Subset:

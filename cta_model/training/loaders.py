@@ -10,7 +10,8 @@
 With ``data.tiling`` each image stands for ``tiles_per_image`` training tiles (a different
 random tile each time, defects oversampled) and ``val_tiles_per_image`` validation tiles drawn
 once from the stream of (seed, index), so validation sees the same tiles every epoch. With
-``data.anomalies`` synthetic anomalies are pasted into the raw training sample first.
+``data.anomalies`` synthetic anomalies are pasted into the raw training sample first. With
+``data.memory_cache_mb`` decoded samples are kept in memory (`DecodedSampleCache`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, Sampler
 from cta_model.data import transforms as T
 from cta_model.model_folder import InputContract
 from cta_model.train_config import TrainConfig
+from cta_model.training.datasets import ByteBudget, DecodedSampleCache
 from cta_model.training.distributed import DistributedEnv
 
 
@@ -248,6 +250,10 @@ def build_loaders(
     ``defective``: indices of training samples with a reject-class pixel (the tile plan)."""
     train_tf, eval_tf = transforms
     tiling = config.data.tiling
+    if config.data.memory_cache_mb:
+        budget = ByteBudget(config.data.memory_cache_mb * 2**20)
+        train_set = DecodedSampleCache(train_set, budget)
+        val_set = DecodedSampleCache(val_set, budget)
     if tiling is not None and defective:
         train_set = DefectBalancedTiles(
             train_set, tiling.tiles_per_image, defective, tiling.defect_fraction
