@@ -6,6 +6,11 @@ T.collate, DataLoader with that many workers, persistent) over whole epochs of t
 train split; `train_step`: images/s of a CTAL training step (bench/train_step.py) at the same
 size and batch. Ratio loader/training > 1 means loading keeps up with a single process.
 
+`tiles_decoded`, `tiles_cached`: the demo's tiled input path (configs/demo.yaml: 384 px scenes,
+64 px tiles at the camera's pitch, 4 tiles per image, batch 16; the Trainer's own train loader)
+without and with `data.memory_cache_mb`, tiles/s over whole epochs after one warm-up epoch (which
+fills the cache): every tile otherwise decodes its whole image and labels again.
+
     python bench/data_loading.py [--quick]      # -> bench/results/data_loading.{json,md}
 """
 
@@ -30,7 +35,36 @@ def settings() -> dict[str, Any]:
 
 
 def configs() -> list[str]:
-    return [f"workers{w}" for w in WORKERS] + ["train_step"]
+    return [f"workers{w}" for w in WORKERS] + ["train_step", "tiles_decoded", "tiles_cached"]
+
+
+def _tile_epoch(memory_cache_mb: int):
+    """(one epoch of the demo config's train loader, tiles per epoch)."""
+    import tempfile
+
+    from cta_model.train_config import load_train_config
+    from cta_model.training.trainer import Trainer
+
+    samples = 4 if quick() else 40
+    config = load_train_config(
+        REPO_ROOT / "configs" / "demo.yaml",
+        {
+            "data.synthetic": {"lines": 3, "samples_per_line": samples, "size": 384, "seed": 0},
+            "data.cache_dir": str(REPO_ROOT / ".cta" / "cache"),
+            "data.memory_cache_mb": memory_cache_mb,
+            "progress": False,
+            "output": tempfile.mkdtemp(prefix="bench-tiles-"),
+        },
+    )
+    loaders = Trainer(config).loaders
+    epochs = iter(range(10**6))
+
+    def epoch() -> None:
+        loaders.sampler.set_epoch(next(epochs))
+        for _ in loaders.train:
+            pass
+
+    return epoch, len(loaders.train) * loaders.train.batch_size
 
 
 def _train_loader(workers: int):
@@ -77,6 +111,10 @@ def measure(key: str) -> dict[str, Any]:
         baseline = peak_rss_mb()
         timing = timed_median(step, repeats=s["repeats"], warmup=1)
         images = BATCH
+    elif key.startswith("tiles_"):
+        epoch, images = _tile_epoch(2048 if key == "tiles_cached" else 0)
+        baseline = peak_rss_mb()
+        timing = timed_median(epoch, repeats=s["repeats"], warmup=1)
     else:
         workers = int(key.removeprefix("workers"))
         loader, images = _train_loader(workers)
@@ -106,6 +144,8 @@ def summarise(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
         f"workers{w}.loader_over_training": by_key[f"workers{w}"]["images_per_s"] / consumed
         for w in WORKERS
     }
+    tiles_speedup = by_key["tiles_cached"]["images_per_s"] / by_key["tiles_decoded"]["images_per_s"]
+    ratios["tiles.cached_over_decoded"] = tiles_speedup
     table = [
         {
             "source": key,
@@ -113,12 +153,25 @@ def summarise(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
             "vs training": by_key[key]["images_per_s"] / consumed,
         }
         for key in configs()
+        if not key.startswith("tiles_")
+    ]
+    tiles = [
+        {
+            "source": key,
+            "tiles/s": by_key[key]["images_per_s"],
+            "ms per batch of 16": 16e3 / by_key[key]["images_per_s"],
+            "peak MB": by_key[key]["peak_mb"],
+        }
+        for key in ("tiles_decoded", "tiles_cached")
     ]
     s = settings()
     markdown = (
         f"## Data loading vs training (synthetic {s['size']}x{s['size']}, batch {BATCH}, "
         f"CTAL {s['backbone']} step)\n\n"
         + markdown_table(table, ["source", "images/s", "vs training"])
+        + "\n\n## The demo's tiles (384 px scenes, 64 px tiles, batch 16): decoded vs "
+        + f"data.memory_cache_mb (cached {tiles_speedup:.2f}x as fast)\n\n"
+        + markdown_table(tiles, ["source", "tiles/s", "ms per batch of 16", "peak MB"])
     )
     return ratios, markdown
 
