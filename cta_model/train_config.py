@@ -25,7 +25,8 @@ Sections (every key is optional unless marked; defaults follow the paper's recip
                     training images: cta_model.data.anomalies.AnomalyConfig keys plus
                     class_id, region_classes), num_workers, cache_dir, memory_cache_mb
                     (decoded samples kept in memory per loader process, up to this many MiB;
-                    0 = decode every time)
+                    0 = decode every time; with num_workers > 0 each worker's cache lasts one
+                    epoch, as the workers do)
     inspection:     reject_classes (null = the dataset's, else configs/inspection.yaml's),
                     score_window_px: the defect score the model folder records
     optim:          name (adam | adamw | sgd), lr, weight_decay, momentum (sgd), grad_clip,
