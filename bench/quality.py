@@ -102,9 +102,9 @@ SIZES: dict[str, dict[str, Any]] = {
         "tile": 64,
         "max_steps": 600,
         "batch_size": 16,
-        # From the demo's CTAL training (600 steps: ~12 min on 2 cores) plus ~5 CPU s per test
-        # image scored (150 images, 49 tiles each); STL trains and runs three networks.
-        "estimate_s": {"stl": 2500, "hps": 1000, "ctal": 1100},
+        # Measured on the idle 2-core VM (2026-12-06, seed 0: train 600 steps + score 150 test
+        # images); STL trains and runs three networks.
+        "estimate_s": {"stl": 975, "hps": 480, "ctal": 520},
     },
     "full": {
         "seeds": 5,
