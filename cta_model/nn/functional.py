@@ -11,7 +11,8 @@ def unit_vectors(x: torch.Tensor, dim: int) -> torch.Tensor:
 
     Written as a sum of squares because torch's vector norm over a strided axis is slow on CPU:
     on the demo model it took 18 % of a tiled inference pass (CTAL's unit features over C and
-    the normals head over 3 channels); this form is 1.6-3.5x faster forward and backward.
+    the normals head over 3 channels). Forward+backward, this form measured about 2x faster on
+    CTAL's (16, 64, N) features and 21x on the normals head's (16, 3, 64, 64) maps.
     """
     # Clamping the sum of squares at eps^2 (not its root at eps) keeps a zero vector's gradient
     # finite, where sqrt's own would be 0/0.

@@ -3,11 +3,7 @@
 import pytest
 import torch
 
-from cta_model.nn.ctal import (
-    CrossTaskAffinity,
-    interleave_task_maps,
-    task_affinity,
-)
+from cta_model.nn.ctal import CrossTaskAffinity, interleave_task_maps, task_affinity
 
 pytestmark = pytest.mark.unit
 
