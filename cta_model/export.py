@@ -357,8 +357,11 @@ def export_model(
         raise ConfigError(f"{out_dir} exists; choose another --out or pass overwrite")
     calibration = _open_calibration(calib_data, lines_config) if "int8" in chosen else None
     predictor = Predictor.from_folder(model_dir)
-    affinity_mode = freeze_affinity_mode(predictor.model)
-    wrapper = ExportWrapper(predictor.model).eval()
+    # The exported graphs are plain NCHW with contiguous weights (the Predictor's channels-last
+    # layout is a CPU speed choice; torch.export's archive expects contiguous tensors).
+    network = predictor.model.to(memory_format=torch.contiguous_format)
+    affinity_mode = freeze_affinity_mode(network)
+    wrapper = ExportWrapper(network).eval()
     inputs = verification_inputs(predictor)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -463,7 +466,8 @@ class OnnxRuntimeNetwork(nn.Module):
         self.session = ort_session(path, intra_op_threads)
 
     def forward(self, images: torch.Tensor) -> MultiTaskOutput:
-        outputs = self.session.run(None, {INPUT_NAME: images.detach().cpu().float().numpy()})
+        array = images.detach().cpu().float().contiguous().numpy()  # NCHW, as exported
+        outputs = self.session.run(None, {INPUT_NAME: array})
         return MultiTaskOutput(
             {t: torch.from_numpy(o) for t, o in zip(self.tasks, outputs, strict=True)}, {}
         )
@@ -474,6 +478,7 @@ class OnnxPredictor(Predictor):
 
     def __init__(self, path: str | os.PathLike, card: ModelCard, intra_op_threads=None) -> None:
         super().__init__(OnnxRuntimeNetwork(path, card.spec.tasks, intra_op_threads), card, "cpu")
+        self.bf16 = False  # the graph computes in its own arithmetic (fp32, or int8)
 
     @classmethod
     def from_export(

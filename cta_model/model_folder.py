@@ -32,6 +32,7 @@ WEIGHTS = "weights.safetensors"
 CHECKSUMS = "SHA256SUMS"
 SCHEMA_VERSION = 1
 RESIZE_POLICIES = ("resize", "exact", "tile")
+PRECISIONS = ("fp32", "bf16")
 
 # ImageNet statistics: the backbones' pretrained checkpoints expect them.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -75,6 +76,14 @@ class ModelCard:
     inspection: ScoreDefinition | None = None
     # The range of pitches (mm/px) of the images it was trained on, when known.
     trained_pitch_mm_per_px: tuple[float, float] | None = None
+    # The arithmetic its outputs (and so its defect scores and operating threshold) are
+    # defined in: "bf16" for a model trained under bf16 autocast, which the Predictor then
+    # also runs under it; "fp32" otherwise and for older folders.
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -97,6 +106,7 @@ class ModelCard:
             }
         if self.trained_pitch_mm_per_px is not None:
             out["trained_pitch_mm_per_px"] = list(self.trained_pitch_mm_per_px)
+        out["precision"] = self.precision
         return out
 
     @property
@@ -122,6 +132,7 @@ class ModelCard:
                 "input",
                 "inspection",
                 "trained_pitch_mm_per_px",
+                "precision",
             }
             unknown = set(data) - known
             if unknown:
@@ -152,6 +163,7 @@ class ModelCard:
                 contract,
                 inspection,
                 None if pitch is None else (float(pitch[0]), float(pitch[1])),
+                str(data.get("precision", "fp32")),
             )
         except (ConfigError, KeyError, TypeError, ValueError, IndexError) as exc:
             raise ConfigError(f"{source}: {exc}") from exc
@@ -232,6 +244,7 @@ def save_model_folder(
     input_contract: InputContract | None = None,
     inspection: ScoreDefinition | None = None,
     trained_pitch_mm_per_px: tuple[float, float] | None = None,
+    precision: str = "fp32",
     extra_files: Mapping[str, bytes] | None = None,
     overwrite: bool = False,
 ) -> Path:
@@ -246,6 +259,7 @@ def save_model_folder(
         input_contract or InputContract(),
         inspection,
         trained_pitch_mm_per_px,
+        precision,
     )
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:

@@ -37,8 +37,9 @@ Sections (every key is optional unless marked; defaults follow the paper's recip
     batch_size      GLOBAL samples per optimizer step, over all processes and accumulation
                     micro-steps (so a recipe means the same on 1 or N processes); it must divide
                     by world_size * grad_accum_steps
-    grad_accum_steps, seed, deterministic, precision (fp32 | bf16 | auto: bf16 autocast on
-    CUDA only), channels_last, compile, progress
+    grad_accum_steps, seed, deterministic, precision (fp32 | bf16: autocast on CUDA and on
+    CPUs with native bf16 | auto: bf16 on GPUs with bf16, fp32 on CPUs), channels_last,
+    compile, progress
     checkpoint:     every_steps (0 = only at epoch ends), keep_last
     early_stopping: metric ("val_loss" or "<task>.<metric>", direction from the task
                     registry; also the model-selection metric), patience (null = never stop),
@@ -356,8 +357,13 @@ class TrainConfig(StrictModel):
     def metric_direction(self, metric: str) -> Literal["higher", "lower"]:
         return "lower" if metric == VAL_LOSS else metric_directions(self.model.tasks)[metric]
 
-    def use_bf16(self, device_type: str) -> bool:
-        return device_type == "cuda" and self.precision in ("bf16", "auto")
+    def use_bf16(self, device_type: str, native_bf16: bool) -> bool:
+        """bf16 autocast or not. ``bf16``: always on CUDA, on a CPU where bf16 is native
+        (emulated it is slower than fp32). ``auto``: on a GPU with bf16; CPUs stay fp32, so a
+        CPU run's numerics change only when asked for."""
+        if self.precision == "bf16":
+            return device_type == "cuda" or (device_type == "cpu" and native_bf16)
+        return self.precision == "auto" and device_type == "cuda" and native_bf16
 
     def micro_batch_size(self, world_size: int) -> int:
         per_step = world_size * self.grad_accum_steps

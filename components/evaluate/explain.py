@@ -94,7 +94,9 @@ def write_affinity_images(
             # A writable copy: torch warns on read-only arrays (images decoded from PNG).
             predictor.forward(predictor.preprocess(np.array(sample["image"])))
             with torch.inference_mode():
-                maps = refinement.affinity_maps(captured["features"], pixels)
+                # float32: a bf16 model's features arrive in bf16 from autocast
+                features = {task: value.float() for task, value in captured["features"].items()}
+                maps = refinement.affinity_maps(features, pixels)
             for kind, planes in maps.items():
                 name = f"affinity_{_safe(sample['sample_id'])}_{_safe(kind)}.png"
                 png = _figure_png(

@@ -51,6 +51,19 @@ def device_for(env: DistributedEnv) -> torch.device:
     return torch.device("cpu")
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether bf16 arithmetic runs natively here: a GPU with bf16, or a CPU with AVX512-BF16 /
+    AMX (oneDNN's check). Elsewhere bf16 autocast is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a torch build without the check
+            return False
+    return False
+
+
 @contextlib.contextmanager
 def distributed_session() -> Iterator[DistributedEnv]:
     """Join the torchrun process group (gloo on CPU, nccl on CUDA) for the block's duration.

@@ -70,6 +70,7 @@ def write_model_folder(
     contract: InputContract,
     inspection: ScoreDefinition | None,
     trained_pitch_mm_per_px: tuple[float, float] | None,
+    precision: str,
     lineage: dict[str, Any],
     reference_data: Any,
     device: torch.device,
@@ -89,6 +90,7 @@ def write_model_folder(
             input_contract=contract,
             inspection=inspection,
             trained_pitch_mm_per_px=trained_pitch_mm_per_px,
+            precision=precision,
             extra_files={LINEAGE_FILE: lineage_bytes},
         )
         predictor = Predictor.from_folder(staged, device=device)
@@ -102,6 +104,7 @@ def write_model_folder(
         input_contract=contract,
         inspection=inspection,
         trained_pitch_mm_per_px=trained_pitch_mm_per_px,
+        precision=precision,
         extra_files={LINEAGE_FILE: lineage_bytes, REFERENCE_STATS_FILE: buffer.getvalue()},
         overwrite=True,
     )

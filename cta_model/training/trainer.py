@@ -59,6 +59,7 @@ from cta_model.training.distributed import (
     broadcast_object,
     device_for,
     distributed_session,
+    has_native_bf16,
 )
 from cta_model.training.inspection_setup import (
     check_resolution,
@@ -98,12 +99,12 @@ class Trainer:
         self.output = Path(config.output)
         self.checkpoint_dir = self.output / CHECKPOINT_DIR
         self.tasks = config.model.tasks
-        # auto: bf16 only where the GPU has it; bf16 asked for explicitly is honoured on CUDA
-        self.bf16 = config.use_bf16(self.device.type) and (
-            config.precision == "bf16" or torch.cuda.is_bf16_supported()
-        )
+        self.bf16 = config.use_bf16(self.device.type, has_native_bf16(self.device))
         if config.precision == "bf16" and not self.bf16:
-            self._info("precision bf16: autocast applies on CUDA only; this run is fp32")
+            self._info(
+                "precision bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), where "
+                "autocast is slower than fp32; this run is fp32"
+            )
         if config.eval.reduction in ("batch_mean", "mtan") and self.env.world_size > 1:
             raise ConfigError(
                 f"eval.reduction {config.eval.reduction} needs one process (use pooled)"
@@ -470,6 +471,8 @@ class Trainer:
                 contract=self.contract,
                 inspection=self.inspection.score,
                 trained_pitch_mm_per_px=self.inspection.trained_pitch_mm_per_px,
+                # Validated under bf16, so scored and served under it (Predictor).
+                precision="bf16" if self.bf16 else "fp32",
                 lineage=self.lineage(),
                 reference_data=self.data.val,
                 device=self.device,

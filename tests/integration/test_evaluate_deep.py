@@ -290,6 +290,25 @@ def test_affinity_maps_are_written_per_task_and_fused(evaluation) -> None:
     assert explain["pixels"] and all(len(p) == 2 for p in explain["pixels"])
 
 
+def test_affinity_maps_of_a_bf16_model(tiny_model_dir: Path, dataset_root: Path, tmp_path) -> None:
+    """A model scored under bf16 hands the block bf16 features; the maps are still drawn."""
+    from components.evaluate.explain import write_affinity_images
+    from cta_model.data.line_dataset import LineDataset
+    from cta_model.inference import Predictor
+    from cta_model.model_folder import load_model_folder, save_model_folder
+
+    model, card = load_model_folder(tiny_model_dir)
+    folder = save_model_folder(model, tmp_path / "bf16", precision="bf16")
+    predictor = Predictor.from_folder(folder)
+    assert predictor.bf16
+    sample = LineDataset(dataset_root)[0]
+    explain = write_affinity_images(predictor, [sample], tmp_path / "out")
+    assert len(explain["affinity_maps"]) == 4  # semseg, height, normals, fused
+    assert all(
+        (tmp_path / "out" / p).read_bytes().startswith(b"\x89PNG") for p in explain["affinity_maps"]
+    )
+
+
 def test_threshold_chosen_on_val_scores_val_at_the_target(
     tiny_model_dir: Path, dataset_root: Path, tmp_path: Path
 ) -> None:

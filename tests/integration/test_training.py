@@ -473,6 +473,38 @@ def test_distill_dwa_channels_last_and_accumulation_run(dataset_root, tmp_path):
     assert set(weights) == set(TASKS) and sum(weights.values()) == pytest.approx(3.0)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_cpu_autocasts_only_where_the_cpu_has_native_bf16(
+    dataset_root, tmp_path, monkeypatch, caplog, native
+):
+    import logging
+
+    import torch
+
+    from cta_model.training import trainer as trainer_module
+
+    # Forced either way so both branches run on any CPU (emulated bf16 is only slower).
+    monkeypatch.setattr(trainer_module, "has_native_bf16", lambda device: native)
+    config = config_dict(
+        dataset_root, tmp_path / "bf16", precision="bf16", channels_last=True, epochs=1
+    )
+    with caplog.at_level(logging.INFO, logger=trainer_module.log.name):
+        trainer = trainer_module.Trainer(validate_train_config(config))
+    dtypes: set[torch.dtype] = set()
+    trainer.model.backbone.register_forward_hook(  # HRNet: one fused feature map
+        lambda module, inputs, output: dtypes.add(output.dtype)
+    )
+    result = trainer.fit()
+    assert trainer.bf16 is native
+    assert dtypes == ({torch.bfloat16} if native else {torch.float32})
+    assert all(np.isfinite(entry["train"]["loss"]) for entry in result.history)
+    fell_back = "this CPU has no native bf16" in caplog.text
+    assert fell_back is not native
+    # validated under bf16, so the model folder asks the Predictor to score it under bf16
+    card = yaml.safe_load((result.model_dir / "model.yaml").read_text())
+    assert card["precision"] == ("bf16" if native else "fp32")
+
+
 def test_research_format_trains_through_the_formats_registry(tmp_path):
     rng = np.random.default_rng(0)
     root = tmp_path / "nyuv2"

@@ -98,6 +98,33 @@ def test_model_yaml_errors_name_the_file_and_key(folder):
         load_model_folder(folder, verify=False)
 
 
+def test_the_card_records_its_precision_and_older_folders_read_as_fp32(tmp_path, model, folder):
+    assert load_model_folder(folder)[1].precision == "fp32"
+    bf16 = save_model_folder(model, tmp_path / "bf16", precision="bf16")
+    assert yaml.safe_load((bf16 / MODEL_YAML).read_text())["precision"] == "bf16"
+    assert load_model_folder(bf16)[1].precision == "bf16"
+    card = yaml.safe_load((folder / MODEL_YAML).read_text())
+    del card["precision"]  # a folder written before the key existed
+    (folder / MODEL_YAML).write_text(yaml.safe_dump(card))
+    assert load_model_folder(folder, verify=False)[1].precision == "fp32"
+    card["precision"] = "fp16"
+    (folder / MODEL_YAML).write_text(yaml.safe_dump(card))
+    with pytest.raises(ConfigError, match=r"model.yaml: precision 'fp16' is not one of fp32, bf16"):
+        load_model_folder(folder, verify=False)
+
+
+def test_a_bf16_card_runs_the_network_under_bf16_and_returns_float32(tmp_path, model):
+    images = np.random.default_rng(3).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
+    fp32 = Predictor.from_folder(save_model_folder(model, tmp_path / "fp32"))
+    bf16 = Predictor.from_folder(save_model_folder(model, tmp_path / "bf16", precision="bf16"))
+    assert bf16.bf16 and not fp32.bf16
+    out = bf16.forward(bf16.preprocess(images))
+    assert all(v.dtype == torch.float32 for v in out.final.values())
+    reference, rounded = fp32.predict(images)["height"], bf16.predict(images)["height"]
+    assert not np.array_equal(reference, rounded)  # bf16 arithmetic did run
+    assert np.allclose(reference, rounded, atol=0.05 * np.abs(reference).max() + 1e-3)
+
+
 def test_existing_folder_is_kept_unless_overwrite(folder, model):
     before = (folder / CHECKSUMS).read_bytes()
     with pytest.raises(FileExistsError):

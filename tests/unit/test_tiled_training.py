@@ -13,7 +13,12 @@ from cta_model.errors import ConfigError
 from cta_model.inference import Predictor, tile_starts
 from cta_model.inspection import ScoreDefinition, image_scores
 from cta_model.losses import DefectAwareCrossEntropy, masked_cross_entropy
-from cta_model.model_folder import InputContract, read_model_card, save_model_folder
+from cta_model.model_folder import (
+    InputContract,
+    load_model_folder,
+    read_model_card,
+    save_model_folder,
+)
 from cta_model.nn.models import ModelSpec, build_model
 from cta_model.train_config import validate_train_config
 from cta_model.training.loaders import DefectBalancedTiles
@@ -71,6 +76,23 @@ def test_a_tile_sized_image_gives_the_plain_forward_pass(tiled_folder):
     out = predictor.predict(image)
     assert np.array_equal(out["semseg"], raw["semseg"].argmax(1).numpy())
     assert np.allclose(out["height"], raw["height"][:, 0].numpy(), atol=1e-6)
+
+
+def test_the_channels_last_predictor_matches_the_plain_network(tiled_folder):
+    """The Predictor runs the network channels-last (faster on CPU); the values are the plain
+    NCHW network's up to float rounding, tiles and blending included."""
+    predictor = Predictor.from_folder(tiled_folder)
+    conv = next(m for m in predictor.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    plain_model, card = load_model_folder(tiled_folder)
+    plain = Predictor(plain_model, card)
+    plain.model = plain_model.to(memory_format=torch.contiguous_format)
+    plain.forward = lambda x: plain.model(x.contiguous())  # NCHW throughout
+    images = np.random.default_rng(4).integers(0, 255, (2, 70, 58, 3), dtype=np.uint8)
+    fast, reference = predictor.inspect(images), plain.inspect(images)
+    assert np.allclose(fast.defect_score, reference.defect_score, atol=1e-5)
+    assert np.allclose(fast.outputs["height"], reference.outputs["height"], atol=1e-4)
+    assert (fast.outputs["semseg"] == reference.outputs["semseg"]).mean() > 0.999
 
 
 def test_large_and_small_images_come_back_at_their_own_size(tiled_folder):

@@ -224,3 +224,23 @@ def test_paper_recipes():
     assert city.model.input_size == (128, 256) and city.epochs == 75 and city.optim.lr == 5e-4
     assert city.loss.weights == {"semseg": 1.0, "depth": 10.0}
     assert city.data.format == "cityscapes" and city.data.augment.hflip
+
+
+@pytest.mark.parametrize(
+    ("precision", "device_type", "native", "expected"),
+    [
+        ("fp32", "cuda", True, False),
+        ("fp32", "cpu", True, False),
+        ("bf16", "cuda", False, True),  # asked for on a GPU: honoured
+        ("bf16", "cpu", True, True),  # AVX512-BF16 / AMX
+        ("bf16", "cpu", False, False),  # emulated bf16 is slower than fp32
+        ("auto", "cuda", True, True),
+        ("auto", "cuda", False, False),
+        ("auto", "cpu", True, False),  # a CPU run's numerics change only when asked for
+    ],
+)
+def test_precision_decides_bf16_by_device_and_native_support(
+    precision, device_type, native, expected
+):
+    config = validate_train_config(minimal(precision=precision))
+    assert config.use_bf16(device_type, native) is expected
