@@ -12,8 +12,11 @@ at what changed, then pin the new sha256 on purpose (the refusal prints it).
 
 Training. configs/demo.yaml's recipe (tiles cut at the images' pitch, defect oversampling,
 reject_weight 5, HRNet-W18-small with slim decoders, Adam, cosine) with ``model.arch`` switched,
-the same optimizer steps and batch for every arch; ``stl`` trains one network per task behind
-one interface, so one run gives every task's single-task baseline. Seeds vary initialisation
+the same optimizer steps and batch for every arch, in fp32 with NCHW tensors whatever the demo
+asks for (`precision: bf16` falls back to fp32 on CPUs without native bf16, and channels-last
+changes the convolutions' rounding, so either would make the figures depend on the machine);
+``stl`` trains one network per task behind one interface, so one run gives every task's
+single-task baseline. Seeds vary initialisation
 and data order, never the data. Each (arch, seed) run is one child process (bench/common.py)
 that trains in a fresh interpreter and then scores the TEST split once with the model folder
 the run wrote (``Predictor.from_folder(...).inspect`` through components/evaluate's
@@ -33,7 +36,8 @@ seeds CTAL wins, and the targets of issue 15 as held / not held (judged only on 
     python bench/quality.py --size cpu --seeds 2   # the first 2 seeds only (reported as partial)
 
 Finished runs are cached in the work folder (bench/results/raw/full/quality.work/runs-<size>),
-so an interrupted run continues where it stopped; the cache is keyed by the recipe and data.
+so an interrupted run continues where it stopped; the cache is keyed by the size's recipe and
+data and by the effective base config (`base_config`: parsed, so comments do not count).
 Results: bench/results/quality-<size>.{json,md} (quality.{json,md} for `cpu`).
 """
 
@@ -184,12 +188,18 @@ def configs(size: str, seeds: int) -> list[str]:
     return [f"{size}:{arch}:{seed}" for seed in range(seeds) for arch in ARCHS]
 
 
-def train_config(size: str, arch: str, seed: int, data: Path, output: Path) -> dict[str, Any]:
-    """configs/demo.yaml with the arch, tile size, steps, batch, seed and data of the run."""
+def base_config() -> dict[str, Any]:
+    """configs/demo.yaml as the benchmark trains it: fp32 and NCHW, so the figures do not
+    depend on whether the CPU runs bf16 natively (see the module docstring)."""
     import yaml
 
+    return {**yaml.safe_load(RECIPE.read_text()), "precision": "fp32", "channels_last": False}
+
+
+def train_config(size: str, arch: str, seed: int, data: Path, output: Path) -> dict[str, Any]:
+    """`base_config` with the arch, tile size, steps, batch, seed and data of the run."""
     recipe = SIZES[size]
-    config = yaml.safe_load(RECIPE.read_text())
+    config = base_config()
     config["model"] = {
         **config["model"],
         "arch": arch,
@@ -602,9 +612,9 @@ def _flags_from_argv() -> tuple[str, int]:
 
 
 def cache_tag(size: str) -> str:
-    """What a cached run was measured with: the size's recipe and data, the demo recipe."""
+    """What a cached run was measured with: the size's recipe and data, the base config."""
     recipe = {k: v for k, v in SIZES[size].items() if k != "estimate_s"}
-    text = json.dumps(recipe, sort_keys=True) + RECIPE.read_text()
+    text = json.dumps(recipe, sort_keys=True) + json.dumps(base_config(), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -431,29 +431,27 @@ class PixelDetectionAccumulator:
 
     def pixel_auroc(self) -> float | None:
         """ROC AUC over every valid pixel (defect vs defect-free); None without both."""
+        return self.pooled_figures(max_fpr=1.0)["pixel_auroc"]
+
+    def pooled_figures(self, max_fpr: float = 0.3) -> dict[str, float | None]:
+        """``{"pixel_auroc", "aupro"}`` pooled over every defect class, from one pass over the
+        sorted pixels (what `pixel_auroc` and `aupro` give one at a time)."""
         curve = self._counts(class_id=None)
-        if curve is None:
-            return None
-        false_positives, true_positives, _ = curve
-        return _roc_area(true_positives, false_positives)
+        return {
+            "pixel_auroc": None if curve is None else _roc_area(curve[1], curve[0]),
+            "aupro": self._aupro(None, max_fpr, curve),
+        }
 
     def aupro(self, max_fpr: float = 0.3) -> float | None:
         """Normalised area under the PRO curve to FPR ``max_fpr`` (class docstring); None
         without a defect region or a defect-free pixel."""
-        return self._aupro(None, max_fpr)
+        return self._aupro(None, max_fpr, self._counts(None))
 
     def pro_curve(self, class_id: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
         """The PRO curve (FPR, PRO) as float64 arrays from (0, 0) to (1, 1), one point per
         distinct score (plus repeats where only pixels left out of this figure change);
         pooled, or of one defect class."""
-        curve = self._counts(class_id)
-        if curve is None:
-            return None
-        false_positives, _, region_share = curve
-        n_regions = self._n_regions if class_id is None else self._class_regions[class_id]
-        fpr = np.concatenate(([0.0], false_positives / false_positives[-1]))
-        pro = np.concatenate(([0.0], region_share / n_regions))
-        return fpr, pro
+        return self._pro_from_counts(self._counts(class_id), class_id)
 
     def per_class(self, max_fpr: float = 0.3) -> dict[int, dict[str, float | int | None]]:
         """``{class_id: {"pixel_auroc", "aupro", "n_regions"}}`` for every defect class seen.
@@ -467,21 +465,39 @@ class PixelDetectionAccumulator:
             )
         figures: dict[int, dict[str, float | int | None]] = {}
         for class_id in sorted(self._class_regions):
-            curve = self._counts(class_id)
+            curve = self._counts(class_id)  # once per class: both figures read it
             auroc = None if curve is None else _roc_area(curve[1], curve[0])
             figures[class_id] = {
                 "pixel_auroc": auroc,
-                "aupro": self._aupro(class_id, max_fpr),
+                "aupro": self._aupro(class_id, max_fpr, curve),
                 "n_regions": self._class_regions[class_id],
             }
         return figures
 
     # -- internals --
 
-    def _aupro(self, class_id: int | None, max_fpr: float) -> float | None:
+    def _pro_from_counts(
+        self, counts: tuple[np.ndarray, np.ndarray, np.ndarray] | None, class_id: int | None
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        if counts is None:
+            return None
+        false_positives, _, region_share = counts
+        n_regions = self._n_regions if class_id is None else self._class_regions[class_id]
+        fpr = np.concatenate(([0.0], false_positives / false_positives[-1]))
+        pro = np.concatenate(([0.0], region_share / n_regions))
+        return fpr, pro
+
+    def _aupro(
+        self,
+        class_id: int | None,
+        max_fpr: float,
+        counts: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+    ) -> float | None:
+        """From ``counts`` = ``_counts(class_id)``, which the caller may have for another
+        figure already (computing it is most of the cost)."""
         if not 0.0 < max_fpr <= 1.0:
             raise ValueError(f"max_fpr must lie in (0, 1], got {max_fpr}")
-        curve = self.pro_curve(class_id)
+        curve = self._pro_from_counts(counts, class_id)
         if curve is None:
             return None
         fpr, pro = curve

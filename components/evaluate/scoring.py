@@ -132,11 +132,9 @@ class PixelFigures:
                 "per_class": {},
                 "reason": self.reason,
             }
-        per_class = accumulator.per_class(self.max_fpr)
         return {
-            "pixel_auroc": accumulator.pixel_auroc(),
-            "aupro": accumulator.aupro(self.max_fpr),
-            "per_class": per_class,
+            **accumulator.pooled_figures(self.max_fpr),
+            "per_class": accumulator.per_class(self.max_fpr),
             "reason": None,
         }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 DEFAULT_BRIGHTNESS = 1.6
@@ -56,17 +57,24 @@ def main(argv: list[str] | None = None) -> int:
     stats_dir = args.out / "serving-stats" / time.strftime("%Y%m%dT%H%M%S")
     print(f"monitoring: serving {model_uri} on {', '.join(line_ids)}; {relit} relit", flush=True)
     servers = {}
+
+    def start(line_id: str) -> None:
+        servers[line_id] = start_server(
+            model_uri,
+            line=line_id,
+            tracking_uri=args.tracking_uri,
+            stats_dir=str(stats_dir),
+            stats_window_s=1,
+            log_path=args.out / f"serve-{line_id}.log",
+        )
+
     try:
+        # Started side by side: each spends its few seconds importing and loading the model.
+        with ThreadPoolExecutor(max_workers=len(line_ids)) as pool:
+            for started in [pool.submit(start, line_id) for line_id in line_ids]:
+                started.result()  # a server that failed to start raises here
         for line_id in line_ids:
-            servers[line_id] = start_server(
-                model_uri,
-                line=line_id,
-                tracking_uri=args.tracking_uri,
-                stats_dir=str(stats_dir),
-                stats_window_s=1,
-                log_path=args.out / f"serve-{line_id}.log",
-            )
-        for line_id, server in servers.items():
+            server = servers[line_id]
             brightness = args.brightness if line_id == relit else 1.0
             replay_qa(server.url, args.data, line_id, brightness=brightness)
         time.sleep(2.5)  # the servers close their statistics windows

@@ -335,7 +335,13 @@ def test_aupro_equals_the_threshold_by_threshold_definition(seed, max_fpr):
     good_scores = np.round(rng.random((16, 16)), 1).astype(np.float32)
     images.append((good_scores, np.zeros((16, 16), bool), np.ones((16, 16), bool)))
     expected = threshold_by_threshold_aupro(images, max_fpr)
-    assert accumulate(images).aupro(max_fpr) == pytest.approx(expected, abs=1e-12)
+    accumulator = accumulate(images)
+    assert accumulator.aupro(max_fpr) == pytest.approx(expected, abs=1e-12)
+    # both pooled figures from one pass give what the one-at-a-time calls give
+    assert accumulator.pooled_figures(max_fpr) == {
+        "pixel_auroc": accumulator.pixel_auroc(),
+        "aupro": accumulator.aupro(max_fpr),
+    }
 
 
 def test_pixel_auroc_matches_sklearn_over_the_valid_pixels():
