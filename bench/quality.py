@@ -310,6 +310,7 @@ def measure(key: str) -> dict[str, Any]:
         groups = score_test(run / "model", root)
         score_s, score_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
         model, _ = load_model_folder(run / "model")
+        lineage = json.loads((run / "model" / "lineage.json").read_text())
         tile = SIZES[size]["tile"]
         summary = model_summary(model, (tile, tile))
     return {
@@ -318,6 +319,8 @@ def measure(key: str) -> dict[str, Any]:
         "arch": arch,
         "seed": int(seed_text),
         "data_sha256": sha,
+        # The cache is keyed by recipe and data, not code: the report names the commits.
+        "git_commit": lineage.get("git_commit"),
         "groups": groups,
         "val_metrics": {k: v for k, v in result["best_metrics"].items() if "." in k},
         "best_epoch": result["best_epoch"],
@@ -538,6 +541,20 @@ def _group_tables(group: dict[str, Any], params: dict[str, float]) -> str:
     return "".join(lines)
 
 
+def _commits(rows: list[dict[str, Any]]) -> str:
+    """Which commit trained which seeds (runs cached before commits were recorded: unknown)."""
+    seeds_by_commit: dict[str, set[int]] = {}
+    for row in rows:
+        commit = row.get("git_commit")
+        seeds_by_commit.setdefault(commit[:10] if commit else "not recorded", set()).add(
+            row["seed"]
+        )
+    return "; ".join(
+        f"{commit} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, sorted(seeds)))})"
+        for commit, seeds in seeds_by_commit.items()
+    )
+
+
 def render(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     size = summary["size"]
     recipe, data = SIZES[size], SIZES[size]["data"]
@@ -570,6 +587,7 @@ def render(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"{recipe['batch_size']} for every arch; STL = one network per task. Figures on the "
         "TEST split, scored once per run; mean [min, max] over seeds. Recall@FRR0.05 takes "
         "its threshold on test (an oracle figure, like AUROC threshold-free).\n\n",
+        f"Code: {_commits(rows)}.\n\n",
     ]
     for group, figures in summary["groups"].items():
         title = "Pooled over lines" if group == "pooled" else f"Pilot line {group} alone"

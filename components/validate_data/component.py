@@ -28,6 +28,7 @@ def validate_data(
     from pathlib import Path
 
     from components.logs import configure_logging
+    from components.resources import usable_cpus
     from components.validate_data.step import (
         DATASET_REF_NAME,
         REPORT_NAME,
@@ -44,6 +45,7 @@ def validate_data(
             lines_config=lines_config or None,
             quarantine=quarantine or None,
             progress=False,
+            workers=usable_cpus(),  # reading and decoding every sample is most of the step
         )
     except ValidationFailed as failure:
         print(failure)

@@ -250,6 +250,12 @@ def test_quality_summary_pairs_seeds_and_judges_the_targets() -> None:
     assert verdicts["ctal_delta_m_above_hps_lower_bound_gt_0"]["verdict"] == "not held"
     assert "5 of 5 seeds" in markdown and "**not held**" in markdown
     assert "Pilot line press-a alone" in markdown
+    assert "Code: not recorded (seeds 0, 1, 2, 3, 4)." in markdown
+    rows = _quality_rows(auroc, semseg, pinned)
+    for row in rows:
+        row["git_commit"] = ("a" if row["seed"] < 2 else "b") * 40
+    _, markdown = quality.summarise(rows)
+    assert "Code: aaaaaaaaaa (seeds 0, 1); bbbbbbbbbb (seeds 2, 3, 4)." in markdown
 
 
 def test_quality_summary_of_fewer_seeds_judges_no_target() -> None:
