@@ -182,7 +182,7 @@ def summarise(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
                     else f"Predictor.inspect, {row['image']} px images (tiled)",
                     "variant": variant,
                     "time": f"{row['s']:.4g} [{low:.4g}, {high:.4g}] {unit}",
-                    f"x {variants[0]}": speedup,
+                    "speed-up": f"{speedup:.3g}x {variants[0]}",
                     "processes": row["processes"],
                 }
             )

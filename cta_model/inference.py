@@ -78,7 +78,7 @@ class Predictor:
         default_score: ScoreDefinition | None = None,
     ):
         self.device = torch.device(device)
-        # channels-last runs this network's convolutions about 1.3x faster on CPU (oneDNN) with
+        # channels-last runs this network's convolutions about 1.2x faster on CPU (oneDNN) with
         # the same values up to float rounding (~1e-6 on the defect score; bench/inference.py).
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.card = card
