@@ -106,9 +106,9 @@ SIZES: dict[str, dict[str, Any]] = {
         "tile": 64,
         "max_steps": 600,
         "batch_size": 16,
-        # Measured on the idle 2-core VM (2026-12-06, seed 0: train 600 steps + score 150 test
-        # images); STL trains and runs three networks.
-        "estimate_s": {"stl": 975, "hps": 480, "ctal": 520},
+        # Measured on the idle 2-core VM (2026-12-06, seed 2, fused Adam: train 600 steps + score
+        # 150 test images); STL trains and runs three networks.
+        "estimate_s": {"stl": 795, "hps": 435, "ctal": 475},
     },
     "full": {
         "seeds": 5,

@@ -78,8 +78,9 @@ class Predictor:
         default_score: ScoreDefinition | None = None,
     ):
         self.device = torch.device(device)
-        # channels-last runs this network's convolutions about 1.2x faster on CPU (oneDNN) with
-        # the same values up to float rounding (~1e-6 on the defect score; bench/inference.py).
+        # The Predictor owns `model` (it moves it and changes its layout): channels-last runs
+        # this network about 1.2x faster on CPU (oneDNN) with the same values up to float
+        # rounding (~1e-6 on the defect score; bench/cpu_precision.py, test_tiled_training).
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.card = card
         self.tasks = card.spec.tasks
