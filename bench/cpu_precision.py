@@ -22,18 +22,18 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    REPO_ROOT,
     bench_main,
     markdown_table,
     median_over_processes,
     quick,
     timed_median,
 )
+from train_step import NUM_CLASSES, build_step  # noqa: E402  (the step and its labels)
 
-REPO = Path(__file__).resolve().parents[1]
 TRAIN_VARIANTS = ("fp32", "fp32-channels-last", "bf16", "bf16-channels-last")
 INFER_VARIANTS = ("nchw", "channels-last", "channels-last-bf16")
 PROCESSES = 3
-NUM_CLASSES = 10
 
 
 def settings() -> dict[str, Any]:
@@ -56,52 +56,28 @@ def demo_spec() -> Any:
 
     from cta_model.train_config import ModelConfig
 
-    model = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["model"]
+    model = yaml.safe_load((REPO_ROOT / "configs" / "demo.yaml").read_text())["model"]
     return ModelConfig(**model).spec(NUM_CLASSES)
 
 
 def train_row(variant: str) -> dict[str, Any]:
     import torch
 
-    from cta_model import tasks as task_registry
-    from cta_model.losses import MultiTaskLoss, build_weighting
-    from cta_model.nn.models import build_model
     from cta_model.training.distributed import has_native_bf16
 
     s, spec = settings(), demo_spec()
-    bf16, channels_last = variant.startswith("bf16"), variant.endswith("channels-last")
-    torch.manual_seed(0)
-    model = build_model(spec).train()
-    batch, size = s["batch"], spec.input_size
-    images = torch.randn(batch, 3, *size)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        images = images.contiguous(memory_format=torch.channels_last)
-    loss_fn = MultiTaskLoss(
-        {t: task_registry.pixel_loss(t) for t in spec.tasks},
-        build_weighting("fixed", spec.tasks),
-        deep_supervision=True,
+    _, step = build_step(
+        spec.arch,
+        spec.input_size,
+        s["batch"],
+        spec=spec,
+        channels_last=variant.endswith("channels-last"),
+        bf16=variant.startswith("bf16"),
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    targets = {
-        "semseg": torch.randint(0, NUM_CLASSES, (batch, *size)),
-        "height": torch.rand(batch, 1, *size),
-        "normals": torch.nn.functional.normalize(torch.randn(batch, 3, *size), dim=1),
-    }
-    present = {t: torch.ones(batch, dtype=torch.bool) for t in spec.tasks}
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model(images)
-            total, _ = loss_fn(out.final, out.initial, targets, present)
-        total.backward()
-        optimizer.step()
-
     timing = timed_median(step, repeats=s["repeats"], warmup=2)
     return {
-        "batch": batch,
-        "tile": size[0],
+        "batch": s["batch"],
+        "tile": spec.input_size[0],
         "s": timing["median_s"],
         "cpu_s": timing["cpu_median_s"],
         "native_bf16": has_native_bf16(torch.device("cpu")),

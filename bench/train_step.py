@@ -75,9 +75,15 @@ def build_step(
     batch: int,
     backbone: str = BACKBONE,
     wrap: Callable[[Any], Any] | None = None,
+    *,
+    spec: Any = None,
+    channels_last: bool = False,
+    bf16: bool = False,
 ):
     """(model, step function) for one training step on random data; ``wrap`` wraps the model
-    for the forward pass (DistributedDataParallel in bench/ddp.py)."""
+    for the forward pass (DistributedDataParallel in bench/ddp.py). ``spec``: a whole
+    ModelSpec (with NUM_CLASSES classes and TASKS) instead of arch, size and backbone;
+    ``channels_last`` / ``bf16``: the layout and CPU autocast of the step."""
     import torch
 
     from cta_model import tasks as task_registry
@@ -85,15 +91,21 @@ def build_step(
     from cta_model.nn.models import ModelSpec, build_model
 
     torch.manual_seed(0)
-    spec = ModelSpec(
-        arch=arch,
-        tasks=TASKS,
-        input_size=size,
-        backbone=backbone,
-        num_classes=NUM_CLASSES,
-        output_stride=8 if backbone.startswith("resnet") else None,
-    )
+    if spec is None:
+        spec = ModelSpec(
+            arch=arch,
+            tasks=TASKS,
+            input_size=size,
+            backbone=backbone,
+            num_classes=NUM_CLASSES,
+            output_stride=8 if backbone.startswith("resnet") else None,
+        )
+    size = spec.input_size
     model = build_model(spec).train()
+    images = torch.randn(batch, 3, *size)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
     loss_fn = MultiTaskLoss(
         {t: task_registry.pixel_loss(t) for t in TASKS},
         build_weighting("fixed", TASKS),
@@ -101,7 +113,6 @@ def build_step(
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     forward = wrap(model) if wrap else model
-    images = torch.randn(batch, 3, *size)
     normals = torch.nn.functional.normalize(torch.randn(batch, 3, *size), dim=1)
     targets = {
         "semseg": torch.randint(0, NUM_CLASSES, (batch, *size)),
@@ -112,8 +123,9 @@ def build_step(
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        out = forward(images)
-        total, _ = loss_fn(out.final, out.initial, targets, present)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = forward(images)
+            total, _ = loss_fn(out.final, out.initial, targets, present)
         total.backward()
         optimizer.step()
         return float(total.detach())

@@ -431,7 +431,8 @@ class PixelDetectionAccumulator:
 
     def pixel_auroc(self) -> float | None:
         """ROC AUC over every valid pixel (defect vs defect-free); None without both."""
-        return self.pooled_figures(max_fpr=1.0)["pixel_auroc"]
+        curve = self._counts(class_id=None)
+        return None if curve is None else _roc_area(curve[1], curve[0])
 
     def pooled_figures(self, max_fpr: float = 0.3) -> dict[str, float | None]:
         """``{"pixel_auroc", "aupro"}`` pooled over every defect class, from one pass over the
