@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from cta_cli.options import lines_config_option
+
 
 @click.group("data")
 def data() -> None:
@@ -18,12 +20,7 @@ def data() -> None:
 @click.option("--samples-per-line", default=200, show_default=True, type=click.IntRange(min=1))
 @click.option("--size", default=128, show_default=True, type=click.IntRange(min=16))
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option(
-    "--lines-config",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="fleet inventory (default: $CTA_LINES_CONFIG, else configs/lines.yaml)",
-)
+@lines_config_option()
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--overwrite", is_flag=True, help="replace an existing dataset in --out")
 @click.option(

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from cta_cli.options import lines_config_option
+
 
 @click.command("evaluate")
 @click.option(
@@ -30,12 +32,7 @@ import click
 @click.option("--model-id", default=None, help="MLflow LoggedModel id (m-...) of the folder")
 @click.option("--model-name", default=None, help="registered model name, if known")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--lines-config",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="fleet inventory (default: $CTA_LINES_CONFIG, else configs/lines.yaml)",
-)
+@lines_config_option()
 @click.option(
     "--miou-rule",
     default="nanmean_union",

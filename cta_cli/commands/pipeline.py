@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from cta_cli.options import lines_config_option
+
 
 @click.group("pipeline")
 def pipeline() -> None:
@@ -65,7 +67,7 @@ def compile_command(out_path: Path) -> None:
     "--rollout-state", help="roll-out state URI [default: $CTA_ROLLOUT_STATE or WORK/rollout]"
 )
 @click.option("--roi-config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--lines-config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@lines_config_option()
 @click.option("--approver", default="", help="recorded human approval for the gate")
 @click.option("--bootstrap-n", default=1000, show_default=True, type=click.IntRange(min=10))
 @click.option(

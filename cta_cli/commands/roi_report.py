@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from cta_cli.options import lines_config_option
+
 
 @click.command("roi-report")
 @click.option(
@@ -22,12 +24,7 @@ import click
     default=None,
     help="ROI inputs (default: configs/roi.yaml)",
 )
-@click.option(
-    "--lines-config",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="fleet inventory (default: $CTA_LINES_CONFIG, else configs/lines.yaml)",
-)
+@lines_config_option()
 @click.option(
     "--model-version",
     default=None,

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from cta_cli.options import lines_config_option
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Exit status when the model fails to load after the server started (2: refused before).
 EXIT_LOAD_FAILED = 3
@@ -38,12 +40,9 @@ EXIT_LOAD_FAILED = 3
     help="evaluation.json of THIS model (`cta evaluate`): its threshold for --line, else its "
     "overall one (for a model folder; a registered version carries its own)",
 )
-@click.option(
-    "--lines-config",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
+@lines_config_option(
     help="fleet inventory whose --line entry sets the resolution rule [default: "
-    "$CTA_LINES_CONFIG, else configs/lines.yaml]",
+    "$CTA_LINES_CONFIG, else configs/lines.yaml]"
 )
 @click.option("--max-concurrency", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--tracking-uri", default=None, help="MLflow URI for models:/ (default: env)")

@@ -7,16 +7,13 @@ from pathlib import Path
 
 import click
 
+from cta_cli.options import lines_config_option
+
 
 @click.command("validate-data")
 @click.argument("data")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option(
-    "--lines-config",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="fleet inventory (default: $CTA_LINES_CONFIG, else configs/lines.yaml)",
-)
+@lines_config_option()
 @click.option(
     "--quarantine",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
