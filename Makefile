@@ -22,7 +22,7 @@ help:
 	@echo "make test-load  load test of cta serve (32 clients, 2000 requests; bench/results/load_serve.json)"
 	@echo "make lint       ruff check + format check + import layers (lint-imports) + dvc.lock fresh"
 	@echo "make dvc-lock   dvc repro: rebuild the data stages and refresh dvc.lock after their sources change"
-	@echo "make bench-quality  STL/HPS/CTAL inspection figures, 5 seeds (SIZE=cpu|full|smoke, SEEDS=N)"
+	@echo "make bench-quality  STL/HPS/CTAL inspection figures, 5 seeds (SIZE=cpu|cpu-long|full|smoke, SEEDS=N)"
 	@echo "make bench      every bench/*.py benchmark -> bench/results/ (BENCH_QUICK=1: smoke sizes)"
 	@echo "make image      build the project image (buildah, else docker; infra/images/README.md)"
 	@echo "make image-gpu  the same image with the CUDA build of torch (CTA_GPU_IMAGE, cta-gpu:0.1.0)"

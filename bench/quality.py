@@ -511,6 +511,12 @@ def _cell(value: dict[str, float] | None) -> str:
     return f"{value['mean']:.4g} [{value['min']:.4g}, {value['max']:.4g}]"
 
 
+def _signed(value: float) -> str:
+    """A difference with its sign; float noise of differences that cancel (a mean of
+    -2.2e-17 over seeds whose AUROC gaps are equal and opposite) prints as 0."""
+    return f"{0.0 if abs(value) < 1e-12 else value:+.4g}"
+
+
 def _group_tables(group: dict[str, Any], params: dict[str, float]) -> str:
     from cta_model.tasks import primary_metrics
 
@@ -535,8 +541,8 @@ def _group_tables(group: dict[str, Any], params: dict[str, float]) -> str:
                 {
                     "comparison": name.replace("ctal_minus_", "CTAL - ").upper(),
                     "figure": _LABELS.get(figure, figure),
-                    "mean": f"{result['mean']:+.4g}",
-                    "95 % t-interval": f"[{interval[0]:+.4g}, {interval[1]:+.4g}]"
+                    "mean": _signed(result["mean"]),
+                    "95 % t-interval": f"[{_signed(interval[0])}, {_signed(interval[1])}]"
                     if interval
                     else "(one seed)",
                     "CTAL wins": f"{result['wins']} of {len(result['seeds'])}",

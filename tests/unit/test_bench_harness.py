@@ -270,6 +270,19 @@ def test_quality_summary_of_fewer_seeds_judges_no_target() -> None:
     assert "2 of 5 seeds" in markdown and "held**" not in markdown
 
 
+def test_quality_report_prints_gaps_that_cancel_as_zero() -> None:
+    quality = _bench_module("quality")
+    pinned = quality.SIZES["cpu"]["data_sha256"]
+    # CTAL - HPS image AUROC per seed: 0.97 - 0.96 and 0.93 - 0.94, equal and opposite up to
+    # float rounding (their mean is 5.6e-17, not 0).
+    auroc = {"stl": [0.9, 0.9], "hps": [0.96, 0.94], "ctal": [0.97, 0.93]}
+    semseg = {"stl": [0.5, 0.5], "hps": [0.5, 0.5], "ctal": [0.5, 0.5]}
+    ratios, markdown = quality.summarise(_quality_rows(auroc, semseg, pinned))
+    assert ratios["groups"]["pooled"]["paired"]["ctal_minus_hps"]["image_auroc"]["mean"] != 0
+    row = next(line for line in markdown.splitlines() if "| CTAL - HPS | image AUROC |" in line)
+    assert "| +0 |" in row and "e-17" not in markdown
+
+
 def test_quality_refuses_data_that_is_not_the_pinned_data(tmp_path: Path) -> None:
     quality = _bench_module("quality")
     archs = ("stl", "hps", "ctal")
