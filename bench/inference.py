@@ -47,11 +47,22 @@ LATENCY_THREADS = 1
 def settings() -> dict[str, Any]:
     """Sizes; `BENCH_INFERENCE_TRAIN_STEPS` overrides the training steps (0: an untrained
     model, enough for latency, not for the metric check)."""
+    # `scene`: the synthetic scenes' side; the network sees `size` px tiles cut from them at
+    # their own pitch (configs/demo.yaml's tiling), as training refuses a pitch at which a
+    # line's smallest defect spans fewer than 3 px.
     if quick():
-        chosen = {"size": 64, "samples_per_line": 8, "train_steps": 2, "calib": 4, "repeats": 2}
+        chosen = {
+            "size": 64,
+            "scene": 384,
+            "samples_per_line": 8,
+            "train_steps": 2,
+            "calib": 4,
+            "repeats": 2,
+        }
     else:
         chosen = {
             "size": 128,
+            "scene": 384,
             "samples_per_line": 40,
             "train_steps": 120,
             "calib": 32,
@@ -76,7 +87,7 @@ def _dataset_root() -> Path:
 
     s = settings()
     data = DataConfig(
-        synthetic={"lines": 3, "samples_per_line": s["samples_per_line"], "size": s["size"]},
+        synthetic={"lines": 3, "samples_per_line": s["samples_per_line"], "size": s["scene"]},
         cache_dir=str(REPO_ROOT / ".cta" / "cache"),
     )
     return ensure_synthetic_dataset(data)
@@ -146,6 +157,10 @@ def prepare() -> dict[str, Any]:
             "max_steps": max(s["train_steps"], 1),
             "output": str(paths["work"] / "train"),
             "deterministic": False,
+            # fp32 NCHW training: the exported graphs are fp32, so eager and ONNX compare in
+            # one arithmetic (a bf16 model.yaml would make the eager Predictor score in bf16).
+            "precision": "fp32",
+            "channels_last": False,
         },
     )
     started = time.perf_counter()
@@ -243,7 +258,9 @@ def latency(engine: str, batch: int) -> dict[str, Any]:
     threads = LATENCY_THREADS
     x = torch.randn(batch, 3, *predictor.input_size)
     if engine == "eager":
+        # As the Predictor runs it: a channels-last network fed channels-last images.
         network = ExportWrapper(predictor.model).eval()
+        x = x.contiguous(memory_format=torch.channels_last)
     elif engine == "pt2":
         network = torch.export.load(paths["export"] / PT2_NAME).module()
     else:

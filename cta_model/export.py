@@ -189,7 +189,9 @@ def calibration_images(dataset: Any, count: int) -> Iterator[np.ndarray]:
 
 
 class PredictorCalibrationReader:
-    """ONNX Runtime CalibrationDataReader: images through the Predictor's own preprocessing."""
+    """ONNX Runtime CalibrationDataReader: images through the Predictor's own preprocessing
+    (a tiling model's calibration batches are tiles at the image's pitch, not the resized
+    image, so the int8 ranges are those of the activations it serves)."""
 
     def __init__(self, predictor: Predictor, images: Iterator[np.ndarray]) -> None:
         self._predictor = predictor
@@ -201,7 +203,7 @@ class PredictorCalibrationReader:
         if image is None:
             return None
         self.count += 1
-        return {INPUT_NAME: self._predictor.preprocess(image).cpu().numpy()}
+        return {INPUT_NAME: self._predictor.network_inputs(image).cpu().numpy()}
 
 
 def _open_calibration(calib_data: Any, lines_config: Any) -> Any:

@@ -175,11 +175,12 @@ class Predictor:
             for task, value in out.items()
         }
 
-    def _tiled_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _tile_places(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """``x`` (channels-last, padded to at least one tile) and the tiles' top-left corners."""
         tile_h, tile_w = self.input_size
         overlap = self.card.input.tile_overlap_px
         height, width = x.shape[-2:]
-        # One copy here, so every tile cut below is a plain view of channels-last memory.
+        # One copy here, so every tile cut from it is a plain view of channels-last memory.
         x = x.contiguous(memory_format=torch.channels_last)
         # Images smaller than a tile are padded by reflection (replicate where too small).
         pad_h, pad_w = max(0, tile_h - height), max(0, tile_w - width)
@@ -187,13 +188,37 @@ class Predictor:
             mode = "reflect" if pad_h < height and pad_w < width else "replicate"
             x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
         full_h, full_w = x.shape[-2:]
-        window = _ramp(tile_h, overlap)[:, None] * _ramp(tile_w, overlap)[None, :]
-        window = window.to(self.device)
         places = [
             (top, left)
             for top in tile_starts(full_h, tile_h, overlap)
             for left in tile_starts(full_w, tile_w, overlap)
         ]
+        return x, places
+
+    @torch.inference_mode()
+    def network_inputs(self, image: np.ndarray) -> torch.Tensor:
+        """What the network is fed for one uint8 (H, W, 3) image, as NCHW float: the image at
+        the input size, or for a tiling model up to TILE_BATCH of its tiles at its own pitch,
+        spread evenly over it (int8 calibration must see what inference sees)."""
+        batch = self._as_batch(image)
+        if self.card.input.resize_policy != "tile":
+            return self.preprocess(batch)
+        x, places = self._tile_places(self._normalise(batch))
+        if len(places) > TILE_BATCH:
+            picks = np.linspace(0, len(places) - 1, TILE_BATCH).round().astype(int)
+            places = [places[i] for i in picks]
+        tile_h, tile_w = self.input_size
+        tiles = [x[..., top : top + tile_h, left : left + tile_w] for top, left in places]
+        return torch.cat(tiles).contiguous()
+
+    def _tiled_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        tile_h, tile_w = self.input_size
+        height, width = x.shape[-2:]
+        x, places = self._tile_places(x)
+        full_h, full_w = x.shape[-2:]
+        overlap = self.card.input.tile_overlap_px
+        window = _ramp(tile_h, overlap)[:, None] * _ramp(tile_w, overlap)[None, :]
+        window = window.to(self.device)
         sums: dict[str, torch.Tensor] = {}
         weight = torch.zeros(full_h, full_w, device=self.device)
         for top, left in places:

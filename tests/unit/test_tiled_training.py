@@ -10,7 +10,8 @@ import torch
 from cta_model.data import transforms as T
 from cta_model.data.anomalies import AnomalyConfig
 from cta_model.errors import ConfigError
-from cta_model.inference import Predictor, tile_starts
+from cta_model.export import INPUT_NAME, PredictorCalibrationReader
+from cta_model.inference import TILE_BATCH, Predictor, tile_starts
 from cta_model.inspection import ScoreDefinition, image_scores
 from cta_model.losses import DefectAwareCrossEntropy, masked_cross_entropy
 from cta_model.model_folder import (
@@ -119,6 +120,27 @@ def test_tiles_of_an_image_are_independent_of_its_batch(tiled_folder):
     together = predictor.inspect(images)
     alone = predictor.inspect(images[1:2])
     assert np.allclose(together.defect_map[1], alone.defect_map[0], atol=1e-5)
+
+
+def test_network_inputs_of_a_tiling_model_are_tiles_at_the_images_pitch(tiled_folder):
+    """What int8 calibration feeds the network: the image's own tiles (not the image shrunk
+    to the input size), at most TILE_BATCH of them spread over it."""
+    predictor = Predictor.from_folder(tiled_folder)
+    image = np.random.default_rng(3).integers(0, 255, (70, 58, 3), dtype=np.uint8)
+    tiles = predictor.network_inputs(image)
+    normalised = predictor._normalise(image[None])
+    starts_y, starts_x = tile_starts(70, 32, 8), tile_starts(58, 32, 8)
+    assert tiles.shape == (len(starts_y) * len(starts_x), 3, 32, 32)
+    assert tiles.is_contiguous()  # NCHW, as ONNX Runtime takes it
+    assert torch.equal(tiles[0], normalised[0, :, :32, :32])
+    assert torch.equal(tiles[-1], normalised[0, :, 70 - 32 :, 58 - 32 :])
+    large = np.random.default_rng(5).integers(0, 255, (400, 400, 3), dtype=np.uint8)
+    spread = predictor.network_inputs(large)
+    assert spread.shape == (TILE_BATCH, 3, 32, 32)
+    assert torch.equal(spread[-1], predictor._normalise(large[None])[0, :, -32:, -32:])
+    reader = PredictorCalibrationReader(predictor, iter([image]))
+    feed = reader.get_next()
+    assert np.array_equal(feed[INPUT_NAME], tiles.numpy()) and reader.get_next() is None
 
 
 def _tensor_sample(label: np.ndarray) -> dict:
